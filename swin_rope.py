@@ -1,0 +1,747 @@
+"""Swin Transformer with RPB, RoPE-Axial, RoPE-Mixed and RoPE+RPB, at any resolution at run time.
+
+Paper: "Rotary Position Embedding for Vision Transformer", Heo, Park, Han, Yun, ECCV 2024,
+arXiv 2403.13298 (section 3.2: RoPE-Axial Eq. 12-13, RoPE-Mixed Eq. 14-15; section 3.1: RPB Eq. 3-6).
+The model is the Swin Transformer (Liu et al., arXiv 2103.14030) of the official naver-ai/rope-vit
+code (`models/swin_transformer_rope.py`, `SwinTransformer/models/swin_transformer.py`): same
+state-dict keys and shapes, same init, same math, so the published `{'model': state_dict}` files
+load with strict=True through `load_checkpoint`. Checked in the tests against
+`torchvision.models.swin_t` (RPB baseline, same weights), against explicit softmax attention, and
+against the equations themselves (Eq. 15: window logits depend only on relative offsets).
+
+Torch only and self-contained on purpose: copy this one file into your code. (The RoPE helpers
+exist a second time in rope_vit.py.)
+
+Shape legend
+    B   batch                       C    channels of the current stage
+    H, W  grid (tokens) of a stage  nH   heads;  d = C / nH head dim (32 in the published models)
+    w   window side;  N = w * w tokens per window;  nW = (H / w) * (W / w) windows per image
+    B_  = B * nW windows in the batch (batch outermost, windows row-major, tokens row-major)
+
+Resolution rule (run time, no rebuild; `model.check_img_size(H, W)` tells what is allowed)
+    With img_size the resolution the model was built for (its smaller side if a tuple) and
+    window_size the window there (7 at 224), an H x W input uses the window
+        w = window_size * min(H, W) / img_size          (224 -> 7, 96 -> 3, 160 -> 5, 384 -> 12)
+    which must be an integer, and H, W must be multiples of patch_size * 2**(stages-1) (32 for the
+    published models). As in the official code, a stage whose smaller grid side is <= w uses a
+    window of that side and no shift; every other stage uses w and, on odd blocks, shift w // 2.
+    Every stage grid must tile into its windows: for the published models that means a square
+    r x r with r a multiple of 32, or a non-square H x W whose longer side is a multiple of the
+    shorter one (e.g. 160 x 320, 224 x 448), the window then following min(H, W).
+    RoPE positions are window-local integers (0..w-1)^2, extrapolated past 6 when w > 7.
+    RPB tables are resized from the stored window to (2w-1)^2: bicubic (align_corners=False,
+    no antialias; the official evaluation, `rpb_resize='bicubic'`) or zero-padded / cropped
+    (`rpb_resize='zero_pad'`: no bias for offsets never seen in training, the paper's text).
+    Window positions, relative indices, shift masks, resized tables and RoPE factors are built
+    for the actual grid and cached per size; none of them is in the state dict.
+
+State dict
+    Keys and shapes are the official ones (OFFICIAL_NOTES section 2), minus the derived tensors
+    `attn_mask`, `attn.relative_position_index`, `attn.rope_t_x`, `attn.rope_t_y`: the official
+    loaders delete them anyway, and `load_checkpoint` drops them (and `relative_coords_table`)
+    before a strict load. `attn.rope_freqs` (2, nH, d/2) is a Parameter for Mixed and a
+    persistent buffer for Axial, as published, so parameter counts equal the official ones.
+
+Usage
+    import torch, swin_rope
+    model = swin_rope.create_model('swin_rope_mixed_tiny_patch4_window7_224')
+    swin_rope.load_checkpoint(model, 'swin_rope_mixed_tiny.pth')   # published {'model': sd} file
+    model.eval()
+    for r in (96, 224, 384):                                       # one instance, any valid size
+        logits = model(torch.randn(1, 3, r, r))                    # (1, 1000)
+    logits, attn = model.forward_with_attention(torch.randn(1, 3, 224, 224))
+    custom = swin_rope.create_model('swin_tiny', pe='rope_mixed_rpb', num_classes=10)
+"""
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import NamedTuple, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PE_VARIANTS = ('rpb', 'rope_axial', 'rope_mixed', 'rope_axial_rpb', 'rope_mixed_rpb', 'none')
+RPB_RESIZE_MODES = ('bicubic', 'zero_pad')
+SHIFT_MASK_VALUE = -100.0  # official value between shifted regions (not -inf)
+# Key fragments of derived tensors in published files; rebuilt here for the actual grid.
+DERIVED_KEY_FRAGMENTS = ('rope_t_', 'relative_position_index', 'relative_coords_table', 'attn_mask')
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE math (pure functions)
+# ----------------------------------------------------------------------------------------------
+
+def rope_magnitudes(head_dim: int, theta: float) -> torch.Tensor:
+    """Eq. 13 frequency magnitudes mag_k = theta^(-4k/d), k = 0 .. d/4-1.
+
+    Returns (d/4,) float32. Computed as 1 / theta^(4k/d) like the official code.
+    """
+    exponent = torch.arange(0, head_dim, 4, dtype=torch.float32)[: head_dim // 4] / head_dim
+    return 1.0 / (theta ** exponent)  # (d/4,)
+
+
+def init_rope_freqs(num_heads: int, head_dim: int, theta: float, mixed: bool) -> torch.Tensor:
+    """Initial 2-D frequencies (theta^x, theta^y) of Eq. 14, one set per head.
+
+    Mixed: one angle a ~ U(0, 2 pi) per head; pairs j < d/4 get mag_j (cos a, sin a), pairs
+    j >= d/4 get mag (cos(a + pi/2), sin(a + pi/2)). Axial (Eq. 12, the official Swin buffer):
+    the same formula with a = 0, so x rotates the first d/4 pairs and y the rest. The angle is
+    added to pi/2 in float32 exactly as the official code does, so the axial buffer holds
+    cos(pi/2) = -4.37e-8 (not 0) and equals the published buffer bit for bit.
+    Returns (2, nH, d/2) float32: [0] = theta^x, [1] = theta^y.
+    """
+    mag = rope_magnitudes(head_dim, theta)  # (d/4,)
+    if mixed:
+        angles = torch.rand(num_heads, 1) * 2 * math.pi  # (nH, 1)
+    else:
+        angles = torch.zeros(num_heads, 1)  # (nH, 1)
+    turned = angles + math.pi / 2  # float32, as official
+    fx = torch.cat([mag * torch.cos(angles), mag * torch.cos(turned)], dim=-1)  # (nH, d/2)
+    fy = torch.cat([mag * torch.sin(angles), mag * torch.sin(turned)], dim=-1)  # (nH, d/2)
+    return torch.stack([fx, fy], dim=0)  # (2, nH, d/2)
+
+
+def window_positions(window: int, device=None) -> tuple:
+    """Window-local patch positions (t_x, t_y), row-major: token n has t_x = n % w, t_y = n // w.
+
+    The same for every window, shifted or not (section 3.2 applied per window).
+    Returns two (w*w,) float32 tensors.
+    """
+    n = torch.arange(window * window, device=device, dtype=torch.float32)  # (N,)
+    return n % window, torch.div(n, window, rounding_mode='floor')
+
+
+def rope_cis(freqs: torch.Tensor, t_x: torch.Tensor, t_y: torch.Tensor) -> torch.Tensor:
+    """Eq. 14: R(n, t) = exp(i (theta^x_t p^x_n + theta^y_t p^y_n)) per head.
+
+    freqs (2, nH, d/2) float, t_x / t_y (N,) float32. Returns (nH, N, d/2) complex64.
+    Angles are computed in float32 with autocast off: bf16 angles lose whole radians at large t.
+    """
+    with torch.autocast(device_type=freqs.device.type, enabled=False):
+        freqs = freqs.float()
+        angles = (t_x[None, :, None] * freqs[0][:, None, :]
+                  + t_y[None, :, None] * freqs[1][:, None, :])  # (nH, N, d/2)
+        return torch.polar(torch.ones_like(angles), angles)  # (nH, N, d/2)
+
+
+def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """Eq. 11: x' = x o R with interleaved pairs: channels (2j, 2j+1) = (real, imag) of pair j.
+
+    x (..., N, d) any float dtype, cis (..., N, d/2) complex64 broadcastable against x.
+    The product runs in float32 and is cast back to x's dtype. Returns (..., N, d).
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # (..., N, d/2, 2), a view for float32 input
+    if pairs.stride(-1) != 1 or any(st % 2 for st in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()  # view_as_complex needs (real, imag) adjacent
+    x_pairs = torch.view_as_complex(pairs)  # (..., N, d/2) complex64
+    return torch.view_as_real(x_pairs * cis).flatten(-2).to(x.dtype)  # (..., N, d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Windows, relative position bias, shift mask
+# ----------------------------------------------------------------------------------------------
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B*nW, w*w, C); windows row-major with batch outermost."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window, window, W // window, window, C)  # (B, H/w, w, W/w, w, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, C)  # (B*nW, N, C)
+
+
+def window_reverse(windows: torch.Tensor, window: int, H: int, W: int) -> torch.Tensor:
+    """(B*nW, w*w, C) -> (B, H, W, C); inverse of window_partition."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // window, W // window, window, window, C)  # (B, H/w, W/w, w, w, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)  # (B, H, W, C)
+
+
+def relative_position_index(window: int, device=None) -> torch.Tensor:
+    """Eq. 5 index: B_nm = table[(dy + w-1) * (2w-1) + (dx + w-1)], d = p_n - p_m.
+
+    Returns (N, N) int64, the layout of the official `relative_position_index` buffer.
+    """
+    t_x, t_y = window_positions(window, device)
+    dx = (t_x[:, None] - t_x[None, :]).long() + window - 1  # (N, N)
+    dy = (t_y[:, None] - t_y[None, :]).long() + window - 1  # (N, N)
+    return dy * (2 * window - 1) + dx  # (N, N)
+
+
+def resize_rpb_table(table: torch.Tensor, window: int, mode: str = 'bicubic') -> torch.Tensor:
+    """RPB table (Eq. 3) for another window: ((2w0-1)^2, nH) -> ((2w-1)^2, nH), same dtype.
+
+    'bicubic': the official evaluation (`SwinTransformer/utils.py:load_pretrained`): the table is
+    viewed as an image (1, nH, dy, dx) and resized with F.interpolate(bicubic, align_corners=False,
+    no antialias). 'zero_pad': the paper's text: offsets the table never saw get bias 0 (a smaller
+    window crops the centre).
+    """
+    length, num_heads = table.shape
+    side = math.isqrt(length)
+    new_side = 2 * window - 1
+    if side == new_side:
+        return table
+    grid = table.t().reshape(1, num_heads, side, side)  # (1, nH, 2w0-1, 2w0-1)
+    if mode == 'bicubic':
+        grid = F.interpolate(grid, size=(new_side, new_side), mode='bicubic', align_corners=False)
+    elif mode == 'zero_pad':
+        pad = (new_side - side) // 2  # negative pads crop
+        grid = F.pad(grid, (pad, pad, pad, pad))
+    else:
+        raise ValueError(f"unknown rpb_resize {mode!r}; valid: {', '.join(RPB_RESIZE_MODES)}")
+    return grid.reshape(num_heads, new_side * new_side).t()  # ((2w-1)^2, nH)
+
+
+def shift_window_mask(H: int, W: int, window: int, shift: int, device=None) -> torch.Tensor:
+    """Additive mask of shifted-window attention: 0 within a region, -100 across regions.
+
+    After roll(-shift), the grid holds 3 x 3 regions (slices [0:-w], [-w:-s], [-s:] per axis);
+    tokens of different regions share a window but were not neighbours in the image.
+    Returns (nW, N, N) float32.
+    """
+    labels = torch.zeros(1, H, W, 1, device=device)
+    bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    region = 0
+    for rows in bounds:
+        for cols in bounds:
+            labels[:, rows, cols, :] = region
+            region += 1
+    labels = window_partition(labels, window).squeeze(-1)  # (nW, N)
+    different = labels[:, None, :] != labels[:, :, None]  # (nW, N, N)
+    return torch.zeros(different.shape, device=device).masked_fill(different, SHIFT_MASK_VALUE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------
+
+def _cache_key(*parts):
+    # Tensors made under inference_mode cannot enter autograd later: keep them apart.
+    return parts + (torch.is_inference_mode_enabled(),)
+
+
+def _tensor_version(t: torch.Tensor):
+    # Changes whenever the tensor is written in place (load_state_dict, optimizer step).
+    return (t.data_ptr(), t._version, t.device, t.dtype)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (Swin recipe); identity in eval mode."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, ...)
+        return x * mask / keep
+
+    def extra_repr(self):
+        return f'drop_prob={self.drop_prob}'
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class WindowAttention(nn.Module):
+    """Window multi-head self-attention with RPB (Eq. 6), RoPE (Eq. 14-15), both, or neither.
+
+    Logits: RoPE(q * scale) . RoPE(k) + B + shift mask, softmax, times v; the RoPE rotation comes
+    after the scale and the bias after the rotated product, as in the official code. The scale is
+    folded into q's rotation factors (equal to rotating q * scale up to float rounding), and the
+    bias and shift mask reach F.scaled_dot_product_attention as one additive mask.
+    `window_size` is the window this block was built for: the size of the stored RPB table.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, use_rpb: bool,
+                 rope: Optional[str], rope_theta: float, rpb_resize: str, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.window_size = window_size
+        self.use_rpb = use_rpb
+        self.rope = rope  # None, 'axial' or 'mixed'
+        self.rpb_resize = rpb_resize
+        self.return_attn = False  # forward_with_attention switches on the explicit softmax path
+        self.last_attn = None
+        self._cache = {}
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        if use_rpb:
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * window_size - 1) ** 2, num_heads))  # ((2w-1)^2, nH)
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        if rope == 'mixed':
+            self.rope_freqs = nn.Parameter(init_rope_freqs(num_heads, self.head_dim, rope_theta, True))
+        elif rope == 'axial':
+            self.register_buffer('rope_freqs', init_rope_freqs(num_heads, self.head_dim, rope_theta, False))
+
+    def _cached(self, key, source: torch.Tensor, build):
+        """build() once per key while `source` is unchanged and no gradient is wanted."""
+        if torch.is_grad_enabled() and source.requires_grad:
+            return build()  # training: part of the graph, recomputed once per forward
+        key = _cache_key(key, _tensor_version(source))
+        value = self._cache.get(key)
+        if value is None:
+            if len(self._cache) > 16:
+                self._cache.clear()
+            value = self._cache[key] = build()
+        return value
+
+    def rope_factors(self, window: int) -> torch.Tensor:
+        """(2, 1, nH, N, d/2) complex64: [0] rotates q (scale folded in), [1] rotates k."""
+        def build():
+            t_x, t_y = window_positions(window, self.rope_freqs.device)
+            cis = rope_cis(self.rope_freqs, t_x, t_y)  # (nH, N, d/2)
+            return torch.stack([cis * self.scale, cis])[:, None]  # (2, 1, nH, N, d/2)
+        return self._cached(('rope', window), self.rope_freqs, build)
+
+    def position_bias(self, window: int) -> torch.Tensor:
+        """Eq. 5-6 bias for the run-time window: (nH, N, N), table resized if w differs."""
+        table = self.relative_position_bias_table
+
+        def build():
+            resized = resize_rpb_table(table, window, self.rpb_resize)  # ((2w-1)^2, nH)
+            index = relative_position_index(window, table.device)  # (N, N)
+            return resized[index.reshape(-1)].reshape(window * window, window * window, -1) \
+                .permute(2, 0, 1).contiguous()  # (nH, N, N)
+        return self._cached(('rpb', window, self.rpb_resize), table, build)
+
+    def forward(self, x: torch.Tensor, window: int, shift_mask: Optional[torch.Tensor] = None):
+        """x (B_, N, C) windows, shift_mask (nW, N, N) or None. Returns (B_, N, C)."""
+        B_, N, C = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, self.head_dim)  # (B_, N, 3, nH, d)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B_, nH, N, d)
+        v = qkv[2]
+        if self.rope is not None:
+            with torch.profiler.record_function('rope'):  # lets a profiler count the RoPE share
+                q, k = apply_rope(qkv[:2], self.rope_factors(window)).unbind(0)  # 2 x (B_, nH, N, d)
+            scale = 1.0  # already in the q factors
+        else:
+            q, k = qkv[0], qkv[1]
+            scale = self.scale
+
+        mask = self.position_bias(window)[None] if self.use_rpb else None  # (1, nH, N, N)
+        if shift_mask is not None:
+            nW = shift_mask.shape[0]
+            mask = shift_mask[:, None] if mask is None else mask + shift_mask[:, None]  # (nW, nH|1, N, N)
+            mask = mask.to(q.dtype).expand(B_ // nW, -1, -1, -1, -1)  # (B, nW, nH|1, N, N)
+            mask = mask.reshape(B_, -1, N, N)  # (B_, nH|1, N, N)
+        elif mask is not None:
+            mask = mask.to(q.dtype)
+
+        if self.return_attn:  # explicit path, same math: softmax(q k^T * scale + B + mask) v
+            logits = (q * scale) @ k.transpose(-2, -1)  # (B_, nH, N, N)
+            if mask is not None:
+                logits = logits + mask
+            attn = logits.softmax(dim=-1)
+            self.last_attn = attn.detach()
+            out = attn @ v  # (B_, nH, N, d)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B_, nH, N, d)
+        out = out.transpose(1, 2).reshape(B_, N, C)  # (B_, N, C)
+        return self.proj(out)
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm Swin block: x += attn(norm1(x)) in (shifted) windows, x += mlp(norm2(x))."""
+
+    def __init__(self, dim, num_heads, window_size, shifted, mlp_ratio, drop_path, use_rpb,
+                 rope, rope_theta, rpb_resize, qkv_bias=True):
+        super().__init__()
+        self.shifted = shifted  # odd block: shift by window // 2 when the stage allows it
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window_size, use_rpb, rope, rope_theta,
+                                    rpb_resize, qkv_bias)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, window: int, shift: int, shift_mask: Optional[torch.Tensor]):
+        """x (B, H, W, C); shift 0 means no cyclic shift. Returns (B, H, W, C)."""
+        B, H, W, C = x.shape
+        y = self.norm1(x)
+        if shift:
+            y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))  # (B, H, W, C)
+        y = window_partition(y, window)  # (B_, N, C)
+        y = self.attn(y, window, shift_mask if shift else None)  # (B_, N, C)
+        y = window_reverse(y, window, H, W)  # (B, H, W, C)
+        if shift:
+            y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbours -> channels in the order (even row, even col), (odd row, even col),
+    (even row, odd col), (odd row, odd col); LayerNorm(4C); Linear(4C -> 2C, no bias)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x):
+        """(B, H, W, C) -> (B, H/2, W/2, 2C)."""
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
+                      dim=-1)  # (B, H/2, W/2, 4C)
+        return self.reduction(self.norm(x))
+
+
+class SwinStage(nn.Module):
+    def __init__(self, dim, depth, num_heads, window_size, mlp_ratio, drop_paths, downsample,
+                 use_rpb, rope, rope_theta, rpb_resize, qkv_bias=True):
+        super().__init__()
+        self.blocks = nn.ModuleList([
+            SwinBlock(dim, num_heads, window_size, i % 2 == 1, mlp_ratio, drop_paths[i], use_rpb,
+                      rope, rope_theta, rpb_resize, qkv_bias) for i in range(depth)])
+        self.downsample = PatchMerging(dim) if downsample else None
+
+    def forward(self, x, window, shift, shift_mask):
+        for block in self.blocks:
+            x = block(x, window, shift if block.shifted else 0, shift_mask)
+        return self.downsample(x) if self.downsample is not None else x
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchify (p x p, stride p) then LayerNorm: (B, 3, H, W) -> (B, H/p, W/p, C)."""
+
+    def __init__(self, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x):
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
+
+
+@dataclass
+class SwinConfig:
+    """Hyper-parameters; the defaults are Swin-T with RPB (`swin_tiny_patch4_window7_224`)."""
+    pe: str = 'rpb'
+    num_classes: int = 1000
+    img_size: Union[int, tuple] = 224
+    patch_size: int = 4
+    in_chans: int = 3
+    embed_dim: int = 96
+    depths: tuple = (2, 2, 6, 2)
+    num_heads: tuple = (3, 6, 12, 24)
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.2
+    rope_theta: Optional[float] = None  # None: 50 for axial, 10 for mixed (published configs)
+    rpb_resize: str = 'bicubic'
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer with the position encoding `cfg.pe`; see the module docstring."""
+
+    def __init__(self, cfg: SwinConfig):
+        super().__init__()
+        if cfg.pe not in PE_VARIANTS:
+            raise ValueError(f"unknown pe {cfg.pe!r}; valid: {', '.join(PE_VARIANTS)}")
+        if cfg.rpb_resize not in RPB_RESIZE_MODES:
+            raise ValueError(f"unknown rpb_resize {cfg.rpb_resize!r}; "
+                             f"valid: {', '.join(RPB_RESIZE_MODES)}")
+        if len(cfg.depths) != len(cfg.num_heads):
+            raise ValueError(f'depths {tuple(cfg.depths)} and num_heads {tuple(cfg.num_heads)} '
+                             'differ in length')
+        self.cfg = cfg
+        self.pe = cfg.pe
+        self.num_classes = cfg.num_classes
+        self.patch_size = cfg.patch_size
+        self.img_size = cfg.img_size if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
+        # the side whose window is window_size: the only side for a square img_size
+        self._base_side = self.img_size if isinstance(self.img_size, int) else min(self.img_size)
+        self.window_size = cfg.window_size
+        self.depths = tuple(cfg.depths)
+        self.num_heads = tuple(cfg.num_heads)
+        self.embed_dim = cfg.embed_dim
+        self.num_stages = len(self.depths)
+        self.num_features = cfg.embed_dim * 2 ** (self.num_stages - 1)
+        self.use_rpb = cfg.pe in ('rpb', 'rope_axial_rpb', 'rope_mixed_rpb')
+        self.rope = 'mixed' if 'mixed' in cfg.pe else 'axial' if 'axial' in cfg.pe else None
+        self.rope_theta = None
+        if self.rope is not None:
+            default_theta = 10.0 if self.rope == 'mixed' else 50.0  # published Swin configs
+            self.rope_theta = cfg.rope_theta if cfg.rope_theta is not None else default_theta
+        for s, heads in enumerate(self.num_heads):
+            dim = cfg.embed_dim * 2 ** s
+            if dim % heads or (self.rope and (dim // heads) % 4):
+                raise ValueError(f'stage {s}: dim {dim} must split into {heads} heads'
+                                 + (' of a head dim divisible by 4 (RoPE)' if self.rope else ''))
+        built_h, built_w = (self.img_size, self.img_size) if isinstance(self.img_size, int) else self.img_size
+        built = self.stage_windows(built_h, built_w)  # also validates the config
+
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        drop_paths = torch.linspace(0, cfg.drop_path_rate, sum(self.depths), device='cpu').tolist()
+        self.layers = nn.ModuleList()
+        for s, depth in enumerate(self.depths):
+            start = sum(self.depths[:s])
+            self.layers.append(SwinStage(
+                cfg.embed_dim * 2 ** s, depth, self.num_heads[s], built[s][0], cfg.mlp_ratio,
+                drop_paths[start:start + depth], s < self.num_stages - 1, self.use_rpb,
+                self.rope, self.rope_theta, cfg.rpb_resize, cfg.qkv_bias))
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self._mask_cache = {}
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # -- resolution ------------------------------------------------------------------------------
+    def _window_for(self, H: int, W: int):
+        """Run-time (window, [(window, shift) per stage]) or an error string."""
+        unit = self.patch_size * 2 ** (self.num_stages - 1)
+        base = self._base_side
+        if H <= 0 or W <= 0 or H % unit or W % unit:
+            return (f'both sides must be positive multiples of {unit} '
+                    f'(patch {self.patch_size} x 2^{self.num_stages - 1} merges)')
+        if (self.window_size * min(H, W)) % base:
+            return (f'the window window_size * min(H, W) / img_size = '
+                    f'{self.window_size} * {min(H, W)} / {base} must be an integer')
+        window = self.window_size * min(H, W) // base
+        plan = []
+        for s in range(self.num_stages):
+            rh, rw = H // (self.patch_size * 2 ** s), W // (self.patch_size * 2 ** s)
+            if min(rh, rw) <= window:  # official rule: the window covers the grid, no shift
+                plan.append((min(rh, rw), 0))
+            else:
+                plan.append((window, window // 2))
+            if rh % plan[-1][0] or rw % plan[-1][0]:
+                return f'stage {s} grid {rh}x{rw} does not tile into {plan[-1][0]}x{plan[-1][0]} windows'
+        return plan
+
+    def stage_windows(self, H: int, W: int) -> list:
+        """[(window, shift)] per stage for an H x W input (shift applies to odd blocks).
+
+        Raises ValueError for a size the rule of the module docstring does not allow.
+        """
+        plan = self._window_for(H, W)
+        if isinstance(plan, str):
+            unit = self.patch_size * 2 ** (self.num_stages - 1)
+            side = max(min(H, W), 1)
+            valid = [r for r in range(unit, 4 * max(H, W, unit) + 64 * unit, unit)
+                     if not isinstance(self._window_for(r, r), str)]
+            below = [r for r in valid if r <= side][-2:]
+            above = [r for r in valid if r > side][:2]
+            raise ValueError(
+                f'input size {H}x{W} is not allowed: {plan}. Rule: sides multiples of {unit}, '
+                f'window = {self.window_size} * min(H, W) / {self._base_side} an integer, every '
+                'stage grid tiling into its windows (published models: r x r with r a multiple '
+                'of 32, or H x W with the longer side a multiple of the shorter). '
+                f'Nearest valid square sizes: {below + above}')
+        return plan
+
+    def check_img_size(self, H: int, W: int) -> None:
+        """Raise ValueError (rule and nearest valid sizes) if H x W is not an allowed input."""
+        self.stage_windows(H, W)
+
+    def _shift_mask(self, H, W, window, shift, device):
+        key = _cache_key(H, W, window, shift, device)
+        mask = self._mask_cache.get(key)
+        if mask is None:
+            if len(self._mask_cache) > 32:
+                self._mask_cache.clear()
+            mask = self._mask_cache[key] = shift_window_mask(H, W, window, shift, device)
+        return mask
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> (B, num_features): final LayerNorm, mean over tokens."""
+        plan = self.stage_windows(x.shape[-2], x.shape[-1])
+        x = self.patch_embed(x)  # (B, H/p, W/p, C)
+        for s, stage in enumerate(self.layers):
+            window, shift = plan[s]
+            H, W = x.shape[1], x.shape[2]
+            mask = self._shift_mask(H, W, window, shift, x.device) if shift else None  # (nW, N, N)
+            x = stage(x, window, shift, mask)
+        return self.norm(x).mean(dim=(1, 2))  # (B, num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> logits (B, num_classes)."""
+        return self.head(self.forward_features(x))
+
+    def forward_with_attention(self, x: torch.Tensor):
+        """Logits and every block's attention probabilities from an explicit softmax path.
+
+        Returns (logits (B, num_classes), list over blocks in stage order of dicts
+        {'attn': (B*nW, nH, w*w, w*w), 'window': w, 'shift': s, 'stage': i}); tokens row-major
+        inside a window, windows row-major with batch outermost, in the rolled frame when s > 0.
+        """
+        plan = self.stage_windows(x.shape[-2], x.shape[-1])
+        attns = [blk.attn for stage in self.layers for blk in stage.blocks]
+        for a in attns:
+            a.return_attn = True
+        try:
+            logits = self(x)
+            out = []
+            for s, stage in enumerate(self.layers):
+                for blk in stage.blocks:
+                    out.append({'attn': blk.attn.last_attn, 'window': plan[s][0],
+                                'shift': plan[s][1] if blk.shifted else 0, 'stage': s})
+        finally:
+            for a in attns:
+                a.return_attn = False
+                a.last_attn = None
+        return logits, out
+
+    def no_weight_decay(self) -> set:
+        """RPB tables and RoPE-Mixed frequencies (names as in named_parameters())."""
+        return {name for name, _ in self.named_parameters()
+                if name.endswith('relative_position_bias_table') or name.endswith('rope_freqs')}
+
+    def clear_caches(self) -> None:
+        """Drop cached masks / tables / RoPE factors (they are also invalidated automatically)."""
+        self._mask_cache.clear()
+        for m in self.modules():
+            if isinstance(m, WindowAttention):
+                m._cache.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+class LoadResult(NamedTuple):
+    missing_keys: list
+    unexpected_keys: list
+
+
+def _short_list(names, limit=10):
+    names = list(names)
+    text = ', '.join(names[:limit])
+    return text + (f' ... (+{len(names) - limit} more)' if len(names) > limit else '')
+
+
+def load_checkpoint(model: SwinTransformer, path_or_state_dict, strict: bool = True) -> LoadResult:
+    """Load a published `{'model': sd}` file, a `{'state_dict': sd}` / bare state dict, or this
+    project's training checkpoint (its 'model' entry) into `model`.
+
+    Derived tensors (keys containing rope_t_, relative_position_index, relative_coords_table,
+    attn_mask) are dropped and rebuilt; RPB tables stored for another window are resized
+    bicubically as the official `load_pretrained` does. Files are read with weights_only=True.
+    strict=True: any missing, unexpected or mis-shaped key raises ValueError naming them.
+    strict=False: the matching tensors are loaded; returns what was tolerated (mis-shaped keys
+    count as missing).
+    """
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        path = os.fspath(path_or_state_dict)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'checkpoint not found: {path}')
+        try:
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:  # corrupt, truncated or not a weights-only file
+            raise ValueError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from None
+    else:
+        path, ckpt = '<state dict>', path_or_state_dict
+    if not isinstance(ckpt, dict):
+        raise ValueError(f'cannot read checkpoint {path}: expected a dict, got {type(ckpt).__name__}')
+    for wrapper in ('model', 'state_dict'):
+        if isinstance(ckpt.get(wrapper), dict):
+            ckpt = ckpt[wrapper]
+            break
+    sd = {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
+    if sd and all(k.startswith('module.') for k in sd):  # saved from a DDP wrapper
+        sd = {k[len('module.'):]: v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if not any(f in k for f in DERIVED_KEY_FRAGMENTS)}
+
+    own = model.state_dict()
+    for k, v in list(sd.items()):
+        if k.endswith('relative_position_bias_table') and k in own and v.ndim == 2 \
+                and v.shape != own[k].shape and v.shape[1] == own[k].shape[1] \
+                and math.isqrt(v.shape[0]) ** 2 == v.shape[0]:
+            window = (math.isqrt(own[k].shape[0]) + 1) // 2
+            sd[k] = resize_rpb_table(v.float(), window, 'bicubic').to(v.dtype)
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    misshaped = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    if strict and (missing or unexpected or misshaped):
+        parts = []
+        if missing:
+            parts.append(f'missing keys ({len(missing)}): {_short_list(missing)}')
+        if unexpected:
+            parts.append(f'unexpected keys ({len(unexpected)}): {_short_list(unexpected)}')
+        if misshaped:
+            parts.append(f'mis-shaped keys ({len(misshaped)}): ' + _short_list(
+                f'{k} checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}' for k in misshaped))
+        raise ValueError(f'checkpoint {path} does not match the model: ' + '; '.join(parts))
+    for k in misshaped:
+        del sd[k]
+    model.load_state_dict(sd, strict=False)
+    model.clear_caches()
+    return LoadResult(missing_keys=missing + misshaped, unexpected_keys=unexpected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------
+
+_SIZES = {
+    'swin_tiny': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
+    'swin_small': dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),
+    'swin_base': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
+}
+
+
+def _published_names() -> dict:
+    names = {}
+    for size in ('tiny', 'small', 'base'):
+        names[f'swin_{size}_patch4_window7_224'] = (f'swin_{size}', 'rpb')
+        for rope in ('axial', 'mixed'):
+            names[f'swin_rope_{rope}_{size}_patch4_window7_224'] = (f'swin_{size}', f'rope_{rope}')
+            names[f'swin_rope_{rope}_rpb_{size}_patch4_window7_224'] = (f'swin_{size}', f'rope_{rope}_rpb')
+    return names
+
+
+_PUBLISHED = _published_names()
+
+
+def list_models() -> list:
+    """Size names (take pe=...) and published names (pe fixed)."""
+    return list(_SIZES) + list(_PUBLISHED)
+
+
+def create_model(name: str, **kwargs) -> SwinTransformer:
+    """Build `name` (a size name with pe=..., default 'rpb'; or a published name) with
+    SwinConfig fields as keyword overrides (num_classes, img_size, patch_size, in_chans,
+    embed_dim, depths, num_heads, window_size, mlp_ratio, drop_path_rate, rope_theta, rpb_resize).
+    """
+    if name in _PUBLISHED:
+        size, pe = _PUBLISHED[name]
+        if kwargs.get('pe', pe) != pe:
+            raise ValueError(f'{name} fixes pe={pe!r}; use the size name {size!r} for pe={kwargs["pe"]!r}')
+        kwargs['pe'] = pe
+    elif name in _SIZES:
+        size = name
+    else:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(list_models())}")
+    valid_fields = [f.name for f in fields(SwinConfig)]
+    unknown = [k for k in kwargs if k not in valid_fields]
+    if unknown:
+        raise ValueError(f"unknown argument(s) {', '.join(unknown)} for {name}; "
+                         f"valid: {', '.join(valid_fields)}")
+    pe = kwargs.get('pe', 'rpb')
+    if pe not in PE_VARIANTS:
+        raise ValueError(f"unknown pe {pe!r}; valid: {', '.join(PE_VARIANTS)}")
+    return SwinTransformer(SwinConfig(**{**_SIZES[size], **kwargs}))
