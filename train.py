@@ -1,0 +1,1093 @@
+"""Train RoPE-ViT / Swin-RoPE with the paper's recipes (single process or torchrun / DDP).
+
+Built-in demo, no data needed (the `shapes` dataset, a small ViT, a few minutes on 2 CPU cores):
+    torchrun --nproc_per_node=2 train.py --pe rope_mixed
+    python train.py --pe ape                      # one process, no torchrun
+ImageNet-style folders (DIR/train/<class>/*, DIR/val/<class>/*), DeiT-III recipe for ViT:
+    torchrun --nproc_per_node=8 train.py --model vit_small --pe rope_mixed --data-path /imagenet
+Swin recipe:
+    torchrun --nproc_per_node=8 train.py --model swin_tiny --pe rope_mixed --data-path /imagenet
+Several nodes (run on every node, NODE_RANK = 0 .. NNODES-1):
+    torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 \\
+        --master_addr=$MASTER_ADDR --master_port=29500 \\
+        train.py --model vit_base --data-path /imagenet
+Continue an interrupted run / fine-tune at another resolution:
+    torchrun ... train.py ... --output-dir out/run1 --resume auto
+    torchrun ... train.py --model vit_base --data-path /imagenet --finetune out/b192/best.pth \\
+        --img-size 224 --epochs 20
+
+Recipes (`--recipe`, chosen from --model and --data-path when absent; every flag overrides them):
+  deit3  vit_* on folders: LAMB, BCE loss, 3-Augment, repeated augmentation x3 (DeiT-III, as
+         the paper trained its ViTs).
+  swin   swin_* on folders: AdamW, RandAugment, mixup/cutmix, label smoothing, random erasing.
+  demo   no --data-path: the built-in `shapes` data (labels = direction of one object from
+         another, so position embeddings matter) and a small ViT.
+The peak learning rate of a recipe scales linearly with the total batch (printed at start);
+`--lr` sets it directly. The run ends with the accuracy table over `--eval-resolutions`.
+
+Outputs in --output-dir: config.json, checkpoint.pth (every epoch), best.pth, log.jsonl,
+resolutions.json. Checkpoints are `{'model', 'optimizer', 'lr_scheduler', 'scaler', 'epoch',
+'args', ...}` and load with torch.load(..., weights_only=True).
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import sys
+import time
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+import torchvision
+from torchvision.transforms import v2
+
+import rope_vit
+import swin_rope
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors and the command-line wrapper
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line on stderr, exit status 2."""
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN / inf: reported as one line on stderr, exit status 1."""
+
+
+def _rank_from_env():
+    return int(os.environ.get('RANK', '0'))
+
+
+def cli(main_fn, parser, argv=None):
+    """Parse argv, run main_fn(args); user errors become `error: ...` on stderr and exit 2."""
+    def one_line_error(message):
+        sys.stderr.write(f'error: {message}\n')
+        sys.exit(2)
+    parser.error = one_line_error   # argparse would print the whole usage block first
+    args = parser.parse_args(argv)
+    status = 0
+    try:
+        main_fn(args)
+    except UserError as e:
+        status = 2
+        if _rank_from_env() == 0:   # every rank sees the same input; one line is enough
+            sys.stderr.write(f'error: {e}\n')
+    except TrainingDiverged as e:
+        status = 1
+        if _rank_from_env() == 0:
+            sys.stderr.write(f'error: {e}\n')
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if status:
+        sys.exit(status)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers
+
+class DistInfo(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    distributed: bool
+
+
+def init_distributed():
+    """Join the torchrun process group (gloo on CPU, NCCL on CUDA) or run as one plain process.
+
+    Reads RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them; calling it again returns the
+    same information without re-initialising.
+    """
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    rank = int(os.environ.get('RANK', '0'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    if torch.cuda.is_available():
+        device = torch.device('cuda', local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device('cpu')
+    distributed = world_size > 1
+    if distributed and not dist.is_initialized():
+        backend = 'nccl' if device.type == 'cuda' else 'gloo'
+        dist.init_process_group(backend=backend, init_method='env://',
+                                world_size=world_size, rank=rank)
+    return DistInfo(rank, world_size, local_rank, device, distributed)
+
+
+def is_main_process():
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _log(*parts):
+    """print() on rank 0 only (the other ranks stay silent)."""
+    if is_main_process():
+        print(*parts, flush=True)
+
+
+def _all_reduce_sum(t):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes: the values the paper's runs used. None in the parser means "take the recipe's".
+
+_VIT_SIZES = ('vit_tiny', 'vit_small', 'vit_base', 'vit_large')
+_SWIN_SIZES = ('swin_tiny', 'swin_small', 'swin_base')
+
+RECIPES = {
+    # DeiT-III (official ViT-S command of the paper; Touvron et al. 2022 for the rest).
+    'deit3': dict(
+        opt='lamb', lr=4e-3, lr_ref_batch=2048, weight_decay=0.03, epochs=400, warmup_epochs=5,
+        warmup_lr=1e-6, min_lr=1e-5, loss='bce', smoothing=0.0, aug='three', color_jitter=0.3,
+        repeated_aug=3, reprob=0.0, mixup=0.8, cutmix=1.0,
+        # DeiT-III ran timm's Lamb, which clips the global gradient norm at 1.0 inside the step.
+        clip_grad=1.0, eval_crop_ratio=1.0, batch_size=256, img_size=224, num_workers=8,
+        drop_path={'tiny': 0.0, 'small': 0.0, 'base': 0.1, 'large': 0.4},
+        # B and L pretrain at 192, then fine-tune 20 epochs at 224 (--finetune ... --img-size 224).
+        img_size_by_size={'base': 192, 'large': 192}),
+    # Swin Transformer (Liu et al. 2021), as the paper trained its Swin models.
+    'swin': dict(
+        opt='adamw', lr=1e-3, lr_ref_batch=1024, weight_decay=0.05, epochs=300, warmup_epochs=20,
+        warmup_lr=1e-6, min_lr=1e-5, loss='ce', smoothing=0.1, aug='randaug', color_jitter=0.0,
+        repeated_aug=1, reprob=0.25, mixup=0.8, cutmix=1.0, clip_grad=5.0,
+        eval_crop_ratio=224 / 256, batch_size=128, img_size=224, num_workers=8,
+        drop_path={'tiny': 0.2, 'small': 0.3, 'base': 0.5}, img_size_by_size={}),
+    # Built-in `shapes` data on a laptop: a small ViT, a short schedule, no augmentation (a flip
+    # or crop would change the directions that are the labels).
+    'demo': dict(
+        opt='adamw', lr=2e-3, lr_ref_batch=128, weight_decay=0.05, epochs=12, warmup_epochs=1,
+        warmup_lr=1e-6, min_lr=1e-5, loss='ce', smoothing=0.0, aug='none', color_jitter=0.0,
+        repeated_aug=1, reprob=0.0, mixup=0.0, cutmix=0.0, clip_grad=1.0,
+        eval_crop_ratio=1.0, batch_size=64, img_size=32, num_workers=0,
+        drop_path={}, img_size_by_size={},
+        vit_overrides=dict(patch_size=4, embed_dim=96, depth=4, num_heads=3, init_scale=0.1),
+        shapes_train=8000, shapes_val=1000),
+}
+_RECIPE_KEYS = ('opt', 'weight_decay', 'epochs', 'warmup_epochs', 'warmup_lr', 'min_lr', 'loss',
+                'smoothing', 'aug', 'color_jitter', 'repeated_aug', 'reprob', 'mixup', 'cutmix',
+                'clip_grad', 'eval_crop_ratio', 'batch_size', 'num_workers')
+
+
+def _size_of(model_name):
+    for size in ('tiny', 'small', 'base', 'large'):
+        if size in model_name:
+            return size
+    return None
+
+
+def _model_module(model_name):
+    """rope_vit or swin_rope, whichever knows the name; UserError listing both otherwise."""
+    if model_name in swin_rope.list_models():
+        return swin_rope
+    if model_name in rope_vit.list_models():
+        return rope_vit
+    raise UserError(f'unknown model {model_name!r}; valid: '
+                    + ', '.join(rope_vit.list_models() + swin_rope.list_models()))
+
+
+def resolve_config(args, world_size):
+    """Fill every None flag from the recipe; returns the plain-dict configuration (`args`)."""
+    model_name = args.model or ('vit_tiny' if args.data_path is None else 'vit_small')
+    module = _model_module(model_name)
+    is_swin = module is swin_rope
+    recipe_name = args.recipe or ('demo' if args.data_path is None else
+                                  'swin' if is_swin else 'deit3')
+    if recipe_name not in RECIPES:
+        raise UserError(f'unknown recipe {recipe_name!r}; valid: {", ".join(RECIPES)}')
+    recipe = RECIPES[recipe_name]
+    cfg = {k: v for k, v in vars(args).items()}
+    cfg['model'] = model_name
+    for key in _RECIPE_KEYS:
+        if cfg[key] is None:
+            cfg[key] = recipe[key]
+    cfg['recipe'] = recipe_name
+    size = _size_of(model_name)
+    if cfg['drop_path'] is None:
+        cfg['drop_path'] = recipe['drop_path'].get(size, 0.0)
+    if cfg['img_size'] is None:
+        cfg['img_size'] = recipe['img_size_by_size'].get(size, recipe['img_size'])
+    cfg['dataset'] = 'shapes' if args.data_path is None else 'folder'
+    if cfg['dataset'] == 'shapes':
+        for key in ('shapes_train', 'shapes_val'):
+            if cfg[key] is None:
+                cfg[key] = RECIPES['demo'][key]
+        if cfg['aug'] != 'none':
+            raise UserError(f"--aug {cfg['aug']} would change the directions the shapes labels "
+                            "describe; use --aug none with the built-in data")
+
+    for key in ('epochs', 'batch_size'):
+        if cfg[key] <= 0:
+            raise UserError(f'--{key.replace("_", "-")} must be positive, got {cfg[key]}')
+    for key in ('img_size', 'repeated_aug', 'shapes_train', 'shapes_val', 'print_freq'):
+        if cfg.get(key) is not None and cfg[key] <= 0:
+            raise UserError(f'--{key.replace("_", "-")} must be positive, got {cfg[key]}')
+    for key in ('seed', 'shapes_seed', 'warmup_epochs', 'num_workers', 'weight_decay', 'mixup',
+                'cutmix', 'reprob', 'smoothing', 'color_jitter', 'min_lr', 'warmup_lr'):
+        if cfg[key] < 0:
+            raise UserError(f'--{key.replace("_", "-")} must be >= 0, got {cfg[key]}')
+    if cfg['eval_crop_ratio'] <= 0 or cfg['eval_crop_ratio'] > 1:
+        raise UserError(f"--eval-crop-ratio must be in (0, 1], got {cfg['eval_crop_ratio']}")
+
+    total_batch = cfg['batch_size'] * world_size
+    cfg['world_size'] = world_size
+    cfg['total_batch'] = total_batch
+    if cfg['lr'] is None:
+        cfg['lr'] = recipe['lr'] * total_batch / recipe['lr_ref_batch']
+        cfg['lr_rule'] = (f"lr = {recipe['lr']:g} x total batch {total_batch} / "
+                          f"{recipe['lr_ref_batch']} = {cfg['lr']:.4g} (linear scaling; "
+                          "--lr sets it directly)")
+    else:
+        cfg['lr_rule'] = f"lr = {cfg['lr']:g} from --lr (no scaling)"
+
+    # The keyword arguments create_model gets besides the name (stored for eval_multires.py).
+    kwargs = {}
+    if model_name in _VIT_SIZES or model_name in _SWIN_SIZES:
+        kwargs['pe'] = cfg['pe'] or 'rope_mixed'
+    elif cfg['pe'] is not None:
+        raise UserError(f'--pe does not apply to the published model {model_name!r}, which fixes '
+                        f'its position embedding; use a size name ({", ".join(_VIT_SIZES)}, '
+                        f'{", ".join(_SWIN_SIZES)}) to choose --pe')
+    vit_flags = {k: cfg[k] for k in ('patch_size', 'embed_dim', 'depth', 'num_heads')
+                 if cfg[k] is not None}
+    if is_swin:
+        if vit_flags:
+            raise UserError('--' + ', --'.join(k.replace('_', '-') for k in vit_flags)
+                            + ' apply to ViT models only')
+        # The official Swin convention: window = resolution / 32 (7 at 224, 6 at 192, ...).
+        kwargs['window_size'] = max(1, cfg['img_size'] // 32)
+    else:
+        if recipe_name == 'demo' and model_name == 'vit_tiny':
+            kwargs.update(recipe['vit_overrides'])
+        kwargs.update(vit_flags)
+    kwargs.update(num_classes=None, img_size=cfg['img_size'], drop_path_rate=cfg['drop_path'])
+    cfg['model_kwargs'] = kwargs
+    cfg['data_path'] = os.path.abspath(args.data_path) if args.data_path else None
+    if cfg['output_dir'] is None:
+        cfg['output_dir'] = os.path.join('output', f"{model_name}_{kwargs.get('pe', 'published')}")
+    if os.path.exists(cfg['output_dir']) and not os.path.isdir(cfg['output_dir']):
+        raise UserError(f"--output-dir {cfg['output_dir']} exists and is not a folder")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in data: `shapes`. A scene is a continuous description (unit-square coordinates); the
+# label is the direction of a small square from a large disk, in 8 compass directions (north =
+# up in the image), so it depends on where things are relative to each other, not on colours.
+
+SHAPES_CLASSES = ('east', 'north-east', 'north', 'north-west',
+                  'west', 'south-west', 'south', 'south-east')
+_SHAPES_SPLITS = {'train': 0, 'val': 1}
+
+
+def make_scene(split, index, seed):
+    """The scene (a dict of floats) number `index` of `split`; a pure function of its arguments."""
+    rng = np.random.default_rng([seed, _SHAPES_SPLITS[split], index])
+    label = int(rng.integers(len(SHAPES_CLASSES)))
+    # Keep 15 degrees between a scene's direction and the edge of its 45-degree bin, so that no
+    # label is ambiguous at any resolution.
+    angle = label * math.pi / 4 + rng.uniform(-math.pi / 12, math.pi / 12)
+    distance = rng.uniform(0.32, 0.55)
+    disk_radius = rng.uniform(0.11, 0.15)
+    square_half = rng.uniform(0.05, 0.075)
+    dx, dy = distance * math.cos(angle), -distance * math.sin(angle)   # image y points down
+    margin = 0.17   # > disk radius and > half the square's diagonal: both stay inside the image
+    disk_xy = [rng.uniform(max(margin, margin - d), min(1 - margin, 1 - margin - d))
+               for d in (dx, dy)]
+    # A dark background and bright objects of random colours: colour says "object here", never
+    # which direction.
+    background = rng.uniform(0.0, 0.2, size=3)
+    colours = []
+    while len(colours) < 2:
+        c = rng.uniform(0.0, 1.0, size=3)
+        if np.abs(c - background).max() >= 0.5:
+            colours.append(c)
+    return dict(label=label, background=background.tolist(),
+                gradient=rng.uniform(-0.1, 0.1, size=2).tolist(),
+                disk=(disk_xy[0], disk_xy[1], disk_radius), disk_colour=colours[0].tolist(),
+                square=(disk_xy[0] + dx, disk_xy[1] + dy, square_half,
+                        rng.uniform(0.0, math.pi / 2)),
+                square_colour=colours[1].tolist())
+
+
+def render_scene(scene, resolution):
+    """Render a scene at `resolution` x `resolution`: float32 (3, r, r) in [0, 1].
+
+    Each shape has a signed distance d (in image units) to its outline; its coverage of a pixel
+    is clip(0.5 - d * r, 0, 1), a one-pixel linear ramp that approximates the pixel's area inside
+    the shape, so small renderings are anti-aliased and agree with downsampled large ones.
+    """
+    centres = (np.arange(resolution, dtype=np.float64) + 0.5) / resolution
+    x, y = centres[None, :], centres[:, None]                          # (1, r), (r, 1)
+    gx, gy = scene['gradient']
+    shade = gx * (x - 0.5) + gy * (y - 0.5)                            # (r, r)
+    image = np.asarray(scene['background'])[:, None, None] + shade[None]   # (3, r, r)
+
+    cx, cy, radius = scene['disk']
+    disk_distance = np.sqrt((x - cx) ** 2 + (y - cy) ** 2) - radius
+    sx, sy, half, rot = scene['square']
+    lx = (x - sx) * math.cos(rot) + (y - sy) * math.sin(rot)           # square's own frame
+    ly = -(x - sx) * math.sin(rot) + (y - sy) * math.cos(rot)
+    square_distance = np.maximum(np.abs(lx), np.abs(ly)) - half
+    for distance, colour in ((disk_distance, scene['disk_colour']),
+                             (square_distance, scene['square_colour'])):
+        coverage = np.clip(0.5 - distance * resolution, 0.0, 1.0)[None]   # (1, r, r)
+        image = image * (1 - coverage) + np.asarray(colour)[:, None, None] * coverage
+    return np.clip(image, 0.0, 1.0).astype(np.float32)
+
+
+class ShapesDataset(Dataset):
+    """`num_scenes` scenes of one split rendered at `resolution`, ImageNet-normalised.
+
+    set_epoch(e) makes a training set show scenes e * num_scenes ... (e + 1) * num_scenes - 1,
+    fresh ones every epoch; the validation split never calls it and stays fixed.
+    """
+
+    def __init__(self, split, num_scenes, resolution, seed=0):
+        self.split, self.num_scenes, self.seed = split, num_scenes, seed
+        self.resolution = resolution
+        self.offset = 0
+        self.classes = list(SHAPES_CLASSES)
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def set_epoch(self, epoch):
+        self.offset = epoch * self.num_scenes
+
+    def __len__(self):
+        return self.num_scenes
+
+    def __getitem__(self, index):
+        scene = make_scene(self.split, self.offset + index, self.seed)
+        image = torch.from_numpy(render_scene(scene, self.resolution))
+        return (image - self.mean) / self.std, scene['label']
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder data (ImageNet layout)
+
+class SkippingImageFolder(torchvision.datasets.ImageFolder):
+    """ImageFolder whose undecodable images come back as (zeros, -1): skipped and counted later.
+
+    Returning a placeholder instead of raising keeps the default collate and the step count of
+    every rank intact; train_one_epoch and evaluate drop targets < 0 and report how many.
+    """
+
+    def __init__(self, root, transform, out_size):
+        super().__init__(root, transform=transform)
+        self.out_size = out_size
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        try:
+            image = self.loader(path)
+        except (OSError, ValueError, SyntaxError) as e:   # PIL's errors for corrupt/truncated files
+            sys.stderr.write(f'warning: skipping undecodable image {path}: {e}\n')
+            return torch.zeros(3, self.out_size, self.out_size), -1
+        return self.transform(image), target
+
+
+def _eval_transform(resolution, crop_ratio):
+    """DESIGN.md protocol: shorter side to r / crop_ratio (bicubic), centre crop r, normalise."""
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize(int(math.floor(resolution / crop_ratio)),
+                  interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(resolution),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _train_transform(cfg):
+    size = cfg['img_size']
+    steps = [v2.PILToTensor()]
+    if cfg['aug'] == 'three':
+        # DeiT-III 3-Augment: random resized crop + flip, then one of grey / solarise / blur,
+        # then colour jitter.
+        steps += [v2.RandomResizedCrop(size, scale=(0.08, 1.0),
+                                       interpolation=v2.InterpolationMode.BICUBIC),
+                  v2.RandomHorizontalFlip(),
+                  v2.RandomChoice([v2.Grayscale(num_output_channels=3),
+                                   v2.RandomSolarize(threshold=128, p=1.0),
+                                   v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))])]
+        if cfg['color_jitter'] > 0:
+            steps.append(v2.ColorJitter(*(3 * [cfg['color_jitter']])))
+    elif cfg['aug'] == 'randaug':
+        steps += [v2.RandomResizedCrop(size, interpolation=v2.InterpolationMode.BICUBIC),
+                  v2.RandomHorizontalFlip(),
+                  # Bilinear: the tensor kernels of rotate / affine have no bicubic mode.
+                  v2.RandAugment(num_ops=2, magnitude=9,
+                                 interpolation=v2.InterpolationMode.BILINEAR)]
+        if cfg['color_jitter'] > 0:
+            steps.append(v2.ColorJitter(*(3 * [cfg['color_jitter']])))
+    else:   # 'none': the evaluation pipeline at the training resolution
+        return _eval_transform(size, cfg['eval_crop_ratio'])
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if cfg['reprob'] > 0:
+        steps.append(v2.RandomErasing(p=cfg['reprob'], value='random'))
+    return v2.Compose(steps)
+
+
+def _image_folder(cfg, split, transform, out_size):
+    root = os.path.join(cfg['data_path'], split)
+    if not os.path.isdir(root):
+        raise UserError(f"{cfg['data_path']} has no {split}/ folder (expected "
+                        f"{split}/<class>/<images>)")
+    try:
+        return SkippingImageFolder(root, transform, out_size)
+    except (FileNotFoundError, OSError) as e:
+        raise UserError(f'no images in {root}: {e}') from None
+
+
+def build_train_dataset(cfg):
+    if cfg['dataset'] == 'shapes':
+        return ShapesDataset('train', cfg['shapes_train'], cfg['img_size'], cfg['shapes_seed'])
+    if not os.path.isdir(cfg['data_path']):
+        raise UserError(f"data folder {cfg['data_path']} does not exist")
+    return _image_folder(cfg, 'train', _train_transform(cfg), cfg['img_size'])
+
+
+def build_eval_dataset(cfg, resolution, data_path=None, crop_ratio=None):
+    """The validation split at test resolution `resolution` (DESIGN.md protocol).
+
+    Folder data: shorter side resized to r / crop_ratio (bicubic), centre crop r, ImageNet
+    mean/std; `shapes`: the same validation scenes rendered directly at r. `data_path` and
+    `crop_ratio` default to the ones in `cfg`.
+    """
+    if cfg['dataset'] == 'shapes':
+        return ShapesDataset('val', cfg['shapes_val'], resolution, cfg['shapes_seed'])
+    path = data_path or cfg['data_path']
+    if path is None or not os.path.isdir(path):
+        raise UserError(f'data folder {path} does not exist (pass --data-path)')
+    crop_ratio = crop_ratio or cfg['eval_crop_ratio']
+    return _image_folder(dict(cfg, data_path=path), 'val', _eval_transform(resolution, crop_ratio),
+                         resolution)
+
+
+def build_eval_loader(dataset, batch_size, num_workers=0):
+    """A loader over this rank's share (indices rank, rank + world, ...): no sample twice."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    shard = Subset(dataset, range(rank, len(dataset), world))
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+class RepeatedAugSampler(torch.utils.data.Sampler):
+    """Repeated augmentation (Hoffer et al. 2020; DeiT): every image appears `repeats` times per
+    epoch, each copy on another rank with its own augmentation; each rank still yields
+    len(dataset) // world_size samples, so an epoch costs as much as without repetition.
+
+    The order is a function of (seed, epoch) only: call set_epoch(epoch) before each epoch.
+    """
+
+    def __init__(self, dataset, num_replicas, rank, repeats=3, seed=0):
+        self.dataset_len = len(dataset)
+        self.num_replicas, self.rank, self.repeats, self.seed = num_replicas, rank, repeats, seed
+        self.epoch = 0
+        self.per_rank_total = math.ceil(self.dataset_len * repeats / num_replicas)
+        self.num_selected = self.dataset_len // num_replicas
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_selected
+
+    def __iter__(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.dataset_len, generator=generator)
+        repeated = order.repeat_interleave(self.repeats).tolist()   # a a a b b b ...
+        total = self.per_rank_total * self.num_replicas
+        repeated += repeated[:total - len(repeated)]                # pad to a multiple of world
+        mine = repeated[self.rank:total:self.num_replicas]          # copies land on other ranks
+        return iter(mine[:self.num_selected])
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, optimizer, schedule
+
+def build_model(cfg):
+    """The model of a resolved configuration (a checkpoint's `args`): create_model(name, **kw)."""
+    module = _model_module(cfg['model'])
+    try:
+        return module.create_model(cfg['model'], **cfg['model_kwargs'])
+    except (ValueError, TypeError) as e:
+        raise UserError(f"cannot build {cfg['model']}: {e}") from None
+
+
+def param_groups(model, weight_decay):
+    """Two groups: decay, and no decay for model.no_weight_decay() and every ndim <= 1 param."""
+    skip = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+    return [{'params': decay, 'weight_decay': weight_decay},
+            {'params': no_decay, 'weight_decay': 0.0}]
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2020, arXiv 1904.00962) as DeiT-III trains with it (timm's variant).
+
+    Adam moments with bias correction give the update u = m_hat / (sqrt(v_hat) + eps), plus the
+    decoupled weight decay wd * p. For a group with weight decay the update is rescaled per
+    tensor by the trust ratio ||p|| / ||u|| (1 when either norm is 0); groups without weight
+    decay (norms, biases, embeddings) take the plain Adam step.  p <- p - lr * ratio * u.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group['betas']
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state['step'] = torch.tensor(0.0)
+                    state['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state['exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state['step'] += 1
+                step = state['step'].item()
+                exp_avg, exp_avg_sq = state['exp_avg'], state['exp_avg_sq']
+                exp_avg.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(group['eps'])
+                update = (exp_avg / (1 - beta1 ** step)).div_(denom)
+                if group['weight_decay'] != 0:
+                    update.add_(p, alpha=group['weight_decay'])
+                    w_norm, u_norm = p.norm(), update.norm()
+                    ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm,
+                                        torch.ones_like(w_norm))
+                    update.mul_(ratio)
+                p.add_(update, alpha=-group['lr'])
+        return loss
+
+
+def build_optimizer(model, cfg):
+    groups = param_groups(model, cfg['weight_decay'])
+    if cfg['opt'] == 'lamb':
+        return Lamb(groups, lr=cfg['lr'], eps=cfg['opt_eps'])
+    return torch.optim.AdamW(groups, lr=cfg['lr'], eps=cfg['opt_eps'])
+
+
+def build_scheduler(optimizer, cfg, steps_per_epoch):
+    """Per step: linear warm-up from warmup_lr to lr, then cosine down to min_lr."""
+    total = cfg['epochs'] * steps_per_epoch
+    warmup = min(cfg['warmup_epochs'] * steps_per_epoch, total)
+    lr, warmup_lr, min_lr = cfg['lr'], cfg['warmup_lr'], cfg['min_lr']
+
+    def factor(step):
+        if step < warmup:
+            return (warmup_lr + (lr - warmup_lr) * step / warmup) / lr
+        progress = (step - warmup) / max(1, total - warmup)
+        return (min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))) / lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and random states
+
+def read_checkpoint(path):
+    """torch.load(path, weights_only=True) on CPU; UserError for a missing / corrupt file."""
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint {path} does not exist')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:   # pickle, zip and unpickler errors all mean "not a usable file"
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f'cannot read checkpoint {path}: {first_line}') from None
+
+
+def _save_atomic(obj, path):
+    """Write to a temporary name, then rename: a crash leaves the old file or the new one."""
+    tmp = f'{path}.tmp'
+    if path.endswith('.json'):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rng_state():
+    """This process's torch / CUDA / numpy / python RNG states, as weights_only-loadable types."""
+    np_state = np.random.get_state(legacy=False)
+    state = {'torch': torch.get_rng_state(),
+             'numpy': {'key': torch.from_numpy(np_state['state']['key'].astype(np.int64)),
+                       'pos': int(np_state['state']['pos']),
+                       'has_gauss': int(np_state['has_gauss']), 'gauss': float(np_state['gauss'])},
+             'python': [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    numpy_state = state['numpy']
+    np.random.set_state({'bit_generator': 'MT19937',
+                         'state': {'key': numpy_state['key'].numpy().astype(np.uint32),
+                                   'pos': numpy_state['pos']},
+                         'has_gauss': numpy_state['has_gauss'], 'gauss': numpy_state['gauss']})
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _seed_everything(seed, epoch, rank):
+    """Every random draw of an epoch (augmentation, mixup, drop path, loader workers) is a function
+    of (seed, epoch, rank): what makes a resumed run equal to an uninterrupted one. Epoch -1 seeds
+    the initial weights."""
+    s = int(np.random.SeedSequence([seed, epoch + 1, rank]).generate_state(1)[0])
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
+def _gather_rng_states():
+    mine = _rng_state()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation
+
+def _amp_dtype(name):
+    return {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[name]
+
+
+def _autocast(device, amp_dtype):
+    return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def _loss(logits, soft_targets, cfg):
+    """Soft-target cross-entropy (label smoothing folded in) or DeiT-III's binary cross-entropy."""
+    num_classes = logits.shape[-1]
+    logits = logits.float()
+    if cfg['loss'] == 'bce':
+        # DeiT-III: mixed targets are binarised (every class present in the mix counts as 1).
+        targets = soft_targets.gt(0.0).float()
+        if cfg['smoothing'] > 0:
+            targets = targets * (1 - cfg['smoothing']) + cfg['smoothing'] / num_classes
+        return F.binary_cross_entropy_with_logits(logits, targets)
+    targets = soft_targets * (1 - cfg['smoothing']) + cfg['smoothing'] / num_classes
+    return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def _mixup_cutmix(cfg, num_classes):
+    choices = []
+    if cfg['mixup'] > 0:
+        choices.append(v2.MixUp(alpha=cfg['mixup'], num_classes=num_classes))
+    if cfg['cutmix'] > 0:
+        choices.append(v2.CutMix(alpha=cfg['cutmix'], num_classes=num_classes))
+    return v2.RandomChoice(choices) if choices else None   # one of them per batch, p = 1/2 each
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, device, amp_dtype,
+                    num_classes, mix):
+    """One epoch; returns dict(loss, skipped, images, seconds). Raises TrainingDiverged."""
+    model.train()
+    steps = len(loader)
+    loss_sum = torch.zeros(3, dtype=torch.float64, device=device)   # loss * n, n, skipped
+    window_loss, window_n, window_start = 0.0, 0, time.time()
+    epoch_start = time.time()
+    for step, (images, targets) in enumerate(loader):
+        images, targets = images.to(device, non_blocking=True), targets.to(device)
+        good = targets >= 0
+        skipped = int((~good).sum())
+        if skipped:   # undecodable files: drop them; keep one zero image so every rank steps
+            images, targets = (images[good], targets[good]) if good.any() else (images[:1], None)
+        soft = (F.one_hot(targets, num_classes).float() if targets is not None
+                else torch.zeros(1, num_classes, device=device))
+        if mix is not None and targets is not None:
+            images, soft = mix(images, targets)
+        with _autocast(device, amp_dtype):
+            logits = model(images)
+        loss = _loss(logits, soft, cfg) * (0.0 if targets is None else 1.0)
+
+        finite = torch.isfinite(loss.detach()).float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)   # every rank stops together
+        if finite.item() == 0:
+            raise TrainingDiverged(
+                f'loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}/{steps}; stopped. '
+                f"The last good checkpoint is {os.path.join(cfg['output_dir'], 'checkpoint.pth')} "
+                '(if an epoch finished); try a lower --lr or --amp none')
+
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg['clip_grad']:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['clip_grad'])
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+
+        n = images.shape[0] if targets is not None else 0
+        loss_sum += torch.tensor([loss.item() * n, n, skipped], dtype=torch.float64, device=device)
+        window_loss += loss.item() * n
+        window_n += n
+        if (step + 1) % cfg['print_freq'] == 0 or step + 1 == steps:
+            elapsed = time.time() - window_start
+            done = (step + 1) / steps
+            rate = window_n * cfg['world_size'] / max(elapsed, 1e-9)
+            eta = (time.time() - epoch_start) / done * (1 - done)
+            _log(f"epoch {epoch + 1}/{cfg['epochs']}  step {step + 1}/{steps}  "
+                 f"loss {window_loss / max(window_n, 1):.4f}  "
+                 f"lr {optimizer.param_groups[0]['lr']:.3e}  {rate:.0f} img/s  "
+                 f"ETA {datetime.timedelta(seconds=round(eta))}")
+            window_loss, window_n, window_start = 0.0, 0, time.time()
+    _all_reduce_sum(loss_sum)
+    return dict(loss=(loss_sum[0] / loss_sum[1].clamp(min=1)).item(), images=int(loss_sum[1]),
+                skipped=int(loss_sum[2]), seconds=time.time() - epoch_start)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp_dtype=None):
+    """Top-1 / top-5 (%), mean cross-entropy and count over the whole split, summed over ranks.
+
+    The loader must give each rank a disjoint share (build_eval_loader does), so that no sample
+    is counted twice or dropped. Targets < 0 (undecodable folder images) are skipped and
+    counted in `skipped`.
+    """
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64, device=device)   # top1, top5, loss, n, skipped
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device)
+        good = targets >= 0
+        sums[4] += (~good).sum()
+        if not good.all():
+            images, targets = images[good], targets[good]
+            if targets.numel() == 0:
+                continue
+        with _autocast(device, amp_dtype):
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[-1])
+        top = logits.topk(k, dim=-1).indices                                  # (B, k)
+        hits = top == targets[:, None]
+        sums[0] += hits[:, 0].sum()
+        sums[1] += hits.any(dim=-1).sum()
+        sums[2] += F.cross_entropy(logits, targets, reduction='sum')
+        sums[3] += targets.numel()
+    _all_reduce_sum(sums)
+    n = max(sums[3].item(), 1.0)
+    return dict(top1=100.0 * sums[0].item() / n, top5=100.0 * sums[1].item() / n,
+                loss=sums[2].item() / n, n=int(sums[3].item()), skipped=int(sums[4].item()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The script
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows real defaults; a None default means "the recipe's" and its help says so."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(
+        'train.py', description='Train RoPE-ViT / Swin-RoPE (see the module docstring).',
+        formatter_class=_HelpFormatter)
+    R = '(default: the recipe\'s)'
+    p.add_argument('--model', default=None,
+                   help='size name (vit_tiny|small|base|large, swin_tiny|small|base) or a '
+                        'published name (default: vit_small with --data-path, else a small '
+                        'vit_tiny: patch 4, width 96, depth 4)')
+    p.add_argument('--pe', default=None, help='position embedding; ViT: ape, rope_axial, '
+                   'rope_mixed, rope_axial_ape, rope_mixed_ape, none; Swin: rpb, rope_axial, '
+                   'rope_mixed, rope_axial_rpb, rope_mixed_rpb, none (default: rope_mixed)')
+    p.add_argument('--data-path', default=None,
+                   help='DIR with train/<class>/* and val/<class>/*; absent: built-in shapes')
+    p.add_argument('--recipe', default=None, choices=sorted(RECIPES),
+                   help='default: demo without --data-path, swin for swin_*, deit3 otherwise')
+    p.add_argument('--output-dir', default=None, help='default: output/<model>_<pe>')
+    p.add_argument('--epochs', type=int, default=None, help=R)
+    p.add_argument('--batch-size', type=int, default=None, help=f'per process {R}')
+    p.add_argument('--lr', type=float, default=None,
+                   help='peak learning rate, used as given (default: the recipe\'s, scaled '
+                        'linearly with the total batch)')
+    p.add_argument('--min-lr', type=float, default=None, help=R)
+    p.add_argument('--warmup-lr', type=float, default=None, help=R)
+    p.add_argument('--warmup-epochs', type=int, default=None, help=R)
+    p.add_argument('--opt', default=None, choices=('lamb', 'adamw'), help=R)
+    p.add_argument('--opt-eps', type=float, default=1e-8, help='optimizer epsilon')
+    p.add_argument('--weight-decay', type=float, default=None, help=R)
+    p.add_argument('--clip-grad', type=float, default=None, help=f'max grad norm, 0 = off {R}')
+    p.add_argument('--loss', default=None, choices=('ce', 'bce'), help=R)
+    p.add_argument('--smoothing', type=float, default=None, help=f'label smoothing {R}')
+    p.add_argument('--aug', default=None, choices=('three', 'randaug', 'none'),
+                   help=f'three = DeiT-III 3-Augment, randaug = RandAugment m9 {R}')
+    p.add_argument('--color-jitter', type=float, default=None, help=R)
+    p.add_argument('--repeated-aug', type=int, default=None,
+                   help=f'copies of each image per epoch, 1 = off {R}')
+    p.add_argument('--reprob', type=float, default=None, help=f'random erasing prob. {R}')
+    p.add_argument('--mixup', type=float, default=None, help=f'mixup alpha, 0 = off {R}')
+    p.add_argument('--cutmix', type=float, default=None, help=f'cutmix alpha, 0 = off {R}')
+    p.add_argument('--drop-path', type=float, default=None, help=R)
+    p.add_argument('--img-size', type=int, default=None, help=f'training resolution {R}')
+    p.add_argument('--patch-size', type=int, default=None, help='ViT only (model default)')
+    p.add_argument('--embed-dim', type=int, default=None, help='ViT only (model default)')
+    p.add_argument('--depth', type=int, default=None, help='ViT only (model default)')
+    p.add_argument('--num-heads', type=int, default=None, help='ViT only (model default)')
+    p.add_argument('--eval-crop-ratio', type=float, default=None,
+                   help='test-time crop ratio (1.0 ViT, 224/256 Swin)')
+    p.add_argument('--eval-resolutions', type=int, nargs='+', default=None,
+                   help='final sweep (default: the paper\'s list scaled to --img-size)')
+    p.add_argument('--eval-batch-size', type=int, default=None, help='default: 2 x batch size')
+    p.add_argument('--shapes-train', type=int, default=None,
+                   help='built-in data: fresh training scenes per epoch (default 8000)')
+    p.add_argument('--shapes-val', type=int, default=None,
+                   help='built-in data: fixed validation scenes (default 1000)')
+    p.add_argument('--shapes-seed', type=int, default=0, help='built-in data: scene seed')
+    p.add_argument('--resume', default=None,
+                   help='auto (OUTPUT_DIR/checkpoint.pth if present) or a checkpoint path')
+    p.add_argument('--finetune', default=None,
+                   help='start from these weights (published or ours); the head is dropped '
+                        'when the class count differs, APE / RPB are resized')
+    p.add_argument('--amp', default=None, choices=('none', 'bf16', 'fp16'),
+                   help='autocast dtype (default: bf16 on CUDA, none on CPU)')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--num-workers', type=int, default=None, help=f'loader workers {R}')
+    p.add_argument('--print-freq', type=int, default=20, help='log a line every N steps')
+    return p
+
+
+def _check_resolution(model, r, what):
+    try:
+        model.check_img_size(r, r)
+    except ValueError as e:
+        raise UserError(f'{what} {r}: {e}') from None
+
+
+def _first_names(keys, limit=10):
+    if not keys:
+        return 'none'
+    more = f' (+{len(keys) - limit} more)' if len(keys) > limit else ''
+    return ', '.join(keys[:limit]) + more
+
+
+def _load_finetune(model, cfg):
+    """Weights from --finetune: the head is dropped when its shape differs (new class count);
+    the model file's load_checkpoint resizes APE / RPB; any other mismatch is an error."""
+    checkpoint = read_checkpoint(cfg['finetune'])
+    state = checkpoint
+    for key in ('model', 'state_dict'):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    own = model.state_dict()
+    dropped = [k for k in list(state) if k.startswith('head.') and k in own
+               and state[k].shape != own[k].shape]
+    state = {k: v for k, v in state.items() if k not in dropped}
+    try:
+        result = _model_module(cfg['model']).load_checkpoint(model, state, strict=False)
+    except ValueError as e:
+        raise UserError(f"--finetune {cfg['finetune']}: {e}") from None
+    missing = [k for k in result.missing_keys if not k.startswith('head.')]
+    if missing or result.unexpected_keys:
+        raise UserError(f"--finetune {cfg['finetune']} does not fit {cfg['model']}: "
+                        f'missing {_first_names(missing)}; '
+                        f'unexpected {_first_names(result.unexpected_keys)}')
+    return dropped
+
+
+def _find_resume(cfg):
+    if cfg['resume'] is None:
+        return None
+    if cfg['resume'] == 'auto':
+        path = os.path.join(cfg['output_dir'], 'checkpoint.pth')
+        return path if os.path.isfile(path) else None
+    return cfg['resume']
+
+
+def main(args):
+    import eval_multires   # here, not at the top: eval_multires imports this module
+
+    # 1. Validate everything before touching the disk or the process group.
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    cfg = resolve_config(args, world_size)
+    if cfg['dataset'] == 'shapes':
+        cfg['num_classes'] = len(SHAPES_CLASSES)
+    train_set = build_train_dataset(cfg)
+    eval_set = build_eval_dataset(cfg, cfg['img_size'])
+    if cfg['dataset'] == 'folder':
+        if train_set.classes != eval_set.classes:
+            raise UserError(f"train/ and val/ of {cfg['data_path']} have different class folders")
+        cfg['num_classes'] = len(train_set.classes)
+    if len(train_set) < cfg['total_batch']:
+        raise UserError(f"the training set has {len(train_set)} images, fewer than one total "
+                        f"batch ({cfg['batch_size']} per process x {world_size} processes)")
+    cfg['model_kwargs']['num_classes'] = cfg['num_classes']
+    _seed_everything(cfg['seed'], -1, 0)   # the same initial weights on every rank, every run
+    model = build_model(cfg)
+    cfg['pe'] = model.pe
+    _check_resolution(model, cfg['img_size'], '--img-size')
+    if cfg['eval_resolutions'] is None:
+        cfg['eval_resolutions'] = list(eval_multires.default_resolutions(cfg))
+    for r in cfg['eval_resolutions']:
+        _check_resolution(model, r, '--eval-resolutions')
+    if cfg['eval_batch_size'] is None:
+        cfg['eval_batch_size'] = 2 * cfg['batch_size']
+    if cfg['amp'] is None:
+        cfg['amp'] = 'bf16' if torch.cuda.is_available() else 'none'
+    resume_path = _find_resume(cfg)
+    resume = read_checkpoint(resume_path) if resume_path else None
+    if resume is not None:
+        stored = resume.get('args', {})
+        for key in ('model', 'model_kwargs', 'dataset'):
+            if stored.get(key) != cfg[key]:
+                raise UserError(f'--resume {resume_path}: its {key} {stored.get(key)!r} differs '
+                                f'from this run\'s {cfg[key]!r}')
+    elif cfg['finetune']:
+        dropped = _load_finetune(model, cfg)
+
+    # 2. Processes, output folder, configuration.
+    info = init_distributed()
+    device = info.device
+    amp_dtype = _amp_dtype(cfg['amp'])
+    if is_main_process():
+        os.makedirs(cfg['output_dir'], exist_ok=True)
+        _save_atomic(cfg, os.path.join(cfg['output_dir'], 'config.json'))
+    _log('configuration:\n' + '\n'.join(f'  {k}: {v}' for k, v in sorted(cfg.items())))
+    _log(cfg['lr_rule'])
+    if cfg['finetune'] and resume is None:
+        _log(f"fine-tuning from {cfg['finetune']}"
+             + (f" (dropped {', '.join(dropped)}: class count differs)" if dropped else ''))
+
+    # 3. Model, optimizer, data.
+    model.to(device)
+    model_without_ddp = model
+    optimizer = build_optimizer(model_without_ddp, cfg)
+    if info.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if cfg['compile']:
+        model = torch.compile(model)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg['amp'] == 'fp16')
+    if cfg['repeated_aug'] > 1:
+        sampler = RepeatedAugSampler(train_set, info.world_size, info.rank, cfg['repeated_aug'],
+                                     seed=cfg['seed'])
+    else:
+        sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank,
+                                     shuffle=True, seed=cfg['seed'], drop_last=True)
+    train_loader = DataLoader(train_set, batch_size=cfg['batch_size'], sampler=sampler,
+                              num_workers=cfg['num_workers'], drop_last=True,
+                              pin_memory=device.type == 'cuda')
+    eval_loader = build_eval_loader(eval_set, cfg['eval_batch_size'], cfg['num_workers'])
+    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+    mix = _mixup_cutmix(cfg, cfg['num_classes'])
+    _log(f"{cfg['model']} ({model_without_ddp.pe}): "
+         f'{sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.2f} M parameters; '
+         f"{len(train_set)} training / {len(eval_set)} validation images; "
+         f"{info.world_size} process(es) on {device.type}; {len(train_loader)} steps per epoch")
+
+    start_epoch, best_top1 = 0, -1.0
+    log_path = os.path.join(cfg['output_dir'], 'log.jsonl')
+    if resume is not None:
+        model_without_ddp.load_state_dict(resume['model'])
+        optimizer.load_state_dict(resume['optimizer'])
+        scheduler.load_state_dict(resume['lr_scheduler'])
+        scaler.load_state_dict(resume['scaler'])
+        start_epoch, best_top1 = resume['epoch'] + 1, resume.get('best_top1', -1.0)
+        rng = resume.get('rng', [])
+        if len(rng) == info.world_size:
+            _set_rng_state(rng[info.rank])
+        else:
+            _log(f'note: the checkpoint was written by {len(rng)} process(es), this run has '
+                 f'{info.world_size}: random states not restored (the result will differ)')
+        _log(f'resumed from {resume_path}: next epoch {start_epoch + 1}/{cfg["epochs"]}')
+        if is_main_process() and os.path.isfile(log_path):   # drop records of unsaved epochs
+            with open(log_path) as f:
+                kept = [line for line in f if line.strip()
+                        and json.loads(line)['epoch'] <= resume['epoch'] + 1]
+            with open(log_path, 'w') as f:
+                f.writelines(kept)
+    else:
+        if cfg['resume'] == 'auto':
+            _log(f"--resume auto: no checkpoint in {cfg['output_dir']}, starting from scratch")
+        if is_main_process() and os.path.isfile(log_path):
+            os.remove(log_path)   # a fresh run in a used folder starts a fresh log
+
+    # 4. Train.
+    run_start = time.time()
+    for epoch in range(start_epoch, cfg['epochs']):
+        _seed_everything(cfg['seed'], epoch, info.rank)
+        sampler.set_epoch(epoch)
+        if hasattr(train_set, 'set_epoch'):
+            train_set.set_epoch(epoch)
+        train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, cfg,
+                                      epoch, device, amp_dtype, cfg['num_classes'], mix)
+        val = evaluate(model_without_ddp, eval_loader, device, amp_dtype)
+        improved = val['top1'] > best_top1
+        best_top1 = max(best_top1, val['top1'])
+        checkpoint = {'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
+                      'lr_scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
+                      'epoch': epoch, 'args': cfg, 'best_top1': best_top1, 'val': val,
+                      'rng': _gather_rng_states()}
+        skipped = train_stats['skipped'] + val['skipped']
+        _log(f"epoch {epoch + 1}/{cfg['epochs']} done in {train_stats['seconds']:.0f}s: "
+             f"train loss {train_stats['loss']:.4f}  val top-1 {val['top1']:.2f}  "
+             f"top-5 {val['top5']:.2f}  loss {val['loss']:.4f}  (best {best_top1:.2f})"
+             + (f'  skipped {skipped} undecodable images' if skipped else ''))
+        if is_main_process():
+            # Best first: a kill between the two saves redoes this epoch identically.
+            if improved:
+                _save_atomic(checkpoint, os.path.join(cfg['output_dir'], 'best.pth'))
+            _save_atomic(checkpoint, os.path.join(cfg['output_dir'], 'checkpoint.pth'))
+            record = dict(epoch=epoch + 1, train_loss=train_stats['loss'],
+                          lr=optimizer.param_groups[0]['lr'], val_top1=val['top1'],
+                          val_top5=val['top5'], val_loss=val['loss'],
+                          seconds=train_stats['seconds'], skipped=skipped)
+            with open(log_path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+    _log(f'training took {datetime.timedelta(seconds=round(time.time() - run_start))}')
+
+    # 5. The paper's experiment: accuracy across test resolutions.
+    rows = eval_multires.evaluate_resolutions(
+        model_without_ddp, cfg, cfg['eval_resolutions'], cfg['eval_batch_size'], device,
+        amp_dtype=amp_dtype, progress=is_main_process())
+    if is_main_process():
+        label = eval_multires.config_label(cfg)
+        _log(eval_multires.format_table({label: rows}, cfg['img_size']))
+        _save_atomic({'label': label, 'train_resolution': cfg['img_size'], 'results': rows},
+                     os.path.join(cfg['output_dir'], 'resolutions.json'))
+
+
+if __name__ == '__main__':
+    cli(main, get_args_parser())
