@@ -294,3 +294,17 @@ def test_train_bad_input_from_the_shell_has_no_traceback(tmp_path):
     assert done.stderr.startswith('error: ') and done.stderr.count('\n') == 1
     assert 'rope_mixed' in done.stderr and 'Traceback' not in done.stderr
     assert not (tmp_path / 'out').exists()
+
+
+def test_train_eval_transform_equals_the_official_pil_pipeline():
+    # The DeiT-III / Swin evaluation: PIL bicubic resize of the shorter side to int(r / crop),
+    # centre crop, ToTensor, ImageNet normalisation (torchvision's classic transforms on PIL).
+    from torchvision import transforms as classic
+    image = Image.fromarray(np.random.default_rng(0).uniform(0, 255, (300, 410, 3)).astype(np.uint8))
+    for resolution, crop_ratio in ((224, 1.0), (160, 224 / 256), (96, 224 / 256)):
+        official = classic.Compose([
+            classic.Resize(int(resolution / crop_ratio), interpolation=classic.InterpolationMode.BICUBIC),
+            classic.CenterCrop(resolution), classic.ToTensor(),
+            classic.Normalize(train.IMAGENET_MEAN, train.IMAGENET_STD)])(image)
+        ours = train._eval_transform(resolution, crop_ratio)(image)
+        torch.testing.assert_close(ours, official, atol=1e-6, rtol=0)

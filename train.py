@@ -402,12 +402,16 @@ class SkippingImageFolder(torchvision.datasets.ImageFolder):
 
 
 def _eval_transform(resolution, crop_ratio):
-    """DESIGN.md protocol: shorter side to r / crop_ratio (bicubic), centre crop r, normalise."""
+    """DESIGN.md protocol: shorter side to r / crop_ratio (bicubic), centre crop r, normalise.
+
+    Resize and crop act on the PIL image (PIL's bicubic filter), as the official DeiT-III and
+    Swin evaluation code does, so published checkpoints see the same pixels as in the paper.
+    """
     return v2.Compose([
-        v2.PILToTensor(),
         v2.Resize(int(math.floor(resolution / crop_ratio)),
-                  interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                  interpolation=v2.InterpolationMode.BICUBIC),
         v2.CenterCrop(resolution),
+        v2.PILToTensor(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
