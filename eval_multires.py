@@ -135,6 +135,12 @@ def config_label(cfg):
     sizes = _SWIN_SIZE_LABELS if family == 'swin' else _SIZE_LABELS
     size = next((short for word, short in sizes.items() if word in name), None)
     arch = ('Swin' if family == 'swin' else 'ViT') + (f'-{size}' if size else f' ({cfg["model"]})')
+    kwargs = cfg.get('model_kwargs') or {}
+    if family != 'swin' and any(k in kwargs for k in ('embed_dim', 'depth', 'num_heads')):
+        # A size name with its architecture overridden (e.g. the demo model) is not that size.
+        shape = [f'{kwargs[k]} {word}' for k, word in (('embed_dim', 'dim'), ('depth', 'layers'),
+                                                        ('patch_size', 'px patches')) if k in kwargs]
+        arch = f"ViT ({', '.join(shape)})"
     pe = cfg.get('pe')
     return f'{arch} {_PE_LABELS.get(pe, pe)}' if pe else arch
 

@@ -159,6 +159,8 @@ def test_eval_config_labels():
                                        'pe': 'rope_axial_ape'}) == 'ViT-B APE + RoPE-Axial'
     assert eval_multires.config_label({'model': 'swin_tiny_patch4_window7_224',
                                        'pe': 'rpb'}) == 'Swin-T RPB'
+    custom = {'model': 'vit_tiny', 'pe': 'ape', 'model_kwargs': dict(patch_size=4, embed_dim=96, depth=4)}
+    assert eval_multires.config_label(custom) == 'ViT (96 dim, 4 layers, 4 px patches) APE'
 
 
 def test_eval_format_table_layout():
