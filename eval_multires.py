@@ -384,12 +384,7 @@ def format_table(results, train_res):
             value = by_res.get(r)
             cells.append('-' if value is None else f'{value:.1f}' + ('*' if r == own else ''))
         lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ['| ' + ' | '.join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
-                              for i, cell in enumerate(line)) + ' |' for line in lines]
-    text.insert(1, '|' + '|'.join('-' * (w + 2) for w in widths) + '|')
-    text.append('top-1 accuracy (%); * = training resolution')
-    return '\n'.join(text)
+    return _markdown_table(lines, 'top-1 accuracy (%); * = training resolution')
 
 
 def format_attention_table(analysis, metric):
@@ -401,12 +396,17 @@ def format_attention_table(analysis, metric):
     num_layers = max(len(line) - 1 for line in lines)
     header = [f'{metric} \\ layer'] + [str(i + 1) for i in range(num_layers)]
     lines = [header] + [line + [''] * (num_layers + 1 - len(line)) for line in lines]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    unit = 'patches' if metric == 'distance' else 'nats'
+    return _markdown_table(lines, f'mean attention {metric} ({unit}) per layer')
+
+
+def _markdown_table(lines, caption):
+    """Rows of cells (the first row is the header) -> an aligned Markdown table and a caption."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     text = ['| ' + ' | '.join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
                               for i, cell in enumerate(line)) + ' |' for line in lines]
     text.insert(1, '|' + '|'.join('-' * (w + 2) for w in widths) + '|')
-    unit = 'patches' if metric == 'distance' else 'nats'
-    text.append(f'mean attention {metric} ({unit}) per layer')
+    text.append(caption)
     return '\n'.join(text)
 
 
@@ -686,7 +686,7 @@ def get_args_parser():
 def _amp_dtype(amp, device):
     if amp == 'auto':
         amp = 'bf16' if device.type == 'cuda' else 'none'
-    return {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]
+    return train._amp_dtype(amp)
 
 
 def _check_args(args):
