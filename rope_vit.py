@@ -25,6 +25,13 @@ Differences from the official code, all bug fixes: fp32 backward works (no in-pl
 writes into autograd tensors), grids are never inferred from a token count (112x448
 gets its own positions), attention runs through F.scaled_dot_product_attention.
 
+Cost (benchmark.py): the rotation tables of all blocks are built once per forward (and kept
+per grid while no gradient must reach the frequencies), the class token gets the identity
+rotation instead of being sliced off and re-attached, and q and k are rotated in place in the
+qkv projection's output by one complex multiply (RotateQK), whose backward keeps no extra
+activation and forms the RoPE-Mixed frequency gradient in closed form. ``apply_rope`` is the
+readable formula; forward_with_attention and torch.compile use it.
+
 Shape legend: B batch, T = 1 + N tokens (class token first, then N = Hp * Wp patch
 tokens row-major over the (Hp, Wp) patch grid: token n has column x = n % Wp and row
 y = n // Wp), C embed dim, heads attention heads, D head dim, L depth.
@@ -111,10 +118,13 @@ def mixed_angles(t_x: torch.Tensor, t_y: torch.Tensor, freqs: torch.Tensor, num_
 
     freqs (2, L, heads * D/2), t_x, t_y (N,). Returns float32 (L, heads, N, D/2). Uses
     broadcast products, not matmuls, so that autocast cannot lower their precision; computed
-    in t_x's dtype (float32, or float64 for a float64 model).
+    in t_x's dtype (float32, or float64 for a float64 model). The memory is token-major
+    (a permuted view): the backward's sum over tokens then runs over the outermost dim, which
+    is many times faster on CPU than a sum over a middle dim.
     """
     fx, fy = freqs.to(t_x.dtype).unflatten(-1, (num_heads, -1)).unbind(0)  # (L, heads, D/2) each
-    return t_x[:, None] * fx[:, :, None, :] + t_y[:, None] * fy[:, :, None, :]  # (L, heads, N, D/2)
+    angles = t_x[:, None, None, None] * fx + t_y[:, None, None, None] * fy  # (N, L, heads, D/2)
+    return angles.permute(1, 2, 0, 3)  # (L, heads, N, D/2)
 
 
 def rope_tables(angles: torch.Tensor) -> torch.Tensor:
@@ -136,6 +146,96 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
     x_complex = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))  # (..., T, D/2) complex
     return torch.view_as_real(x_complex * rot).flatten(-2).to(x.dtype)  # (..., T, D)
+
+
+def _complex_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) real -> (..., D/2) complex view of channel pairs (2j, 2j+1); copies only if strides forbid a view."""
+    pairs = x.unflatten(-1, (-1, 2))  # (..., D/2, 2)
+    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()
+    return torch.view_as_complex(pairs)
+
+
+class RotateQK(torch.autograd.Function):
+    """Eq. 11 on q and k, in place in the qkv projection's output, with a lean backward.
+
+    Returns (qkv, q, k, v): q, k, v are (B, heads, T, D) views of qkv, q and k rotated; the
+    same values as ``apply_rope`` on q and k. Why a Function:
+    * memory: autograd of the plain formula writes the rotated q and k to a new tensor (2/3 of
+      qkv per block, ~8 % of ViT-S's training memory) and also keeps the unrotated ones for the
+      gradient of R. Here the projection's output, which nothing else saves, is rotated in
+      place; since |R| = 1 the input is recoverable from the output (x = x' conj(R)), so only
+      the rotated qkv, which attention saves anyway, and R are kept for backward.
+    * time: the backward writes the gradient of qkv straight from the gradients of q, k, v in
+      one pass, rotating q's and k's back on the way; this replaces the stack and the layout
+      copy that autograd runs for the head split of any ViT (the APE model's too).
+    * RoPE-Mixed: given the block's frequencies and the token positions (R then built without
+      autograd), the frequencies' gradient is formed here in closed form, sparing the backward
+      of the cos/sin tables: with phi = p^x theta^x + p^y theta^y (Eq. 14) and
+      S = sum over batch and q|k of g conj(x'), dL/dphi = Im(S) and dL/dtheta = p^T Im(S).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, rot: torch.Tensor, num_heads: int, batch: int,
+                freqs: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None):
+        """qkv (B * T, 3 * heads * D), channels [q | k | v] head-major, not a view (autograd
+        allows in-place writes plus several outputs only then); rot complex (heads or 1, T, D/2)
+        or (T, D/2); optional freqs (2, heads * D/2) = (theta^x, theta^y) that rot was built from,
+        with positions (T, 2) = (p^x, p^y)."""
+        split = _split_heads(qkv, num_heads, batch)  # (3, B, heads, T, D) view
+        if qkv.dtype in (torch.float32, torch.float64) and qkv.is_contiguous():
+            torch.view_as_complex(split[:2].unflatten(-1, (-1, 2))).mul_(rot)  # one in-place pass
+        else:  # bf16 / fp16 (or odd strides): rotate in fp32, round once
+            split[:2] = torch.view_as_real(_complex_pairs(split[:2].float()) * rot).flatten(-2)
+        ctx.mark_dirty(qkv)
+        ctx.save_for_backward(qkv, rot, positions)
+        ctx.num_heads, ctx.batch = num_heads, batch
+        ctx.set_materialize_grads(False)  # the qkv output is not used by the model: no zero tensor
+        q, k, v = split.unbind(0)  # (B, heads, T, D) each
+        return qkv, q, k, v
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_qkv_out, grad_q, grad_k, grad_v):
+        rotated_qkv, rot, positions = ctx.saved_tensors
+        grads = [grad_q, grad_k, grad_v]
+        if grad_qkv_out is not None:  # someone used the returned qkv as well
+            extra = _split_heads(grad_qkv_out, ctx.num_heads, ctx.batch)
+            grads = [e if g is None else g + e for g, e in zip(grads, extra.unbind(0))]
+        grads = [torch.zeros(()).to(rotated_qkv).expand(_split_heads(rotated_qkv, ctx.num_heads, ctx.batch).shape[1:])
+                 if g is None else g for g in grads]  # (B, heads, T, D) each
+        real_dtype = torch.promote_types(grads[0].dtype, torch.float32)
+        grad_qkv = torch.empty(rotated_qkv.shape, dtype=grads[0].dtype, device=rotated_qkv.device)  # (B, T, 3C)
+        grad_split = _split_heads(grad_qkv, ctx.num_heads, ctx.batch)  # (3, B, heads, T, D) view
+        grad_pairs = [_complex_pairs(g.to(real_dtype)) for g in grads[:2]]  # 2 x (B, heads, T, D/2)
+        rot_back = rot.conj().resolve_conj()  # d(x R)/dx: multiply by conj(R), i.e. rotate back
+        for i in range(2):
+            if grad_qkv.dtype == real_dtype:
+                torch.mul(grad_pairs[i], rot_back, out=torch.view_as_complex(grad_split[i].unflatten(-1, (-1, 2))))
+            else:
+                grad_split[i] = torch.view_as_real(grad_pairs[i] * rot_back).flatten(-2)
+        grad_split[2] = grads[2]  # v passes through
+        grad_rot = grad_freqs = None
+        needs_freqs = len(ctx.needs_input_grad) > 4 and ctx.needs_input_grad[4]  # freqs given and trained
+        if ctx.needs_input_grad[1] or needs_freqs:
+            # d(x R)/dR = conj(x) = conj(x' conj(R)) = conj(x') R; S sums g conj(x') over batch, q|k
+            rotated = _split_heads(rotated_qkv, ctx.num_heads, ctx.batch)[:2]
+            summed = sum((g * _complex_pairs(y.to(real_dtype)).conj()).sum(0)
+                         for g, y in zip(grad_pairs, rotated))  # S (heads, T, D/2)
+            if needs_freqs:  # dL/dtheta = p^T Im(S): (2, T) @ (T, heads * D/2)
+                grad_freqs = positions.t().to(real_dtype) @ summed.imag.transpose(0, 1).reshape(summed.shape[1], -1)
+            if ctx.needs_input_grad[1]:
+                if rot.dim() == 2:  # (T, D/2): shared by all heads
+                    summed = summed.sum(0)
+                elif rot.shape[0] == 1:
+                    summed = summed.sum(0, keepdim=True)
+                grad_rot = summed * rot
+        return (grad_qkv, grad_rot, None, None, grad_freqs, None)[:len(ctx.needs_input_grad)]
+
+
+def _split_heads(qkv: torch.Tensor, num_heads: int, batch: int) -> torch.Tensor:
+    """(B * T, 3 * heads * D) -> (3, B, heads, T, D) view: channels [q | k | v], each head-major."""
+    return qkv.view(batch, -1, 3, num_heads, qkv.shape[-1] // (3 * num_heads)).permute(2, 0, 3, 1, 4)
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int]) -> torch.Tensor:
@@ -209,6 +309,19 @@ class DropPath(nn.Module):
         return x * keep / (1.0 - self.p)
 
 
+class BlockRope(NamedTuple):
+    """What one block's attention needs for RoPE (built once per forward by RopeViT).
+
+    rot: complex rotations (heads, T, D/2) (Mixed) or (T, D/2) (Axial), class-token row 1 + 0i.
+    freqs, positions: for training RoPE-Mixed, the block's (theta^x, theta^y) (2, heads * D/2)
+    and the token positions (T, 2), through which RotateQK sends the frequencies' gradient
+    (rot then carries no autograd graph); None otherwise.
+    """
+    rot: torch.Tensor
+    freqs: Optional[torch.Tensor] = None
+    positions: Optional[torch.Tensor] = None
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with optional RoPE on q and k (Eq. 11, then Eq. 8 / 15)."""
 
@@ -220,20 +333,27 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None,
+    def forward(self, x: torch.Tensor, rope: Optional[BlockRope] = None,
                 need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """x (B, T, C); rope: complex rotations (heads or 1, T, D/2), class-token row 1 + 0i.
+        """x (B, T, C); rope: this block's BlockRope, or None (no RoPE).
 
         Returns (B, T, C) and, if need_weights, the probabilities (B, heads, T, T).
         """
         B, T, C = x.shape
-        # qkv channels are [q | k | v], each head-major (official layout)
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, heads, T, D)
-        if rope is not None:
-            q, k = apply_rope(qkv[:2], rope).unbind(0)  # q and k rotated in one pass, (B, heads, T, D) each
+        # (B * T, 3C): channels [q | k | v], each head-major (official layout); 2-D so that the
+        # projection's output is not a view (RotateQK writes into it)
+        qkv = self.qkv(x.reshape(B * T, C))
+        # torch.compile cannot trace RotateQK's in-place views; it fuses the readable formula itself
+        readable = need_weights or torch.compiler.is_compiling()
+        if rope is not None and not readable:  # fast path: the same values, in place (see RotateQK)
+            with torch.profiler.record_function('rope'):  # lets a profiler count the RoPE share
+                _, q, k, v = RotateQK.apply(qkv, rope.rot, self.num_heads, B, rope.freqs, rope.positions)
         else:
-            q, k = qkv[0], qkv[1]
-        v = qkv[2]  # (B, heads, T, D), never rotated
+            qkv = qkv.reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, heads, T, D)
+            q, k, v = qkv.unbind(0)  # (B, heads, T, D) each
+        if rope is not None and readable:  # the readable formula, Eq. 11
+            with torch.profiler.record_function('rope'):
+                q, k = apply_rope(qkv[:2], rope.rot).unbind(0)  # q and k rotated in one pass, (B, heads, T, D) each
         attn = None
         if need_weights:  # explicit path for analysis: A' = softmax(q k^T / sqrt(D)) (Eq. 8 / 15)
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T, T)
@@ -368,6 +488,39 @@ class RopeViT(nn.Module):
             rot = rope_tables(mixed_angles(t_x, t_y, self.freqs, self.num_heads))  # (L, heads, T, D/2)
             return list(rot.unbind(0))
 
+    def block_ropes(self, grid_h: int, grid_w: int, device) -> List[Optional[BlockRope]]:
+        """What each block needs for RoPE on a (grid_h, grid_w) grid (forward's fast path).
+
+        The tables come from rope_tables() without autograd. Training RoPE-Mixed rebuilds them at
+        every forward and routes the frequencies' gradient through RotateQK (see there);
+        otherwise (eval, no_grad, Axial) they are kept per grid. The cache key holds what can
+        change the result: grid, device, dtype, inference mode (its tensors cannot enter
+        autograd later) and the frequencies' storage and version counter, which every in-place
+        write bumps (optimizer step, load_state_dict); the entry keeps that storage alive, so its
+        address cannot be reused by another tensor while the entry exists.
+        """
+        if self.rope_kind is None:
+            return [None] * self.depth
+        freqs = getattr(self, 'freqs', None)  # Mixed only; Axial tables depend on the grid alone
+        if freqs is not None and freqs.requires_grad and torch.is_grad_enabled():
+            with torch.no_grad():
+                tables = self.rope_tables(grid_h, grid_w, device)
+            t_x, t_y = patch_grid_positions(grid_h, grid_w, device)  # (N,), (N,)
+            positions = F.pad(torch.stack([t_x, t_y], dim=-1), (0, 0, 1, 0))  # (T, 2): class token at 0
+            return [BlockRope(rot, freqs[:, layer], positions) for layer, rot in enumerate(tables)]
+        key = (grid_h, grid_w, torch.device(device), self.cls_token.dtype, torch.is_inference_mode_enabled())
+        if freqs is not None:
+            key += (freqs.data_ptr(), freqs._version, freqs.dtype)
+        cache = self.__dict__.setdefault('_rope_cache', {})  # plain attribute: not in the state dict
+        if key not in cache:
+            if len(cache) >= 4:
+                cache.clear()
+            with torch.no_grad():
+                tables = self.rope_tables(grid_h, grid_w, device)
+            pinned = freqs.detach() if freqs is not None else None
+            cache[key] = (pinned, [BlockRope(rot) for rot in tables])
+        return cache[key][1]
+
     def _tokens(self, x: torch.Tensor, need_weights: bool):
         B, _, H, W = x.shape
         self.check_img_size(H, W)
@@ -376,7 +529,14 @@ class RopeViT(nn.Module):
         if self.use_ape:  # Eq. 1, before the class token is attached
             x = x + resize_pos_embed(self.pos_embed, self.grid_size, (grid_h, grid_w)).to(x.dtype)
         x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, T, C)
-        rope = self.rope_tables(grid_h, grid_w, x.device) or [None] * self.depth
+        if self.rope_kind is None:
+            rope = [None] * self.depth
+        elif need_weights or torch.compiler.is_compiling():  # the readable path: tables with their autograd graph
+            with torch.profiler.record_function('rope'):
+                rope = [BlockRope(rot) for rot in self.rope_tables(grid_h, grid_w, x.device)]
+        else:
+            with torch.profiler.record_function('rope'):
+                rope = self.block_ropes(grid_h, grid_w, x.device)
         attns = []
         for block, block_rope in zip(self.blocks, rope):
             x, attn = block(x, block_rope, need_weights)
