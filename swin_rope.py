@@ -292,12 +292,14 @@ class WindowAttention(nn.Module):
         if torch.is_grad_enabled() and source.requires_grad:
             return build()  # training: part of the graph, recomputed once per forward
         key = _cache_key(key, _tensor_version(source))
-        value = self._cache.get(key)
-        if value is None:
+        entry = self._cache.get(key)
+        if entry is None:
             if len(self._cache) > 16:
                 self._cache.clear()
-            value = self._cache[key] = build()
-        return value
+            # The entry holds `source` too, so its address (part of the key) cannot be reused by
+            # another tensor while the entry exists.
+            entry = self._cache[key] = (source.detach(), build())
+        return entry[1]
 
     def rope_factors(self, window: int) -> torch.Tensor:
         """(2, 1, nH, N, d/2) complex64: [0] rotates q (scale folded in), [1] rotates k."""
