@@ -1,0 +1,1690 @@
+"""The project's tests: the paper's equations, equivalence with independent peers, the scripts end to end.
+
+Plain pytest on CPU with tiny configurations and explicit tolerances. Each section checks one
+file against an independent formulation: rotation matrices, relative-position invariance, timm's
+RoPE-ViT models, torchvision's Swin-T, hand-computed optimizer steps, closed-form attention maps.
+Run: python -m pytest -q test_rope.py
+"""
+import csv
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+import rope_vit
+import swin_rope
+import train
+import eval_multires
+import benchmark
+
+
+# ==============================================================================================
+# rope_vit.py: the paper's equations (Eq. 8-15), timm equivalence, checkpoints, sizes, dtypes
+# ==============================================================================================
+
+_VIT_TIMM_NAMES = {
+    'rope_axial': 'vit_small_patch16_rope_224',
+    'rope_mixed': 'vit_small_patch16_rope_mixed_224',
+    'rope_axial_ape': 'vit_small_patch16_rope_ape_224',
+    'rope_mixed_ape': 'vit_small_patch16_rope_mixed_ape_224',
+}
+# The timm models at ViT-S width and heads with 2 blocks instead of 12 (and 100 classes): the blocks
+# are identical, position mistakes show in each (OFFICIAL_NOTES section 7), and 12 blocks at 4 sizes
+# cost ~6x the time on 2 cores. The 12-block layout is checked by key and parameter counts.
+_VIT_TIMM_DEPTH = 2
+# 112x448 has the token count of 224x224 (196) on another grid
+_VIT_SIZES = [(224, 224), (160, 160), (320, 320), (112, 448)]
+_VIT_TINY = dict(embed_dim=64, depth=2, num_heads=2, num_classes=10)  # head dim 32
+
+
+def _vit_stress_init_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Re-draw every parameter as OFFICIAL_NOTES section 7 says, so position mistakes show.
+
+    With the official init (LayerScale 1e-4) the logits hardly depend on positions. RoPE-Mixed
+    frequencies keep their initial values; buffers are untouched.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal_(t, std):
+        t.copy_(torch.randn(t.shape, generator=gen) * std)
+
+    def uniform_(t, lo, hi):
+        t.copy_(torch.rand(t.shape, generator=gen) * (hi - lo) + lo)
+
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.LayerNorm):
+                uniform_(module.weight, 0.5, 1.5)
+                normal_(module.bias, 0.2)
+            elif isinstance(module, (nn.Linear, nn.Conv2d)):
+                fan_in = module.weight[0].numel()
+                gain = 2.5 if name.endswith('qkv') else 1.0  # peaked attention
+                normal_(module.weight, math.sqrt(gain / fan_in))
+                if module.bias is not None:
+                    normal_(module.bias, 0.1)
+        for name, p in model.named_parameters():
+            if name.endswith(('gamma_1', 'gamma_2')):
+                uniform_(p, 0.2, 1.0)
+            elif name == 'cls_token':
+                normal_(p, 1.0)
+            elif name == 'pos_embed':
+                normal_(p, 0.5)
+    return model
+
+
+def _vit_tiny(pe, seed=0, **kw):
+    torch.manual_seed(seed)
+    return _vit_stress_init_(rope_vit.create_model('vit_tiny', pe=pe, **{**_VIT_TINY, **kw}), seed).eval()
+
+
+def _vit_on_meta_then_load(state_dict, **kw):
+    """Our ViT-S with the given weights, skipping the random init (built on meta)."""
+    with torch.device('meta'):
+        model = rope_vit.create_model('vit_small', **kw)
+    model.to_empty(device='cpu')
+    rope_vit.load_checkpoint(model, state_dict)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------
+# Equations
+# ---------------------------------------------------------------------------------------
+
+def test_vit_eq11_rotation_equals_2x2_rotation_matrices():
+    torch.manual_seed(0)
+    T, D = 7, 16
+    angles = torch.randn(3, T, D // 2) * 5  # (heads, T, D/2)
+    x = torch.randn(2, 2, 3, T, D)  # (q|k, B, heads, T, D)
+    out = rope_vit.apply_rope(x, rope_vit.rope_tables(angles))
+    c, s = angles.cos(), angles.sin()
+    rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # (heads, T, D/2, 2, 2)
+    ref = torch.einsum('htjuv,qbhtjv->qbhtju', rot, x.unflatten(-1, (D // 2, 2))).flatten(-2)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    # bf16 input: rotation in fp32, result cast back
+    assert rope_vit.apply_rope(x.bfloat16(), rope_vit.rope_tables(angles)).dtype == torch.bfloat16
+
+
+def _vit_angles(kind, t_x, t_y, head_dim, freqs=None, heads=None):
+    if kind == 'axial':
+        return rope_vit.axial_angles(t_x, t_y, head_dim, 100.0)
+    return rope_vit.mixed_angles(t_x, t_y, freqs, heads)[0]  # layer 0: (heads, N, D/2)
+
+
+@pytest.mark.parametrize('kind', ['axial', 'mixed'])
+def test_vit_eq8_eq15_logits_depend_only_on_relative_position(kind):
+    torch.manual_seed(0)
+    heads, D = 2, 32
+    freqs = rope_vit.init_mixed_freqs(D, 1, heads, 10.0)
+    t_x, t_y = rope_vit.patch_grid_positions(5, 6)
+    q, k = torch.randn(2, heads, t_x.numel(), D).unbind(0)
+
+    def logits(dx, dy):
+        rot = rope_vit.rope_tables(_vit_angles(kind, t_x + dx, t_y + dy, D, freqs, heads))
+        return rope_vit.apply_rope(q, rot) @ rope_vit.apply_rope(k, rot).transpose(-1, -2)
+
+    base = logits(0, 0)
+    torch.testing.assert_close(logits(3, 11), base, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(logits(-4, 2), base, atol=1e-4, rtol=1e-5)
+    assert (base - q @ k.transpose(-1, -2)).abs().max() > 1.0  # the rotation does act
+
+
+def test_vit_eq15_mixed_with_axis_aligned_freqs_equals_axial():
+    axial = _vit_tiny('rope_axial')
+    mixed = rope_vit.create_model('vit_tiny', pe='rope_mixed', **_VIT_TINY).eval()
+    mixed.load_state_dict(axial.state_dict(), strict=False)
+    D, heads = 32, 2
+    mag = rope_vit.rope_magnitudes(D, 100.0)
+    zero = torch.zeros_like(mag)
+    with torch.no_grad():  # theta^y = 0 on the first half of the pairs, theta^x = 0 on the second
+        mixed.freqs.copy_(torch.stack([torch.cat([mag, zero]), torch.cat([zero, mag])])[:, None, None, :]
+                          .expand(2, 2, heads, D // 2).flatten(2))
+    x = torch.randn(2, 3, 64, 96)
+    torch.testing.assert_close(mixed(x), axial(x), atol=1e-5, rtol=1e-5)
+
+
+def test_vit_positions_come_from_the_grid_not_the_token_count():
+    t_x, t_y = rope_vit.patch_grid_positions(7, 28)  # 112x448 at patch 16: 196 tokens, like 14x14
+    assert [(int(a), int(b)) for a, b in zip(t_x, t_y)] == [(n % 28, n // 28) for n in range(196)]
+    model = _vit_tiny('rope_axial', patch_size=16)
+    rot = model.rope_tables(7, 28, torch.device('cpu'))[0]  # (T, D/2) complex
+    mag = [100.0 ** (-t / 8) for t in range(8)]
+    for n in (1, 30, 196):  # token n (row 0 is the class token)
+        x, y = (n - 1) % 28, (n - 1) // 28
+        phi = torch.tensor([x * m for m in mag] + [y * m for m in mag])
+        torch.testing.assert_close(rot[n].real, phi.cos(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(rot[n].imag, phi.sin(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(rot[0], torch.ones(16, dtype=torch.complex64))  # class token: identity
+    # and the APE is resized to the 7x28 grid, not reused as 14x14
+    ape = _vit_tiny('ape', img_size=224)
+    ref = rope_vit.create_model('vit_tiny', pe='ape', img_size=(112, 448), **_VIT_TINY).eval()
+    sd = dict(ape.state_dict())
+    grid = sd['pos_embed'].reshape(1, 14, 14, 64).permute(0, 3, 1, 2)
+    sd['pos_embed'] = F.interpolate(grid, size=(7, 28), mode='bicubic', align_corners=False) \
+        .permute(0, 2, 3, 1).reshape(1, 196, 64)
+    ref.load_state_dict(sd)
+    x = torch.randn(1, 3, 112, 448)
+    torch.testing.assert_close(ape(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Equivalence with timm's RoPE-ViT (an independent implementation)
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('pe', list(_VIT_TIMM_NAMES))
+def test_vit_matches_timm(pe):
+    timm = pytest.importorskip('timm')
+    torch.manual_seed(1)
+    ape = pe.endswith('_ape')
+    # timm resizes APE with antialias, so APE models are compared at their native grid: timm's
+    # model is moved to each size (set_input_size) and gets a freshly drawn APE for that grid
+    peer = timm.create_model(_VIT_TIMM_NAMES[pe], dynamic_img_size=not ape, depth=_VIT_TIMM_DEPTH,
+                             num_classes=100)
+    _vit_stress_init_(peer, seed=1).eval()
+    ours = None
+    worst = {}
+    for i, size in enumerate(_VIT_SIZES):
+        if ape:
+            peer.set_input_size(img_size=size)
+            with torch.no_grad():
+                peer.pos_embed.copy_(torch.randn(peer.pos_embed.shape, generator=torch.Generator().manual_seed(i)) * .5)
+        if ours is None or ape:
+            ours = _vit_on_meta_then_load(peer.state_dict(), pe=pe, depth=_VIT_TIMM_DEPTH, num_classes=100,
+                                          **(dict(img_size=size) if ape else {}))
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            a, b = ours(x), peer(x)
+        assert b.std() > 0.5  # stressed weights: logits of order 1, position mistakes show
+        worst[size] = (a - b).abs().max().item()
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    print(pe, 'max |dlogit| vs timm:', {f'{h}x{w}': f'{d:.1e}' for (h, w), d in worst.items()})
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------
+
+_VIT_OFFICIAL_KEY_COUNTS = {'ape': 176, 'rope_axial': 175, 'rope_mixed': 178,
+                            'rope_axial_ape': 176, 'rope_mixed_ape': 179}
+
+
+def _vit_official_state_dict(model):
+    """Our ViT-S state dict written in the released layout (OFFICIAL_NOTES section 2)."""
+    sd = dict(model.state_dict())
+    if 'freqs' in sd:  # the official Mixed models also save their 14x14 position buffers
+        sd['freqs_t_x'] = torch.arange(196, dtype=torch.float32) % 14
+        sd['freqs_t_y'] = torch.div(torch.arange(196), 14, rounding_mode='floor').float()
+    return sd
+
+
+def test_vit_published_checkpoint_round_trip(tmp_path):
+    with torch.device('meta'):  # ViT-S in the released layout; init skipped, weights drawn below
+        model, fresh, at64 = (rope_vit.create_model('rope_mixed_ape_deit_small_patch16_LS', img_size=s)
+                              for s in (224, 224, 64))
+    model.to_empty(device='cpu')
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.freqs.copy_(rope_vit.init_mixed_freqs(64, 12, 6, 10.0))
+    _vit_stress_init_(model).eval()
+    sd = _vit_official_state_dict(model)
+    assert len(sd) == _VIT_OFFICIAL_KEY_COUNTS['rope_mixed_ape']
+    assert sd['freqs'].shape == (2, 12, 192) and sd['pos_embed'].shape == (1, 196, 384)
+    path = tmp_path / 'rope_mixed_ape_deit_small_patch16_LS.pth'
+    torch.save({'model': sd}, path)
+    x = torch.randn(1, 3, 64, 64)  # small input: keeps this ViT-S test fast
+    with torch.no_grad():
+        ref = model(x)  # built at 224, run at 64: APE resized on the fly
+        assert ref.std() > 0.5
+        fresh.to_empty(device='cpu').eval()
+        assert rope_vit.load_checkpoint(fresh, path) == ([], [])
+        torch.testing.assert_close(fresh(x), ref, atol=0, rtol=0)
+        # the official recipe: build for the new size, load the 224 file (APE resized when loading)
+        at64.to_empty(device='cpu').eval()
+        rope_vit.load_checkpoint(at64, str(path))
+        torch.testing.assert_close(at64(x), ref, atol=1e-5, rtol=0)
+
+
+def test_vit_state_dict_layout_and_key_counts():
+    for pe, count in _VIT_OFFICIAL_KEY_COUNTS.items():
+        with torch.device('meta'):
+            model = rope_vit.create_model('vit_small', pe=pe)
+        sd = _vit_official_state_dict(model)
+        assert len(sd) == count, pe
+        assert all(v.dtype == torch.float32 for v in sd.values())
+        assert sd['blocks.0.attn.qkv.weight'].shape == (1152, 384)
+        assert sd['blocks.11.gamma_2'].shape == (384,) and sd['cls_token'].shape == (1, 1, 384)
+        assert ('freqs' in sd) == ('mixed' in pe) and ('pos_embed' in sd) == pe.endswith('ape')
+        assert not [k for k, _ in model.named_buffers()]  # no position state: built per forward
+        nwd = model.no_weight_decay()
+        assert nwd <= dict(model.named_parameters()).keys() and 'cls_token' in nwd
+        assert ('freqs' in nwd) == ('mixed' in pe) and ('pos_embed' in nwd) == pe.endswith('ape')
+
+
+def test_vit_training_checkpoint_and_timm_layout_load(tmp_path):
+    model = _vit_tiny('rope_mixed_ape', img_size=(64, 96))
+    path = tmp_path / 'checkpoint.pth'
+    args = {'model': 'vit_tiny', 'pe': 'rope_mixed_ape', 'model_kwargs': {**_VIT_TINY, 'img_size': [64, 96]}}
+    torch.save({'model': model.state_dict(), 'optimizer': {'state': {}}, 'epoch': 3, 'args': args}, path)
+    x = torch.randn(1, 3, 96, 64)
+    fresh = rope_vit.create_model('vit_tiny', pe='rope_mixed_ape', **_VIT_TINY, img_size=(64, 96)).eval()
+    rope_vit.load_checkpoint(fresh, path)
+    torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
+    # a model built for 48x48 gets the stored 4x6 grid (named by args, 24 is no square) resized to 3x3
+    small = rope_vit.create_model('vit_tiny', pe='rope_mixed_ape', **_VIT_TINY, img_size=48).eval()
+    rope_vit.load_checkpoint(small, path)
+    grid = model.pos_embed.detach().reshape(1, 4, 6, 64).permute(0, 3, 1, 2)  # (1, C, 4, 6)
+    ref = F.interpolate(grid, size=(3, 3), mode='bicubic', align_corners=False).permute(0, 2, 3, 1).reshape(1, 9, 64)
+    torch.testing.assert_close(small.pos_embed.detach(), ref, atol=1e-6, rtol=0)
+    # timm layout: rope.freqs (2, L, heads, D/2) plus non-persistent rope buffers
+    sd = dict(model.state_dict())
+    sd['rope.freqs'] = sd.pop('freqs').unflatten(-1, (2, 16))
+    sd['rope.t_x'] = torch.zeros(24)
+    other = rope_vit.create_model('vit_tiny', pe='rope_mixed_ape', **_VIT_TINY, img_size=(64, 96)).eval()
+    rope_vit.load_checkpoint(other, {'state_dict': sd})
+    torch.testing.assert_close(other(x), model(x), atol=0, rtol=0)
+
+
+def test_vit_load_errors_name_keys(tmp_path):
+    model = rope_vit.create_model('vit_tiny', pe='rope_mixed', **_VIT_TINY)
+    sd = dict(model.state_dict())
+    sd.pop('blocks.1.mlp.fc2.bias')
+    sd['extra.weight'] = torch.zeros(3)
+    sd['head.weight'] = torch.zeros(7, 64)
+    with pytest.raises(ValueError) as err:
+        rope_vit.load_checkpoint(model, {'model': sd})
+    msg = str(err.value)
+    assert 'blocks.1.mlp.fc2.bias' in msg and 'extra.weight' in msg
+    assert 'head.weight' in msg and '(7, 64)' in msg and '(10, 64)' in msg
+    with pytest.raises(ValueError, match='head.weight'):  # a wrong shape is never tolerated
+        rope_vit.load_checkpoint(model, sd, strict=False)
+    sd['head.weight'] = model.head.weight.detach().clone()
+    assert rope_vit.load_checkpoint(model, sd, strict=False) == (['blocks.1.mlp.fc2.bias'], ['extra.weight'])
+    with pytest.raises(ValueError, match='missing keys'):  # long lists are cut with a count
+        rope_vit.load_checkpoint(model, {'cls_token': model.cls_token})
+    with pytest.raises(FileNotFoundError):
+        rope_vit.load_checkpoint(model, tmp_path / 'absent.pth')
+    bad = tmp_path / 'truncated.pth'
+    torch.save({'model': model.state_dict()}, bad)
+    bad.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(ValueError, match='cannot read checkpoint'):
+        rope_vit.load_checkpoint(model, bad)
+
+
+# ---------------------------------------------------------------------------------------
+# Model API, sizes, training, dtypes
+# ---------------------------------------------------------------------------------------
+
+def test_vit_parameter_counts():
+    expected_small = {'ape': 22_059_496, 'rope_axial': 21_984_232, 'rope_mixed': 21_988_840,
+                      'rope_axial_ape': 22_059_496, 'rope_mixed_ape': 22_064_104, 'none': 21_984_232}
+    with torch.device('meta'):  # no init cost
+        for pe, count in expected_small.items():
+            assert sum(p.numel() for p in rope_vit.create_model('vit_small', pe=pe).parameters()) == count
+        for name, target in [('deit_base_patch16_LS', 86.6e6), ('rope_mixed_deit_base_patch16_LS', 86.6e6),
+                             ('deit_large_patch16_LS', 304e6), ('rope_mixed_ape_deit_large_patch16_LS', 304e6)]:
+            count = sum(p.numel() for p in rope_vit.create_model(name).parameters())
+            assert abs(count / target - 1) < 0.005, (name, count)
+
+
+def test_vit_create_model_names_and_errors():
+    names = rope_vit.list_models()
+    assert len(names) == 4 + 15 and 'vit_small' in names and 'rope_axial_ape_deit_large_patch16_LS' in names
+    with torch.device('meta'):
+        for name in names[4:]:  # e.g. rope_mixed_ape_deit_base_patch16_LS
+            prefix, size = name.split('_patch16_LS')[0].rsplit('_', 1)
+            m = rope_vit.create_model(name, depth=1)  # depth: only to keep this test fast
+            assert m.pe == ('ape' if prefix == 'deit' else prefix[:-len('_deit')])
+            assert m.num_features == {'small': 384, 'base': 768, 'large': 1024}[size]
+            assert m.rope_theta == (100.0 if 'axial' in name else 10.0 if 'mixed' in name else None)
+        m = rope_vit.create_model('rope_axial_deit_small_patch16_LS')
+        assert (m.pe, m.rope_theta, m.patch_size, m.img_size, m.num_features, m.num_classes) == \
+            ('rope_axial', 100.0, 16, 224, 384, 1000)
+        assert rope_vit.create_model('rope_mixed_ape_deit_base_patch16_LS').pe == 'rope_mixed_ape'
+        assert rope_vit.create_model('deit_small_patch16_LS').pe == 'ape'
+    with pytest.raises(ValueError, match='vit_small'):
+        rope_vit.create_model('vit_huge')
+    with pytest.raises(ValueError, match='rope_mixed_ape'):
+        rope_vit.create_model('vit_tiny', pe='rope')
+    with pytest.raises(ValueError, match='contradicts'):
+        rope_vit.create_model('deit_small_patch16_LS', pe='rope_mixed')
+
+
+def test_vit_invalid_size_error_names_patch_size_and_nearest_sizes():
+    model = _vit_tiny('rope_mixed')
+    with pytest.raises(ValueError) as err:
+        model(torch.randn(1, 3, 100, 224))
+    assert 'patch size 16' in str(err.value) and '96x224' in str(err.value) and '112x224' in str(err.value)
+    with pytest.raises(ValueError, match='16x16'):
+        model.check_img_size(0, 8)
+    model.check_img_size(16, 1024)
+    with pytest.raises(ValueError, match='patch size'):
+        rope_vit.create_model('vit_tiny', img_size=100)
+
+
+@pytest.mark.parametrize('pe', rope_vit.PE_VARIANTS)
+def test_vit_any_grid_and_attention_probabilities(pe):
+    model = _vit_tiny(pe, patch_size=8, img_size=32)
+    x = torch.randn(2, 3, 24, 40)  # 3x5 grid, never built for
+    with torch.no_grad():
+        logits = model(x)
+        logits2, attn = model.forward_with_attention(x)
+    assert logits.shape == (2, 10) and model.forward_features(x).shape == (2, 64)
+    torch.testing.assert_close(logits2, logits, atol=1e-5, rtol=1e-5)  # explicit softmax == SDPA
+    assert len(attn) == 2 and attn[0].shape == (2, 2, 16, 16)
+    torch.testing.assert_close(attn[1].sum(-1), torch.ones(2, 2, 16), atol=1e-5, rtol=0)
+
+
+def test_vit_fp32_backward_reaches_freqs():
+    model = _vit_tiny('rope_mixed_ape').train()
+    model.blocks[0].drop_path.p = 0.1
+    loss = F.cross_entropy(model(torch.randn(2, 3, 48, 64)), torch.tensor([1, 2]))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.freqs.grad.abs().min() > 0  # every layer, head and pair gets a gradient
+    # the gradient of Eq. 14's frequencies matches a finite difference along a random direction
+    model.eval().double()
+    x = torch.randn(1, 3, 48, 64, dtype=torch.float64)
+    direction = torch.randn_like(model.freqs)
+    model.zero_grad()
+    model(x).square().sum().backward()
+    with torch.no_grad():
+        eps = 1e-6
+        model.freqs += eps * direction
+        up = model(x).square().sum()
+        model.freqs -= 2 * eps * direction
+        down = model(x).square().sum()
+    torch.testing.assert_close((up - down) / (2 * eps), (model.freqs.grad * direction).sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_vit_bf16_autocast_close_to_fp32_at_512():
+    model = _vit_tiny('rope_mixed', num_classes=100)
+    x = torch.randn(1, 3, 512, 512)  # 32x32 grid: angles up to ~30 rad
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        tables = model.rope_tables(32, 32, x.device)
+        low = model(x)
+    assert tables[0].dtype == torch.complex64  # angles and cos/sin stay fp32 under autocast
+    torch.testing.assert_close(tables[1], model.rope_tables(32, 32, x.device)[1], atol=0, rtol=0)
+    with torch.no_grad():
+        ref = model(x)
+    # bf16 keeps 8 mantissa bits (relative error 2^-9 per rounding); over two stressed blocks the
+    # logits (std 1.2) drift by ~0.02 (measured), so 10 % of the logit std leaves a 7x margin for
+    # other BLAS kernels. Angles rounded to bf16 add only ~0.03 here: the fp32 check of the
+    # tables above is what guards them.
+    assert low.dtype == torch.bfloat16
+    err = (low.float() - ref).abs().max().item()
+    assert err < 0.1 * ref.std().item(), err
+    # a bf16 training step works and reaches the frequencies
+    model.train()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(torch.randn(2, 3, 64, 48)), torch.tensor([0, 1]))
+    loss.backward()
+    assert model.freqs.grad.dtype == torch.float32 and model.freqs.grad.abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ==============================================================================================
+# swin_rope.py: Eq. 15 in windows, torchvision equivalence, masks, resolutions, checkpoints
+# ==============================================================================================
+
+_SWIN_PUBLISHED_T = {  # OFFICIAL_NOTES section 2, Swin-T: (parameters, keys in the published file)
+    'swin_tiny_patch4_window7_224': (28_288_354, 190),
+    'swin_rope_axial_tiny_patch4_window7_224': (28_265_032, 202),
+    'swin_rope_mixed_tiny_patch4_window7_224': (28_269_448, 202),
+    'swin_rope_axial_rpb_tiny_patch4_window7_224': (28_288_354, 226),
+    'swin_rope_mixed_rpb_tiny_patch4_window7_224': (28_292_770, 226),
+}
+
+
+def _swin_small_model(pe, seed=0, **kwargs):
+    """3 stages, head dim 8, built for 64 x 64 with window 4 (stage grids 16, 8, 4)."""
+    torch.manual_seed(seed)
+    cfg = dict(img_size=64, patch_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(2, 4, 8),
+               window_size=4, num_classes=7, drop_path_rate=0.0)
+    cfg.update(kwargs)
+    return swin_rope.create_model('swin_tiny', pe=pe, **cfg).eval()
+
+
+@torch.no_grad()
+def _swin_redraw(model, seed=1):
+    """Re-draw weights as OFFICIAL_NOTES section 7 says, so position mistakes show in the logits.
+    RoPE frequencies and buffers keep their values."""
+    g = torch.Generator().manual_seed(seed)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.LayerNorm):
+            m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            fan_in = m.weight[0].numel()
+            var = (2.5 if name.endswith('qkv') else 1.0) / fan_in
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(var))
+            if m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    for name, p in model.named_parameters():
+        if name.endswith('relative_position_bias_table'):
+            p.copy_(torch.randn(p.shape, generator=g))
+    model.clear_caches()
+    return model
+
+
+def _swin_pairs_complex(x):
+    """Interleaved channels (2j, 2j+1) -> complex number j (the paper's Eq. 7 reading)."""
+    return torch.complex(x[..., 0::2].double(), x[..., 1::2].double())
+
+
+def test_swin_eq15_logits_depend_on_relative_offsets_only():
+    torch.manual_seed(0)
+    heads, d, w = 3, 8, 5
+    freqs = swin_rope.init_rope_freqs(heads, d, 10.0, mixed=True)  # (2, nH, d/2)
+    t_x, t_y = swin_rope.window_positions(w)
+    assert t_x.tolist() == [float(n % w) for n in range(w * w)]  # column: x = n mod w
+    assert t_y.tolist() == [float(n // w) for n in range(w * w)]  # row: y = n div w
+    cis = swin_rope.rope_cis(freqs, t_x, t_y)  # (nH, N, d/2)
+    q, k = torch.randn(2, heads, w * w, d).unbind(0)
+    logits = swin_rope.apply_rope(q, cis) @ swin_rope.apply_rope(k, cis).transpose(-1, -2)
+    # Independent Eq. 15: Re[sum_j q_nj conj(k_mj) exp(i (fx_j dx + fy_j dy))] in float64.
+    dx = (t_x[:, None] - t_x[None, :]).double()  # (N, N)
+    dy = (t_y[:, None] - t_y[None, :]).double()
+    phase = dx[None, :, :, None] * freqs[0].double()[:, None, None, :] \
+        + dy[None, :, :, None] * freqs[1].double()[:, None, None, :]  # (nH, N, N, d/2)
+    qc, kc = _swin_pairs_complex(q), _swin_pairs_complex(k)  # (nH, N, d/2)
+    expected = (qc[:, :, None] * kc[:, None].conj() * torch.exp(1j * phase)).real.sum(-1)
+    torch.testing.assert_close(logits.double(), expected, atol=1e-5, rtol=1e-5)
+
+    # Inside a window of one repeated token, the logit is a function of (dx, dy) only.
+    attn = _swin_small_model('rope_mixed').layers[0].blocks[0].attn
+    x = torch.randn(1, 1, 16).expand(1, w * w, 16)
+    qkv = attn.qkv(x).reshape(1, w * w, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    qr, kr = swin_rope.apply_rope(qkv[:2], attn.rope_factors(w)).unbind(0)
+    a = (qr @ kr.transpose(-1, -2))[0]  # (nH, N, N)
+    for off in {(int(i), int(j)) for i, j in zip(dx.flatten(), dy.flatten())}:
+        sel = (dx == off[0]) & (dy == off[1])
+        vals = a[:, sel]  # (nH, count)
+        torch.testing.assert_close(vals, vals[:, :1].expand_as(vals), atol=1e-5, rtol=0)
+
+
+def test_swin_axial_init_is_mixed_formula_at_angle_zero():
+    freqs = swin_rope.init_rope_freqs(2, 32, 50.0, mixed=False)  # (2, nH, 16)
+    mag = 50.0 ** (-torch.arange(8) * 4 / 32.0)
+    torch.testing.assert_close(freqs[0, :, :8], mag.expand(2, 8), atol=0, rtol=1e-6)
+    torch.testing.assert_close(freqs[1, :, 8:], mag.expand(2, 8), atol=0, rtol=1e-6)
+    assert (freqs[1, :, :8] == 0).all()
+    # the official fp32 cos(pi/2) = -4.37e-8, kept so the buffer equals the published one
+    torch.testing.assert_close(freqs[0, :, 8:], -4.371139e-08 * mag.expand(2, 8), atol=1e-12, rtol=1e-4)
+    m = _swin_small_model('rope_axial')
+    assert 'layers.0.blocks.0.attn.rope_freqs' in m.state_dict()
+    assert not any('rope_freqs' in n for n, _ in m.named_parameters())
+
+
+def _swin_tv_state_dict(model, tv):
+    """Our Swin keys -> torchvision.models.swin_t keys."""
+    out = {}
+    for k, v in model.state_dict().items():
+        parts = k.split('.')
+        if parts[0] == 'patch_embed':
+            k2 = {'proj': 'features.0.0', 'norm': 'features.0.2'}[parts[1]] + '.' + '.'.join(parts[2:])
+        elif parts[0] == 'layers':
+            s = int(parts[1])
+            if parts[2] == 'blocks':
+                rest = '.'.join(parts[4:]).replace('mlp.fc1', 'mlp.0').replace('mlp.fc2', 'mlp.3')
+                k2 = f'features.{2 * s + 1}.{parts[3]}.{rest}'
+            else:  # downsample
+                k2 = f'features.{2 * s + 2}.' + '.'.join(parts[3:])
+        else:
+            k2 = k
+        out[k2] = v
+    tv_sd = tv.state_dict()
+    assert set(out) <= set(tv_sd), set(out) - set(tv_sd)
+    assert {k for k in tv_sd if k not in out} == {k for k in tv_sd if 'relative_position_index' in k}
+    tv_sd.update(out)
+    return tv_sd
+
+
+def test_swin_rpb_baseline_matches_torchvision_swin_t():
+    torch.manual_seed(0)
+    with torch.device('meta'):  # skip the init: _swin_redraw sets every parameter
+        ours = swin_rope.create_model('swin_tiny_patch4_window7_224').eval()
+    ours = _swin_redraw(ours.to_empty(device='cpu'))
+    tv = torchvision.models.swin_t(weights=None).eval()
+    tv.load_state_dict(_swin_tv_state_dict(ours, tv))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        a, b = ours(x), tv(x)
+    assert a.std() > 0.5  # re-drawn weights: logits are position-sensitive
+    print(f'swin_t vs torchvision max |dlogit| = {(a - b).abs().max().item():.3g}')
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+
+
+def _swin_explicit_attention(attn, x, window, shift_mask):
+    """softmax(RoPE(q * scale) . RoPE(k) + B + mask) v written out: RPB index by loops, RoPE as
+    complex numbers of interleaved pairs (Eq. 14), float64."""
+    B_, N, C = x.shape
+    nH, d = attn.num_heads, C // attn.num_heads
+    x = x.double()
+    qkv = x @ attn.qkv.weight.double().t() + attn.qkv.bias.double()  # (B_, N, 3C): [q | k | v]
+    q, k, v = (qkv[..., i * C:(i + 1) * C].reshape(B_, N, nH, d).transpose(1, 2) for i in range(3))
+    q = q * d ** -0.5
+    if attn.rope is not None:
+        pos = torch.tensor([[n % window, n // window] for n in range(N)], dtype=torch.float64)  # (N, 2)
+        f = attn.rope_freqs.double()  # (2, nH, d/2)
+        phase = pos[:, 0, None, None] * f[0] + pos[:, 1, None, None] * f[1]  # (N, nH, d/2)
+        rot = torch.exp(1j * phase).transpose(0, 1)  # (nH, N, d/2)
+        qc, kc = _swin_pairs_complex(q) * rot, _swin_pairs_complex(k) * rot  # (B_, nH, N, d/2)
+        logits = (qc[..., :, None, :] * kc[..., None, :, :].conj()).real.sum(-1)  # (B_, nH, N, N)
+    else:
+        logits = q @ k.transpose(-1, -2)
+    if attn.use_rpb:
+        bias = torch.empty(nH, N, N, dtype=torch.float64)
+        table = attn.relative_position_bias_table.double()
+        for n in range(N):
+            for m in range(N):
+                dy, dx = n // window - m // window, n % window - m % window
+                bias[:, n, m] = table[(dy + window - 1) * (2 * window - 1) + dx + window - 1]
+        logits = logits + bias
+    nW = shift_mask.shape[0]
+    logits = (logits.view(B_ // nW, nW, nH, N, N) + shift_mask[None, :, None]).view(B_, nH, N, N)
+    out = logits.softmax(-1) @ v  # (B_, nH, N, d)
+    out = out.transpose(1, 2).reshape(B_, N, C) @ attn.proj.weight.double().t() + attn.proj.bias
+    return out.float()
+
+
+def test_swin_windowed_sdpa_equals_explicit_softmax():
+    H = W = 16
+    window, shift = 4, 2
+    mask = swin_rope.shift_window_mask(H, W, window, shift)  # (nW, N, N)
+    assert mask.shape == (16, 16, 16) and set(mask.unique().tolist()) == {0.0, -100.0}
+    x = torch.randn(2 * 16, window * window, 16)
+    for pe in ('rpb', 'rope_mixed_rpb', 'rope_axial'):
+        model = _swin_redraw(_swin_small_model(pe))
+        attn = model.layers[0].blocks[1].attn
+        with torch.no_grad():
+            sdpa = attn(x, window, mask)
+            torch.testing.assert_close(sdpa, _swin_explicit_attention(attn, x, window, mask),
+                                       atol=1e-5, rtol=1e-5)
+            # the explicit probability path of forward_with_attention gives the same output
+            attn.return_attn = True
+            explicit = attn(x, window, mask)
+            attn.return_attn = False
+        torch.testing.assert_close(sdpa, explicit, atol=1e-5, rtol=1e-5)
+
+
+def _swin_official_layout(model):
+    """Our state dict plus the derived tensors a published file carries (OFFICIAL_NOTES 2)."""
+    sd = dict(model.state_dict())
+    H, W = (model.img_size, model.img_size)
+    for s, (window, shift) in enumerate(model.stage_windows(H, W)):
+        grid = H // (model.patch_size * 2 ** s)
+        for i, blk in enumerate(model.layers[s].blocks):
+            prefix = f'layers.{s}.blocks.{i}.'
+            if blk.attn.use_rpb:
+                sd[prefix + 'attn.relative_position_index'] = swin_rope.relative_position_index(window)
+            if blk.attn.rope:
+                t_x, t_y = swin_rope.window_positions(window)
+                sd[prefix + 'attn.rope_t_x'], sd[prefix + 'attn.rope_t_y'] = t_x, t_y
+            if blk.shifted and shift:
+                sd[prefix + 'attn_mask'] = swin_rope.shift_window_mask(grid, grid, window, shift)
+    return sd
+
+
+def test_swin_published_format_round_trip(tmp_path):
+    x = torch.randn(2, 3, 64, 64)
+    for pe in ('rpb', 'rope_axial', 'rope_mixed_rpb'):
+        src = _swin_redraw(_swin_small_model(pe, seed=0))
+        path = tmp_path / f'{pe}.pth'
+        torch.save({'model': _swin_official_layout(src)}, path)
+        dst = _swin_small_model(pe, seed=5)
+        with torch.no_grad():
+            before = dst(x)
+            assert swin_rope.load_checkpoint(dst, path) == ([], [])
+            torch.testing.assert_close(dst(x), src(x), atol=0, rtol=0)
+            assert not torch.equal(before, dst(x))
+    # a training checkpoint {'model', 'optimizer', ...} loads too; a wrong head is an error
+    torch.save({'model': src.state_dict(), 'optimizer': {}, 'epoch': 3}, tmp_path / 'train.pth')
+    swin_rope.load_checkpoint(_swin_small_model('rope_mixed_rpb'), tmp_path / 'train.pth')
+    with pytest.raises(ValueError, match=r'head.weight checkpoint \(7, 64\) vs model \(5, 64\)'):
+        swin_rope.load_checkpoint(_swin_small_model('rope_mixed_rpb', num_classes=5), tmp_path / 'train.pth')
+    res = swin_rope.load_checkpoint(_swin_small_model('rope_mixed'), tmp_path / 'train.pth', strict=False)
+    assert len(res.unexpected_keys) == 6 and res.missing_keys == []
+    with pytest.raises(FileNotFoundError):
+        swin_rope.load_checkpoint(src, tmp_path / 'absent.pth')
+    (tmp_path / 'bad.pth').write_bytes(b'not a checkpoint')
+    with pytest.raises(ValueError, match='cannot read checkpoint'):
+        swin_rope.load_checkpoint(src, tmp_path / 'bad.pth')
+    # The published Swin-T layouts have the official key counts and load strictly.
+    for name, (_, n_keys) in _SWIN_PUBLISHED_T.items():
+        with torch.device('meta'):
+            m = swin_rope.create_model(name)
+        sd = _swin_official_layout(m)
+        assert len(sd) == n_keys, name
+        m.load_state_dict({k: v for k, v in sd.items() if k in m.state_dict()}, strict=True, assign=True)
+
+
+def test_swin_rpb_table_of_other_window_is_resized_on_load_and_at_run_time():
+    # A model built at 64 (window 4, table 7x7) run at 96 equals a model built at 96 (window 6,
+    # table 11x11) that loads the first one's checkpoint: both resize bicubically, as official.
+    src = _swin_redraw(_swin_small_model('rope_mixed_rpb'))
+    dst = _swin_small_model('rope_mixed_rpb', img_size=96, window_size=6)
+    swin_rope.load_checkpoint(dst, src.state_dict())
+    assert dst.layers[0].blocks[0].attn.relative_position_bias_table.shape == (121, 2)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x), atol=1e-5, rtol=1e-5)
+
+
+def test_swin_rpb_resize_matches_independent_interpolate():
+    torch.manual_seed(0)
+    table = torch.randn(169, 3)  # window 7
+    for w in (3, 5, 12):
+        img = table.t().reshape(1, 3, 13, 13)  # (1, nH, dy, dx)
+        want = F.interpolate(img, size=(2 * w - 1,) * 2, mode='bicubic', align_corners=False)
+        got = swin_rope.resize_rpb_table(table, w, 'bicubic')
+        torch.testing.assert_close(got.t().reshape(1, 3, 2 * w - 1, 2 * w - 1), want, atol=1e-6, rtol=0)
+    padded = swin_rope.resize_rpb_table(table, 12, 'zero_pad').t().reshape(3, 23, 23)
+    assert torch.equal(padded[:, 5:18, 5:18], table.t().reshape(3, 13, 13))
+    padded[:, 5:18, 5:18] = 0
+    assert (padded == 0).all()  # no bias for offsets the table never saw
+    cropped = swin_rope.resize_rpb_table(table, 5, 'zero_pad').t().reshape(3, 9, 9)
+    assert torch.equal(cropped, table.t().reshape(3, 13, 13)[:, 2:11, 2:11])
+    with pytest.raises(ValueError, match='zero_pad'):
+        _swin_small_model('rpb', rpb_resize='nearest')
+    # the model's bias at window 12 = the resized table at the offsets of Eq. 5
+    model = _swin_small_model('rpb', img_size=224, window_size=7, embed_dim=8, depths=(2,), num_heads=(2,),
+                              patch_size=4, rpb_resize='zero_pad')
+    assert model.layers[0].blocks[0].attn.rpb_resize == 'zero_pad'
+    attn = model.layers[0].blocks[0].attn
+    for mode in ('bicubic', 'zero_pad'):
+        attn.rpb_resize = mode
+        with torch.no_grad():
+            bias = attn.position_bias(12)  # (nH, N, N)
+        big = swin_rope.resize_rpb_table(attn.relative_position_bias_table, 12, mode)  # (23^2, nH)
+        n, m = 5 * 12 + 9, 7  # query (x=9, y=5), key (x=7, y=0)
+        dy, dx = n // 12 - m // 12, n % 12 - m % 12
+        torch.testing.assert_close(bias[:, n, m], big[(dy + 11) * 23 + dx + 11], atol=0, rtol=0)
+
+
+def test_swin_parameter_counts():
+    for name, (n_params, _) in _SWIN_PUBLISHED_T.items():
+        with torch.device('meta'):
+            m = swin_rope.create_model(name)
+        assert sum(p.numel() for p in m.parameters()) == n_params, name
+    for size, ref in (('swin_small', 49.6e6), ('swin_base', 87.8e6)):
+        with torch.device('meta'):
+            m = swin_rope.create_model(size)
+        assert abs(sum(p.numel() for p in m.parameters()) / ref - 1) < 0.005
+
+
+def test_swin_window_and_shift_per_stage():
+    with torch.device('meta'):
+        m = swin_rope.create_model('swin_rope_mixed_tiny_patch4_window7_224')
+    table = {(96, 96): [(3, 1), (3, 1), (3, 1), (3, 0)],
+             (160, 160): [(5, 2), (5, 2), (5, 2), (5, 0)],
+             (224, 224): [(7, 3), (7, 3), (7, 3), (7, 0)],
+             (384, 384): [(12, 6), (12, 6), (12, 6), (12, 0)],
+             (160, 320): [(5, 2), (5, 2), (5, 2), (5, 0)]}
+    for (h, w), plan in table.items():
+        assert m.stage_windows(h, w) == plan, (h, w)
+    # The blocks use that plan (small model: stage grids 12/6/3 at 48; clipped last stage).
+    small = _swin_small_model('rope_mixed_rpb')
+    assert small.stage_windows(48, 96) == [(3, 1), (3, 1), (3, 0)]
+    with torch.no_grad():
+        logits, attn = small.forward_with_attention(torch.randn(2, 3, 48, 96))
+    assert logits.shape == (2, 7)
+    assert [(a['stage'], a['window'], a['shift']) for a in attn] == \
+        [(0, 3, 0), (0, 3, 1), (1, 3, 0), (1, 3, 1), (2, 3, 0), (2, 3, 0)]
+    assert attn[0]['attn'].shape == (2 * 4 * 8, 2, 9, 9)
+    torch.testing.assert_close(attn[3]['attn'].sum(-1), torch.ones(2 * 2 * 4, 4, 9))
+
+
+def test_swin_forward_with_attention_matches_forward():
+    model = _swin_redraw(_swin_small_model('rope_mixed_rpb'))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, attn = model.forward_with_attention(x)
+        torch.testing.assert_close(logits, model(x), atol=1e-5, rtol=1e-5)
+    assert len(attn) == 6 and attn[1]['shift'] == 2 and attn[-1]['shift'] == 0
+
+
+def test_swin_fp32_backward_reaches_rope_freqs_and_tables():
+    model = _swin_small_model('rope_mixed_rpb').train()
+    model(torch.randn(2, 3, 64, 64)).logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        if name.endswith('rope_freqs') or name.endswith('relative_position_bias_table'):
+            assert p.grad is not None and p.grad.abs().sum() > 0 and torch.isfinite(p.grad).all(), name
+    assert model.no_weight_decay() == {n for n, _ in model.named_parameters()
+                                       if n.endswith(('rope_freqs', 'relative_position_bias_table'))}
+    # at another size the resized table still gets gradients (bicubic resize is differentiable)
+    model.zero_grad()
+    model(torch.randn(1, 3, 96, 96)).sum().backward()
+    assert model.layers[0].blocks[0].attn.relative_position_bias_table.grad.abs().sum() > 0
+
+
+def test_swin_eval_cache_follows_weights_and_autocast_runs():
+    model = _swin_small_model('rope_mixed_rpb')
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        first = model(x)
+        torch.testing.assert_close(model(x), first, atol=0, rtol=0)
+        for name, p in model.named_parameters():
+            if name.endswith(('rope_freqs', 'relative_position_bias_table')):
+                p.mul_(3.0)  # in place, as load_state_dict or an optimizer step would
+        changed = model(x)
+        fresh = _swin_small_model('rope_mixed_rpb')
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(changed, fresh(x), atol=0, rtol=0)
+        assert not torch.equal(changed, first)
+        with torch.inference_mode():
+            model(x)
+    model(x).sum().backward()  # caches made under inference_mode are not reused with autograd
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        low = model(x)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), changed, atol=0.1, rtol=0.1)
+
+
+def test_swin_invalid_sizes_and_names():
+    with torch.device('meta'):
+        m = swin_rope.create_model('swin_tiny')
+    for h, w in ((200, 224), (224, 256), (16, 16), (160, 288)):
+        with pytest.raises(ValueError, match=r'not allowed.*Nearest valid square sizes'):
+            m.check_img_size(h, w)
+    with pytest.raises(ValueError, match=r'\[160, 192, 224, 256\]'):
+        m.check_img_size(200, 224)
+    small = _swin_small_model('rope_mixed')
+    with pytest.raises(ValueError, match='multiples of 16'):
+        small(torch.randn(1, 3, 40, 40))
+    with pytest.raises(ValueError, match='rope_mixed_rpb'):
+        swin_rope.create_model('swin_tiny', pe='rope')
+    with pytest.raises(ValueError, match='swin_rope_axial_tiny_patch4_window7_224'):
+        swin_rope.create_model('swin_huge')
+    assert len(swin_rope.list_models()) == 3 + 15
+
+
+def test_swin_published_mixed_tiny_runs_at_96_224_384():
+    torch.manual_seed(0)
+    model = swin_rope.create_model('swin_rope_mixed_tiny_patch4_window7_224').eval()
+    assert (model.pe, model.num_classes, model.patch_size, model.img_size, model.num_features) == \
+        ('rope_mixed', 1000, 4, 224, 768)
+    with torch.no_grad():
+        for r in (96, 224, 384):
+            out = model(torch.randn(1, 3, r, r))
+            assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+# ==============================================================================================
+# train.py: torchrun, exact resume, folder and shapes data, LAMB, bad input
+# ==============================================================================================
+
+_TRAIN_ROOT = os.path.dirname(os.path.abspath(__file__))
+_TRAIN_SCRIPT = os.path.join(_TRAIN_ROOT, 'train.py')
+# A ViT small enough for a CPU test: 16 px images, 4 px patches, 2 blocks of width 32.
+_TRAIN_TINY = ['--img-size', '16', '--patch-size', '4', '--embed-dim', '32', '--depth', '2',
+               '--num-heads', '2', '--eval-resolutions', '16', '--print-freq', '4']
+
+
+def _train_env():
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=_TRAIN_ROOT)
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        env.pop(key, None)
+    return env
+
+
+def _train_torchrun(args, nproc=2):
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+            '--nproc_per_node', str(nproc), _TRAIN_SCRIPT] + args
+
+
+def _train_cli(argv):
+    """Run train.py's command line in this process; returns the exit status (0 when none)."""
+    try:
+        train.cli(train.main, train.get_args_parser(), argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def _train_state(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def test_train_torchrun_two_processes_and_resume_after_sigkill_is_bit_identical(tmp_path):
+    args = _TRAIN_TINY + ['--batch-size', '8', '--shapes-train', '192', '--shapes-val', '20',
+                          '--epochs', '4', '--lr', '2e-3']
+    # 1. Uninterrupted 2-process run.
+    full = tmp_path / 'full'
+    done = subprocess.run(_train_torchrun(args + ['--output-dir', str(full)]),
+                          cwd=tmp_path, env=_train_env(), capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('epoch 1/4 done') == 1          # only rank 0 prints
+    assert 'world_size: 2' in done.stdout and 'top-1 accuracy' in done.stdout
+    records = [json.loads(line) for line in (full / 'log.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in records] == [1, 2, 3, 4]
+    ckpt = _train_state(full / 'checkpoint.pth')
+    assert ckpt['epoch'] == 3 and len(ckpt['rng']) == 2
+    for key in ('model', 'pe', 'model_kwargs', 'img_size', 'num_classes', 'dataset', 'data_path',
+                'shapes_val', 'shapes_seed', 'eval_crop_ratio', 'recipe', 'lr', 'batch_size'):
+        assert key in ckpt['args'], key
+    assert ckpt['args']['recipe'] == 'demo' and ckpt['args']['dataset'] == 'shapes'
+    assert json.loads((full / 'config.json').read_text()) == ckpt['args']
+    assert (full / 'best.pth').is_file() and (full / 'resolutions.json').is_file()
+    model = train.build_model(ckpt['args'])
+    model.load_state_dict(ckpt['model'])
+
+    # 2. Same run, SIGKILLed (whole process group) soon after its first checkpoint, then resumed.
+    cut = tmp_path / 'cut'
+    proc = subprocess.Popen(_train_torchrun(args + ['--output-dir', str(cut)]),
+                            cwd=tmp_path, env=_train_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not (cut / 'checkpoint.pth').exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.05)   # land somewhere inside epoch 2 (or in the middle of a save)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode != 0, 'the run finished before it could be killed'
+    killed_at = _train_state(cut / 'checkpoint.pth')['epoch']
+    assert killed_at < 3
+    resumed = subprocess.run(
+        _train_torchrun(args + ['--output-dir', str(cut), '--resume', 'auto']),
+        cwd=tmp_path, env=_train_env(), capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f'resumed from {cut / "checkpoint.pth"}' in resumed.stdout
+    final = _train_state(cut / 'checkpoint.pth')
+    assert final['epoch'] == 3
+    for key, value in ckpt['model'].items():
+        assert torch.equal(value, final['model'][key]), key
+    for a, b in zip(ckpt['optimizer']['state'].values(), final['optimizer']['state'].values()):
+        for key in a:
+            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+    records = [json.loads(line) for line in (cut / 'log.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in records] == [1, 2, 3, 4]
+
+
+def _train_write_folder(root, corrupt):
+    """DIR/{train,val}/{left,right}/*.png: a bright square on the left or the right half."""
+    rng = np.random.default_rng(0)
+    for split, count in (('train', 6), ('val', 3)):
+        for label, name in enumerate(('left', 'right')):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = (rng.uniform(0, 60, size=(20, 24, 3))).astype(np.uint8)
+                x0 = 2 + 12 * label
+                pixels[6:14, x0:x0 + 8] = 230
+                Image.fromarray(pixels).save(folder / f'{i}.png')
+    if corrupt:
+        (root / 'train' / 'left' / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n not an image')
+        (root / 'val' / 'right' / 'broken.png').write_bytes(b'garbage')
+
+
+def test_train_image_folder_deit3_recipe_skips_corrupt_images(tmp_path, capsys):
+    data = tmp_path / 'data'
+    _train_write_folder(data, corrupt=True)
+    # Fine-tune from weights of another class count (8) and resolution (32 px: APE grid 4x4).
+    source = train.build_model({'model': 'vit_tiny', 'model_kwargs': dict(
+        pe='rope_mixed_ape', num_classes=8, img_size=32, patch_size=8, embed_dim=32, depth=1,
+        num_heads=2)})
+    torch.save({'model': source.state_dict()}, tmp_path / 'source.pth')
+    out = tmp_path / 'out'
+    status = _train_cli(['--model', 'vit_tiny', '--pe', 'rope_mixed_ape', '--data-path', str(data),
+                         '--finetune', str(tmp_path / 'source.pth'),
+                         '--output-dir', str(out), '--epochs', '1', '--batch-size', '4',
+                         '--num-workers', '0', '--img-size', '16', '--patch-size', '8',
+                         '--embed-dim', '32', '--depth', '1', '--num-heads', '2',
+                         '--eval-resolutions', '16', '24'])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    args = _train_state(out / 'checkpoint.pth')['args']
+    # The DeiT-III recipe for a ViT on folders.
+    assert (args['recipe'], args['opt'], args['loss'], args['aug'], args['repeated_aug']) == \
+        ('deit3', 'lamb', 'bce', 'three', 3)
+    assert args['num_classes'] == 2 and args['dataset'] == 'folder'
+    assert 'lr = 0.004 x total batch 4 / 2048' in captured.out
+    assert 'dropped head.weight, head.bias' in captured.out
+    record = json.loads((out / 'log.jsonl').read_text())
+    assert record['skipped'] >= 1           # the corrupt val image, plus train copies if drawn
+    assert 'skipping undecodable image' in captured.err
+    assert 'skipped' in captured.out
+    val = train.build_eval_dataset(args, 16)
+    stats = train.evaluate(train.build_model(args), train.build_eval_loader(val, 4),
+                           torch.device('cpu'))
+    assert (stats['n'], stats['skipped']) == (6, 1)
+
+
+def test_train_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'out'
+    base = _TRAIN_TINY + ['--batch-size', '8', '--shapes-train', '16', '--shapes-val', '8',
+                          '--output-dir', str(out)]
+    assert _train_cli(base + ['--epochs', '1']) == 0
+    before = (out / 'checkpoint.pth').read_bytes()
+    capsys.readouterr()
+    finite_loss = train._loss
+    monkeypatch.setattr(train, '_loss', lambda *a: finite_loss(*a) * float('nan'))
+    status = _train_cli(base + ['--epochs', '2', '--resume', 'auto'])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.startswith('error: loss is nan at epoch 2') and err.count('\n') == 1, err
+    assert (out / 'checkpoint.pth').read_bytes() == before
+    assert len((out / 'log.jsonl').read_text().splitlines()) == 1
+
+
+def test_train_shapes_deterministic_and_resolution_independent():
+    a = train.ShapesDataset('val', 50, 24, seed=3)
+    b = train.ShapesDataset('val', 50, 24, seed=3)
+    other = train.ShapesDataset('val', 50, 24, seed=4)
+    for i in (0, 17, 49):
+        torch.testing.assert_close(a[i][0], b[i][0], atol=0, rtol=0)
+        assert a[i][1] == b[i][1]
+    assert not torch.equal(a[0][0], other[0][0])
+    assert not torch.equal(a[0][0], train.ShapesDataset('train', 50, 24, seed=3)[0][0])
+    labels = [train.make_scene('val', i, 0)['label'] for i in range(400)]
+    assert set(labels) == set(range(8)) and min(np.bincount(labels)) > 25   # balanced enough
+
+    for i in range(20):
+        scene = train.make_scene('val', i, 0)
+        # The label is the compass direction of the square seen from the disk (y points down).
+        dx = scene['square'][0] - scene['disk'][0]
+        dy = scene['disk'][1] - scene['square'][1]
+        direction = round(math.atan2(dy, dx) / (math.pi / 4)) % 8
+        assert direction == scene['label']
+        # A rendering at 24 px agrees with a 4x larger one averaged down to 24 px.
+        small = torch.from_numpy(train.render_scene(scene, 24))
+        large = torch.from_numpy(train.render_scene(scene, 96))
+        down = F.avg_pool2d(large[None], 4)[0]
+        assert (down - small).abs().mean() < 0.01
+        assert (down - small).abs().max() < 0.2
+        # The disk's colour sits at its centre at both resolutions (same scene, same place).
+        for image, r in ((small, 24), (large, 96)):
+            x, y = (int(scene['disk'][k] * r) for k in (0, 1))
+            torch.testing.assert_close(image[:, y, x], torch.tensor(scene['disk_colour']).float()
+                                       .clamp(0, 1), atol=1e-5, rtol=0)
+    # Same index, two resolutions: same label, same normalisation.
+    hi = train.ShapesDataset('val', 50, 64, seed=3)
+    assert [hi[i][1] for i in range(10)] == [a[i][1] for i in range(10)]
+
+
+def test_train_lamb_step_matches_hand_computation():
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))          # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+    opt = train.Lamb([{'params': [w], 'weight_decay': 0.1}, {'params': [b], 'weight_decay': 0.0}],
+                     lr=0.1, eps=0.0)
+    w.grad = torch.tensor([1.0, 2.0])
+    b.grad = torch.tensor([-0.5, 0.25])
+    opt.step()
+    # First step: m_hat = g, v_hat = g^2, so the Adam direction is sign(g).
+    u = [1.0 + 0.1 * 3.0, 1.0 + 0.1 * 4.0]                     # sign(g) + wd * w
+    ratio = 5.0 / math.sqrt(u[0] ** 2 + u[1] ** 2)             # trust ratio ||w|| / ||u||
+    expected_w = torch.tensor([3.0 - 0.1 * ratio * u[0], 4.0 - 0.1 * ratio * u[1]])
+    torch.testing.assert_close(w.detach(), expected_w, atol=1e-6, rtol=0)
+    # No weight decay: a plain Adam step, no trust ratio.
+    torch.testing.assert_close(b.detach(), torch.tensor([1.1, -1.1]), atol=1e-6, rtol=0)
+    # Second step on w: moments by hand.
+    w.grad = torch.tensor([-1.0, 0.5])
+    w0 = w.detach().clone()
+    opt.step()
+    m = 0.9 * 0.1 * torch.tensor([1.0, 2.0]) + 0.1 * torch.tensor([-1.0, 0.5])
+    v = 0.999 * 0.001 * torch.tensor([1.0, 4.0]) + 0.001 * torch.tensor([1.0, 0.25])
+    update = (m / (1 - 0.9 ** 2)) / (v / (1 - 0.999 ** 2)).sqrt() + 0.1 * w0
+    expected = w0 - 0.1 * (w0.norm() / update.norm()) * update
+    torch.testing.assert_close(w.detach(), expected, atol=1e-6, rtol=0)
+
+
+def test_train_repeated_aug_sampler_spreads_copies_over_ranks():
+    data = list(range(12))
+    samplers = [train.RepeatedAugSampler(data, 3, rank, repeats=3, seed=1) for rank in range(3)]
+    for s in samplers:
+        s.set_epoch(5)
+    lists = [list(s) for s in samplers]
+    assert all(len(x) == 4 for x in lists)
+    assert lists[0] == lists[1] == lists[2]            # each rank gets its own copy of an image
+    assert len(set(lists[0])) == 4
+    samplers[0].set_epoch(6)
+    assert list(samplers[0]) != lists[0]
+
+
+def test_train_weight_decay_groups():
+    model = train.build_model({'model': 'vit_tiny', 'model_kwargs': dict(
+        pe='rope_mixed_ape', num_classes=3, img_size=16, patch_size=4, embed_dim=32, depth=1,
+        num_heads=2)})
+    decay, no_decay = train.param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay['params']}
+    assert {'cls_token', 'pos_embed', 'freqs'} <= skipped
+    assert all(names[id(p)].endswith('weight') and p.ndim > 1 for p in decay['params'])
+    assert no_decay['weight_decay'] == 0.0 and decay['weight_decay'] == 0.05
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--model', 'vit_huge'], 'unknown model'),
+    (['--pe', 'sinusoid'], 'sinusoid'),
+    (['--data-path', '{tmp}/nowhere'], 'does not exist'),
+    (['--data-path', '{tmp}'], 'has no train/ folder'),
+    (['--data-path', '{tmp}/empty'], 'no images'),
+    (['--epochs', '0'], '--epochs must be positive'),
+    (['--batch-size', '-1'], '--batch-size must be positive'),
+    (['--batch-size', '64', '--shapes-train', '32'], 'fewer than one total batch'),
+    (['--img-size', '18'], 'multiples of the patch size 4'),
+    (['--eval-resolutions', '16', '30'], '--eval-resolutions 30'),
+    (['--resume', '{tmp}/missing.pth'], 'does not exist'),
+    (['--resume', '{tmp}/corrupt.pth'], 'cannot read checkpoint'),
+    (['--finetune', '{tmp}/corrupt.pth'], 'cannot read checkpoint'),
+    (['--finetune', '{tmp}/other.pth'], 'does not fit vit_tiny: missing cls_token'),
+    (['--amp', 'fp8'], 'invalid choice'),
+])
+def test_train_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, argv, message):
+    (tmp_path / 'empty' / 'train' / 'a').mkdir(parents=True)
+    (tmp_path / 'empty' / 'val' / 'a').mkdir(parents=True)
+    (tmp_path / 'corrupt.pth').write_bytes(b'PK\x03\x04 truncated')
+    torch.save({'model': {'other.weight': torch.zeros(2)}}, tmp_path / 'other.pth')
+    out = tmp_path / 'out'
+    argv = [a.replace('{tmp}', str(tmp_path)) for a in argv]
+    status = _train_cli(_TRAIN_TINY + ['--output-dir', str(out)] + argv)
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith('error: ') and err.count('\n') == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_train_bad_input_from_the_shell_has_no_traceback(tmp_path):
+    done = subprocess.run([sys.executable, _TRAIN_SCRIPT, '--pe', 'bogus', '--output-dir',
+                           str(tmp_path / 'out')], cwd=tmp_path, env=_train_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith('error: ') and done.stderr.count('\n') == 1
+    assert 'rope_mixed' in done.stderr and 'Traceback' not in done.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+def test_train_eval_transform_equals_the_official_pil_pipeline():
+    # The DeiT-III / Swin evaluation: PIL bicubic resize of the shorter side to int(r / crop),
+    # centre crop, ToTensor, ImageNet normalisation (torchvision's classic transforms on PIL).
+    from torchvision import transforms as classic
+    image = Image.fromarray(np.random.default_rng(0).uniform(0, 255, (300, 410, 3)).astype(np.uint8))
+    for resolution, crop_ratio in ((224, 1.0), (160, 224 / 256), (96, 224 / 256)):
+        official = classic.Compose([
+            classic.Resize(int(resolution / crop_ratio), interpolation=classic.InterpolationMode.BICUBIC),
+            classic.CenterCrop(resolution), classic.ToTensor(),
+            classic.Normalize(train.IMAGENET_MEAN, train.IMAGENET_STD)])(image)
+        ours = train._eval_transform(resolution, crop_ratio)(image)
+        torch.testing.assert_close(ours, official, atol=1e-6, rtol=0)
+
+
+# ==============================================================================================
+# eval_multires.py: attention metrics in closed form, tables, files, command line
+# ==============================================================================================
+
+_eval_root = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention distance and entropy of hand-built maps (PAPER.md 3.3)
+# ----------------------------------------------------------------------------------------------
+
+def _eval_grid_xy(n, grid_w):
+    """Row-major token n -> (x, y), written independently of the module under test."""
+    return n % grid_w, n // grid_w
+
+
+def _eval_pair_distance(n, m, grid_w):
+    (xn, yn), (xm, ym) = _eval_grid_xy(n, grid_w), _eval_grid_xy(m, grid_w)
+    return math.hypot(xn - xm, yn - ym)
+
+
+def _eval_offset_target(n, grid_h, grid_w, dx, dy):
+    """The key at offset (+-dx, +-dy): + where it stays on the grid, - otherwise."""
+    x, y = _eval_grid_xy(n, grid_w)
+    x = x + dx if x + dx < grid_w else x - dx
+    y = y + dy if y + dy < grid_h else y - dy
+    assert 0 <= x < grid_w and 0 <= y < grid_h
+    return y * grid_w + x
+
+
+def test_eval_uniform_attention_closed_form():
+    grid_h, grid_w = 3, 4
+    n = grid_h * grid_w
+    attn = torch.full((2, 3, n, n), 1.0 / n, dtype=torch.float64)
+    distance, entropy = eval_multires.attention_metrics(attn, (grid_h, grid_w), has_cls_token=False)
+    expected = sum(_eval_pair_distance(q, k, grid_w) for q in range(n) for k in range(n)) / n ** 2
+    torch.testing.assert_close(distance, torch.tensor(expected, dtype=torch.float64),
+                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(entropy, torch.tensor(math.log(n), dtype=torch.float64),
+                               atol=1e-12, rtol=0)
+
+
+def test_eval_uniform_with_class_token_excludes_its_query_and_distance():
+    grid_h, grid_w = 2, 3
+    n = grid_h * grid_w
+    attn = torch.full((1, 2, n + 1, n + 1), 1.0 / (n + 1), dtype=torch.float64)
+    # The class token's own query row is not averaged: make it one-hot so it would show.
+    attn[:, :, 0] = 0.0
+    attn[:, :, 0, 0] = 1.0
+    distance, entropy = eval_multires.attention_metrics(attn, (grid_h, grid_w))
+    # The class-token key is at distance 0; it still holds 1/(n+1) of the probability.
+    expected = sum(_eval_pair_distance(q, k, grid_w)
+                   for q in range(n) for k in range(n)) / (n * (n + 1))
+    torch.testing.assert_close(distance, torch.tensor(expected, dtype=torch.float64),
+                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(entropy, torch.tensor(math.log(n + 1), dtype=torch.float64),
+                               atol=1e-12, rtol=0)
+
+
+def test_eval_identity_attention_is_zero():
+    grid_h, grid_w = 4, 5
+    attn = torch.eye(grid_h * grid_w + 1).expand(2, 3, -1, -1)
+    distance, entropy = eval_multires.attention_metrics(attn, (grid_h, grid_w))
+    torch.testing.assert_close(distance, torch.tensor(0.0), atol=1e-7, rtol=0)
+    torch.testing.assert_close(entropy, torch.tensor(0.0), atol=1e-7, rtol=0)
+
+
+def _eval_offset_map(grid_h, grid_w, dx, dy, self_weight=0.0, cls_weight=0.0, has_cls=True):
+    """Each patch query puts 1 - self_weight - cls_weight on the key at offset (+-dx, +-dy)."""
+    n = grid_h * grid_w
+    first = 1 if has_cls else 0
+    attn = torch.zeros(1, 2, n + first, n + first, dtype=torch.float64)
+    if has_cls:
+        attn[:, :, 0, :] = 1.0 / (n + 1)  # class-token query: ignored by the metric
+    for q in range(n):
+        attn[:, :, first + q, first + _eval_offset_target(q, grid_h, grid_w, dx, dy)] += (
+            1.0 - self_weight - cls_weight)
+        attn[:, :, first + q, first + q] += self_weight
+        if has_cls:
+            attn[:, :, first + q, 0] += cls_weight
+    return attn
+
+
+def test_eval_one_hot_at_known_offset():
+    # Offset (3, 4) on an 8 x 6 (H x W) grid: every query attends 5 patches away, entropy 0.
+    attn = _eval_offset_map(8, 6, 3, 4)
+    distance, entropy = eval_multires.attention_metrics(attn, (8, 6))
+    torch.testing.assert_close(distance, torch.tensor(5.0, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(entropy, torch.tensor(0.0, dtype=torch.float64), atol=1e-12, rtol=0)
+    # Reading the same map as a 6 x 8 grid puts the keys elsewhere: the metric knows the layout.
+    wrong, _ = eval_multires.attention_metrics(attn, (6, 8))
+    assert abs(float(wrong) - 5.0) > 0.1
+
+
+def test_eval_half_offset_half_self_or_class_token():
+    for kwargs in ({'self_weight': 0.5}, {'cls_weight': 0.5}):
+        attn = _eval_offset_map(8, 6, 3, 4, **kwargs)
+        distance, entropy = eval_multires.attention_metrics(attn, (8, 6))
+        torch.testing.assert_close(distance, torch.tensor(2.5, dtype=torch.float64),
+                                   atol=1e-12, rtol=0)
+        torch.testing.assert_close(entropy, torch.tensor(math.log(2), dtype=torch.float64),
+                                   atol=1e-12, rtol=0)
+    attn = _eval_offset_map(8, 6, 3, 4, self_weight=0.25, has_cls=False)
+    distance, entropy = eval_multires.attention_metrics(attn, (8, 6), has_cls_token=False)
+    torch.testing.assert_close(distance, torch.tensor(3.75, dtype=torch.float64), atol=1e-12, rtol=0)
+    expected_entropy = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    torch.testing.assert_close(entropy, torch.tensor(expected_entropy, dtype=torch.float64),
+                               atol=1e-12, rtol=0)
+
+
+def test_eval_metrics_per_layer_list_and_bad_shape():
+    layers = [_eval_offset_map(8, 6, 3, 4), _eval_offset_map(8, 6, 3, 4, self_weight=0.5)]
+    distance, entropy = eval_multires.attention_metrics(layers, (8, 6))
+    torch.testing.assert_close(distance, torch.tensor([5.0, 2.5], dtype=torch.float64),
+                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(entropy, torch.tensor([0.0, math.log(2)], dtype=torch.float64),
+                               atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match='tokens'):
+        eval_multires.attention_metrics(layers[0], (8, 6), has_cls_token=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Default resolutions, labels and the table
+# ----------------------------------------------------------------------------------------------
+
+def test_eval_default_resolutions_paper_lists_and_scaling():
+    vit = {'model': 'vit_small', 'img_size': 224, 'model_kwargs': {}}
+    swin = {'model': 'swin_tiny', 'img_size': 224, 'model_kwargs': {}}
+    assert eval_multires.default_resolutions(vit) == [96, 144, 192, 224, 256, 320, 384, 512]
+    assert eval_multires.default_resolutions(swin) == [96, 128, 160, 192, 224, 256, 320, 384]
+    small = {'model': 'vit_tiny', 'img_size': 64, 'model_kwargs': {'patch_size': 8}}
+    # Independent: the multiple of 8 nearest to r * 64 / 224, found by search.
+    expected = [min(range(8, 1024, 8), key=lambda s: abs(s - r * 64 / 224))
+                for r in (96, 144, 192, 224, 256, 320, 384, 512)]
+    assert eval_multires.default_resolutions(small) == expected
+    assert 64 in expected and len(set(expected)) == len(expected)
+    swin_small = {'model': 'swin_tiny', 'img_size': 128, 'model_kwargs': {}}
+    out = eval_multires.default_resolutions(swin_small)
+    assert 128 in out and all(r % 32 == 0 and r > 0 for r in out)
+
+
+def test_eval_config_labels():
+    assert eval_multires.config_label({'model': 'vit_small', 'pe': 'rope_mixed'}) == 'ViT-S RoPE-Mixed'
+    assert eval_multires.config_label({'model': 'rope_axial_ape_deit_base_patch16_LS',
+                                       'pe': 'rope_axial_ape'}) == 'ViT-B APE + RoPE-Axial'
+    assert eval_multires.config_label({'model': 'swin_tiny_patch4_window7_224',
+                                       'pe': 'rpb'}) == 'Swin-T RPB'
+    custom = {'model': 'vit_tiny', 'pe': 'ape', 'model_kwargs': dict(patch_size=4, embed_dim=96, depth=4)}
+    assert eval_multires.config_label(custom) == 'ViT (96 dim, 4 layers, 4 px patches) APE'
+
+
+def test_eval_format_table_layout():
+    results = {
+        'ViT-S APE': [{'resolution': r, 'top1': v, 'top5': 99.0, 'n': 10}
+                      for r, v in ((96, 35.44), (224, 80.4), (512, 75.36))],
+        'ViT-S RoPE-Mixed': [{'resolution': r, 'top1': v, 'top5': 99.0, 'n': 10}
+                             for r, v in ((96, 55.7), (224, 80.9))],
+    }
+    lines = eval_multires.format_table(results, 224).splitlines()
+    header = [c.strip() for c in lines[0].strip('|').split('|')]
+    assert header == ['model', '96', '224*', '512']
+    ape = [c.strip() for c in lines[2].strip('|').split('|')]
+    mixed = [c.strip() for c in lines[3].strip('|').split('|')]
+    assert ape == ['ViT-S APE', '35.4', '80.4', '75.4']
+    assert mixed == ['ViT-S RoPE-Mixed', '55.7', '80.9', '-']
+    per_row = eval_multires.format_table(results, {'ViT-S APE': 96, 'ViT-S RoPE-Mixed': 224})
+    assert '35.4*' in per_row and '80.9*' in per_row and '224*' not in per_row
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end on a tiny checkpoint trained here
+# ----------------------------------------------------------------------------------------------
+
+_eval_train_res = 32
+
+
+@pytest.fixture(scope='session')
+def _eval_tiny_run(tmp_path_factory):
+    """One epoch of train.py on a few `shapes` images: (output folder, checkpoint path)."""
+    out = tmp_path_factory.mktemp('eval_tiny_run')
+    args = train.get_args_parser().parse_args([
+        '--model', 'vit_tiny', '--pe', 'rope_mixed', '--epochs', '1', '--shapes-train', '32',
+        '--shapes-val', '21', '--batch-size', '16', '--embed-dim', '48', '--depth', '3',
+        '--num-heads', '2', '--img-size', str(_eval_train_res), '--output-dir', str(out / 'run'),
+        '--eval-resolutions', str(_eval_train_res), '16', '--seed', '0'])
+    torch.manual_seed(0)
+    train.main(args)
+    return out, out / 'run' / 'checkpoint.pth'
+
+
+def _eval_run_cli(argv, cwd):
+    return subprocess.Popen([sys.executable, os.path.join(_eval_root, 'eval_multires.py')] + argv,
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_eval_end_to_end_tables_files_and_train_agreement(_eval_tiny_run, capsys):
+    base, checkpoint = _eval_tiny_run
+    out = base / 'eval_out'
+    resolutions = [16, _eval_train_res, 48]
+    args = eval_multires.get_args_parser().parse_args([
+        '--checkpoint', str(checkpoint), str(checkpoint), '--labels', 'first', 'second',
+        '--resolutions'] + [str(r) for r in reversed(resolutions)] + [
+        '--output-dir', str(out), '--num-workers', '0', '--analyze-attention',
+        '--attention-images', '3', '--attention-resolutions', '16', '48'])
+    eval_multires.main(args)
+    printed = capsys.readouterr()
+    # The table: one row per checkpoint, one column per requested resolution, training one marked.
+    table = [line for line in printed.out.splitlines() if line.startswith('| ')]
+    header = [c.strip() for c in table[0].strip('|').split('|')]
+    assert header == ['model', '16', f'{_eval_train_res}*', '48']
+    assert [line.split('|')[1].strip() for line in table[1:3]] == ['first', 'second']
+    assert f'@ {_eval_train_res}: 21/21 images' in printed.err  # progress per resolution
+
+    with open(out / 'multires.json') as f:
+        report = json.load(f)
+    with open(out / 'multires.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [c['label'] for c in report['checkpoints']] == ['first', 'second']
+    assert len(rows) == 2 * len(resolutions)
+    for entry in report['checkpoints']:
+        assert [r['resolution'] for r in entry['results']] == resolutions
+        assert entry['train_resolution'] == _eval_train_res and entry['pe'] == 'rope_mixed'
+        mine = [r for r in rows if r['label'] == entry['label']]
+        for csv_row, json_row in zip(mine, entry['results']):
+            assert int(csv_row['resolution']) == json_row['resolution']
+            assert float(csv_row['top1']) == json_row['top1']
+            assert float(csv_row['top5']) == json_row['top5']
+            assert float(csv_row['loss']) == json_row['loss']
+            assert int(csv_row['n']) == json_row['n'] == 21
+
+    # Accuracy at the training resolution equals train.py's own final evaluation exactly.
+    ours = {r['resolution']: r for r in report['checkpoints'][0]['results']}[_eval_train_res]
+    with open(checkpoint.parent / 'log.jsonl') as f:
+        last_epoch = [json.loads(line) for line in f][-1]
+    assert ours['top1'] == last_epoch['val_top1'] and ours['top5'] == last_epoch['val_top5']
+    # The loss depends on every logit, so the same images and weights are seen, not only the
+    # same argmax (a barely trained model predicts almost one class).
+    assert math.isclose(ours['loss'], last_epoch['val_loss'], rel_tol=1e-9, abs_tol=0)
+
+    with open(out / 'attention.json') as f:
+        attention = json.load(f)
+    with open(out / 'attention.csv') as f:
+        attention_rows = list(csv.DictReader(f))
+    assert set(attention) == {'first', 'second'} and set(attention['first']) == {'16', '48'}
+    stats = attention['first']['48']
+    assert len(stats['distance']) == len(stats['entropy']) == 2  # depth 3, all but the last
+    assert stats['n'] == 3
+    # Entropy is at most log(number of keys): 1 + (48 / 4)^2 tokens at 48 px.
+    assert all(0 <= e <= math.log(1 + 12 ** 2) + 1e-6 for e in stats['entropy'])
+    assert len(attention_rows) == 2 * 2 * 2
+    for row in attention_rows:
+        ref = attention[row['label']][row['resolution']]
+        assert float(row['distance']) == ref['distance'][int(row['layer']) - 1]
+    for name in ('multires.png', 'attention_distance.png', 'attention_entropy.png'):
+        image = matplotlib.image.imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert not [p for p in os.listdir(out) if p.startswith('.')]  # no temporary leftovers
+
+
+def test_eval_bad_input_exit_2_one_line_nothing_written(_eval_tiny_run, capsys):
+    base, checkpoint = _eval_tiny_run
+    work = base / 'bad_inputs'
+    work.mkdir()
+    corrupt = work / 'corrupt.pth'
+    corrupt.write_bytes(b'this is not a checkpoint' * 100)
+    truncated = work / 'truncated.pth'
+    data = checkpoint.read_bytes()
+    truncated.write_bytes(data[:len(data) // 2])
+    other = work / 'other_arch.pth'
+    state = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    state['args'] = dict(state['args'], pe='ape',
+                         model_kwargs=dict(state['args']['model_kwargs'], pe='ape'))
+    torch.save(state, other)
+    cases = {
+        'missing': (['--checkpoint', str(work / 'nope.pth')], 'does not exist'),
+        'corrupt': (['--checkpoint', str(corrupt)], 'cannot read checkpoint'),
+        'truncated': (['--checkpoint', str(truncated)], 'cannot read checkpoint'),
+        'architecture': (['--checkpoint', str(other)], 'pos_embed'),
+        'resolution': (['--checkpoint', str(checkpoint), '--resolutions', '32', '30'],
+                       'nearest valid sizes: 28x28, 28x32'),
+        'data': (['--checkpoint', str(checkpoint), '--data-path', str(work / 'no_data')],
+                 'no val/ folder'),
+        'published without data': (['--checkpoint', str(checkpoint), '--model',
+                                    'rope_mixed_deit_small_patch16_LS'], 'needs --data-path'),
+    }
+    # One case through a real process (the script's entry point and its exit status) ...
+    arch_out = work / 'out_architecture_subprocess'
+    process = _eval_run_cli(cases['architecture'][0] + ['--output-dir', str(arch_out)], work)
+    # ... and every case in this process through train.cli, the function the main guard runs.
+    for name, (argv, expected) in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            train.cli(eval_multires.main, eval_multires.get_args_parser(),
+                      argv + ['--output-dir', str(work / f'out_{name.replace(" ", "_")}')])
+        stderr = capsys.readouterr().err
+        assert exit_info.value.code == 2, (name, stderr)
+        assert len(stderr.strip().splitlines()) == 1 and 'Traceback' not in stderr, (name, stderr)
+        assert stderr.startswith('error: ') and expected in stderr, (name, stderr)
+        assert not (work / f'out_{name.replace(" ", "_")}').exists(), name
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2, stderr
+    assert stderr.startswith('error: ') and len(stderr.strip().splitlines()) == 1, stderr
+    # The mismatched keys are named: the APE model misses pos_embed, freqs is unexpected.
+    assert 'pos_embed' in stderr and 'freqs' in stderr, stderr
+    assert not arch_out.exists()
+
+
+def test_eval_published_weights_on_an_image_folder(tmp_path):
+    """--model NAME with a {'model': state_dict} file and ImageFolder data (the paper's protocol)."""
+    torch.manual_seed(0)
+    name = 'rope_mixed_deit_small_patch16_LS'
+    with torch.device('meta'):  # skip the slow initialisation: the weights are drawn below
+        model = rope_vit.create_model(name, num_classes=3)
+    model = model.to_empty(device='cpu').eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.2)
+    torch.save({'model': model.state_dict()}, tmp_path / 'published.bin')
+    generator = torch.Generator().manual_seed(0)
+    for c in range(3):
+        os.makedirs(tmp_path / 'data' / 'val' / f'class{c}')
+        for i in range(2):  # non-square images: shorter side resized, then centre crop
+            pixels = torch.randint(0, 256, (40 + 8 * i, 56, 3), generator=generator,
+                                   dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(tmp_path / 'data' / 'val' / f'class{c}' / f'{i}.png')
+    out = tmp_path / 'out'
+    args = eval_multires.get_args_parser().parse_args([
+        '--model', name, '--checkpoint', str(tmp_path / 'published.bin'),
+        '--data-path', str(tmp_path / 'data'), '--resolutions', '32', '16',
+        '--output-dir', str(out), '--num-workers', '0', '--quiet'])
+    results, _ = eval_multires.main(args)
+    assert list(results) == ['ViT-S RoPE-Mixed']
+    with open(out / 'multires.json') as f:
+        entry = json.load(f)['checkpoints'][0]
+    assert entry['crop_ratio'] == 1.0 and entry['pe'] == 'rope_mixed' and entry['model'] == name
+    # Independent of the sweep: score the validation images directly with the original model.
+    for row in entry['results']:
+        dataset = train.build_eval_dataset({'dataset': 'folder', 'data_path': str(tmp_path / 'data'),
+                                            'eval_crop_ratio': 1.0}, row['resolution'])
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        targets = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+        assert images.shape[-2:] == (row['resolution'], row['resolution'])
+        with torch.no_grad():
+            hits = (model(images).argmax(-1) == targets).sum().item()
+        assert row['n'] == 6 and row['top1'] == 100.0 * hits / 6
+    # Swin weights are evaluated with the Swin code's crop ratio.
+    swin_cfg = eval_multires._published_config('swin_tiny_patch4_window7_224', {}, args)
+    assert swin_cfg['eval_crop_ratio'] == 224 / 256 and swin_cfg['num_classes'] == 1000
+
+
+def test_eval_swin_attention_is_window_local_over_every_block():
+    torch.manual_seed(0)
+    model = swin_rope.create_model('swin_tiny', pe='rope_mixed', embed_dim=8, depths=(2, 2),
+                                   num_heads=(1, 2), img_size=32, window_size=2).eval()
+    images = torch.randn(2, 3, 48, 48)  # window 2 * 48 / 32 = 3: stage grids 12x12 and 6x6
+    with torch.no_grad():
+        layers = eval_multires._attention_layers(model, images)
+        _, blocks = model.forward_with_attention(images)
+    assert [name for name, _, _ in layers] == ['stage 0 block 0', 'stage 0 block 1',
+                                               'stage 1 block 2', 'stage 1 block 3']
+    for (_, distance, entropy), block in zip(layers, blocks):
+        assert block['window'] == 3
+        # Independent: keys of a 3 x 3 window lie within its diagonal, 9 keys at most.
+        assert 0 < float(distance) <= math.hypot(2, 2) and 0 < float(entropy) <= math.log(9)
+        expected = -(block['attn'] * block['attn'].clamp_min(1e-30).log()).sum(-1).mean()
+        torch.testing.assert_close(entropy, expected, atol=1e-5, rtol=1e-5)
+
+
+# ==============================================================================================
+# README.md: the example runs as written
+# ==============================================================================================
+
+_README_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'README.md')
+
+
+def _readme_example():
+    text = open(_README_PATH).read()
+    section = text.split('## Use the model in your code', 1)[1]
+    return re.search(r'```python\n(.*?)```', section, re.S).group(1)
+
+
+def test_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    code = _readme_example()
+    path = re.search(r"load_checkpoint\(model, '([^']+)'\)", code).group(1)
+    # A file in the published layout (OFFICIAL_NOTES section 2): {'model': sd} with the
+    # official grid buffers, which load_checkpoint must drop.
+    torch.manual_seed(0)
+    published = rope_vit.create_model('rope_mixed_deit_small_patch16_LS').state_dict()
+    grid = torch.arange(196, dtype=torch.float32)
+    published['freqs_t_x'], published['freqs_t_y'] = grid % 14, torch.div(grid, 14, rounding_mode='floor')
+    torch.save({'model': published}, tmp_path / path)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, 'README.md', 'exec'), {})
+    printed = capsys.readouterr().out
+    assert printed.split() == ['torch.Size([1,', '1000])', '12', 'torch.Size([1,', '6,', '197,', '197])']
+
+
+# ==============================================================================================
+# benchmark.py and the RoPE fast path: caches, custom autograd, the benchmark table
+# ==============================================================================================
+
+_BENCH_TINY_VIT = dict(embed_dim=64, depth=2, num_heads=2, num_classes=10)  # head dim 32
+
+
+def _bench_vit(pe, seed=0):
+    torch.manual_seed(seed)
+    return rope_vit.create_model('vit_tiny', pe=pe, **_BENCH_TINY_VIT)
+
+
+def test_bench_end_to_end_prints_the_table(capsys):
+    args = benchmark.get_args_parser().parse_args(
+        ['--family', 'vit', '--vit-model', 'vit_tiny', '--vit-pe', 'ape', 'rope_mixed',
+         '--resolutions', '32', '--batch-size', '2', '--reps', '2', '--warmup', '1', '--threads', '2'])
+    tables = benchmark.main(args)
+    out = capsys.readouterr().out
+    assert len(tables) == 2  # infer, train
+    for table in tables:
+        assert table in out
+        lines = [line for line in table.splitlines() if line.startswith('|')]
+        header = [c.strip() for c in lines[0].strip('|').split('|')]
+        assert header[:4] == ['model', 'ms/step median', 'ms/step min', 'spread']
+        assert {'img/s', 'peak MiB', 'RoPE share', 'time / ape', 'memory / ape', 'speed-up vs timm'} <= set(header)
+        rows = {cells[0]: dict(zip(header, cells)) for cells in
+                ([c.strip() for c in line.strip('|').split('|')] for line in lines[2:])}
+        assert list(rows) == ['ape', 'rope_mixed']
+        assert rows['ape']['time / ape'] == '1.000' and rows['ape']['RoPE share'] == '0.00 %'
+        share = float(rows['rope_mixed']['RoPE share'].rstrip(' %'))
+        assert 0 < share < 100  # the labelled RoPE code is found by the profiler
+        assert float(rows['rope_mixed']['peak MiB']) > 0 and float(rows['rope_mixed']['img/s']) > 0
+        assert 'other processes used' in table
+
+
+def test_bench_format_table_ratios():
+    args = benchmark.get_args_parser().parse_args(['--batch-size', '4'])
+
+    def row(t_min, peak):
+        return dict(times=[t_min], median=t_min * 1.1, min=t_min, spread=0.1, share=0.005, peak=peak * 2 ** 20)
+    rows = {'ape': row(1.0, 100), 'rope_mixed': row(1.02, 104), 'timm:rope_mixed': row(1.2, 130)}
+    table = benchmark.format_table('vit', 384, 'train', rows, args, 0.05, None)
+    mixed = next(line for line in table.splitlines() if line.startswith('| rope_mixed'))
+    cells = [c.strip() for c in mixed.strip('|').split('|')]
+    assert cells[4] == f'{4 / 1.02:.1f}'  # img/s from the minimum
+    assert cells[6] == '0.50 %' and cells[7] == '1.020' and cells[8] == '1.040'
+    assert cells[9] == f'{1.2 / 1.02:.2f}x'  # timm time / ours
+    assert '0.05 cores' in table
+
+
+def test_bench_bad_resolution_is_one_line_error():
+    proc = subprocess.run([sys.executable, 'benchmark.py', '--family', 'vit', '--resolutions', '30'],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith('error: --resolutions 30') and proc.stderr.count('\n') == 1
+    assert 'Traceback' not in proc.stderr
+
+
+def test_bench_load_meter_and_bounded_wait():
+    meter = benchmark.LoadMeter().start()
+    sum(i * i for i in range(100000))  # some work of our own, which must not count as load
+    load = meter.stop()
+    assert math.isnan(load) or 0 <= load <= (torch.get_num_threads() + 64)
+    budget = [0.0]
+    benchmark.wait_quiet(budget, threshold=1e9, window=0.05)  # quiet at once: returns after one window
+    assert budget[0] <= 0
+
+
+def test_bench_rotation_gradcheck_matches_plain_formula():
+    torch.manual_seed(0)
+    B, T, heads, D = 2, 5, 2, 8
+    qkv = torch.randn(B * T, 3 * heads * D, dtype=torch.float64, requires_grad=True)
+
+    def plain(qkv, rot):  # autograd of Eq. 11 as written
+        split = qkv.view(B, T, 3, heads, D).permute(2, 0, 3, 1, 4)  # (3, B, heads, T, D)
+        q, k = rope_vit.apply_rope(split[:2], rot).unbind(0)
+        return q, k, split[2]
+
+    for rot_shape in ((heads, T, D // 2), (T, D // 2), (1, T, D // 2)):  # Mixed, Axial, shared
+        angles = torch.randn(rot_shape, dtype=torch.float64, requires_grad=True)
+
+        def fast(qkv, angles):
+            return rope_vit.RotateQK.apply(qkv * 1, rope_vit.rope_tables(angles), heads, B)[1:]
+        assert torch.autograd.gradcheck(fast, (qkv, angles))
+        grad = [torch.randn(B, heads, T, D, dtype=torch.float64) for _ in range(3)]
+        got = torch.autograd.grad(fast(qkv, angles), (qkv, angles), grad)
+        want = torch.autograd.grad(plain(qkv, rope_vit.rope_tables(angles)), (qkv, angles), grad)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+    # RoPE-Mixed training path: R built without autograd, the gradient reaches theta in closed form
+    freqs = torch.randn(2, heads * D // 2, dtype=torch.float64, requires_grad=True)
+    positions = torch.randn(T, 2, dtype=torch.float64)
+
+    def angles_of(freqs):  # Eq. 14: phi = p^x theta^x + p^y theta^y, (heads, T, D/2)
+        return (positions @ freqs).view(T, heads, D // 2).transpose(0, 1)
+
+    def fast_freqs(qkv, freqs):
+        with torch.no_grad():
+            rot = rope_vit.rope_tables(angles_of(freqs))
+        return rope_vit.RotateQK.apply(qkv * 1, rot, heads, B, freqs, positions)[1:]
+    assert torch.autograd.gradcheck(fast_freqs, (qkv, freqs))
+    grad = [torch.randn(B, heads, T, D, dtype=torch.float64) for _ in range(3)]
+    got = torch.autograd.grad(fast_freqs(qkv, freqs), (qkv, freqs), grad)
+    want = torch.autograd.grad(plain(qkv, rope_vit.rope_tables(angles_of(freqs))), (qkv, freqs), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_bench_fast_path_equals_readable_path_and_saves_no_extra_activations():
+    x = torch.randn(2, 3, 48, 64)
+    model = _bench_vit('rope_mixed').train()
+    logits = model(x)
+    ref, _ = model.forward_with_attention(x)  # apply_rope on tables with their autograd graph
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    logits.square().sum().backward()
+    fast_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref.square().sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fast_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+    def saved_bytes(m):  # bytes of distinct storages autograd keeps for backward
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            F.cross_entropy(m(x), torch.tensor([1, 2])).backward()
+        return sum(storages.values())
+    ape = saved_bytes(_bench_vit('ape').train())
+    mixed = saved_bytes(_bench_vit('rope_mixed').train())
+    assert mixed <= ape * 1.02, (mixed, ape)  # q, k rotated in place: only the small tables are extra
+
+
+def test_bench_rope_cache_follows_frequencies():
+    x = torch.randn(2, 3, 32, 48)
+    model = _bench_vit('rope_mixed')
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+
+    def fresh_output(m):
+        twin = _bench_vit('rope_mixed', seed=5).eval()
+        twin.load_state_dict(m.state_dict())
+        with torch.no_grad():
+            return twin(x)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)  # fills the cache
+        torch.testing.assert_close(model(x), before, atol=0, rtol=0)
+    model.train()
+    F.cross_entropy(model(x), torch.tensor([1, 2])).backward()
+    assert model.freqs.grad.abs().sum() > 0
+    optimizer.step()  # in place: bumps the frequencies' version
+    model.eval()
+    with torch.no_grad():
+        after_step = model(x)
+    assert not torch.equal(after_step, before)
+    torch.testing.assert_close(after_step, fresh_output(model), atol=0, rtol=0)
+
+    other = _bench_vit('rope_mixed', seed=3)
+    rope_vit.load_checkpoint(model, {'model': other.state_dict()})
+    with torch.no_grad():
+        loaded = model(x)
+        torch.testing.assert_close(loaded, other.eval()(x), atol=0, rtol=0)
+    # tables made under inference_mode are not reused where autograd needs them
+    axial = _bench_vit('rope_axial').eval()
+    with torch.inference_mode():
+        axial(x)
+    axial(x).sum().backward()
+    assert axial.blocks[0].attn.qkv.weight.grad is not None
