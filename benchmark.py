@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from train import UserError, _HelpFormatter, build_model, cli, param_groups
+from train import HelpFormatter, UserError, build_model, cli, param_groups
 
 VIT_PE = ('ape', 'rope_axial', 'rope_mixed', 'rope_axial_ape', 'rope_mixed_ape')
 SWIN_PE = ('rpb', 'rope_axial', 'rope_mixed', 'rope_mixed_rpb')
@@ -415,7 +415,7 @@ def machine_description(args):
 
 def get_args_parser():
     p = argparse.ArgumentParser('benchmark.py', description='Speed and memory of the position embeddings '
-                                '(see the module docstring).', formatter_class=_HelpFormatter)
+                                '(see the module docstring).', formatter_class=HelpFormatter)
     p.add_argument('--family', choices=('vit', 'swin', 'both'), default='both')
     p.add_argument('--vit-model', default='vit_small', help='ViT size name')
     p.add_argument('--swin-model', default='swin_tiny', help='Swin size name')

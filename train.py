@@ -816,7 +816,7 @@ def evaluate(model, loader, device, amp_dtype=None):
 # ----------------------------------------------------------------------------------------------
 # The script
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows real defaults; a None default means "the recipe's" and its help says so."""
 
     def _get_help_string(self, action):
@@ -826,7 +826,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def get_args_parser():
     p = argparse.ArgumentParser(
         'train.py', description='Train RoPE-ViT / Swin-RoPE (see the module docstring).',
-        formatter_class=_HelpFormatter)
+        formatter_class=HelpFormatter)
     R = '(default: the recipe\'s)'
     p.add_argument('--model', default=None,
                    help='size name (vit_tiny|small|base|large, swin_tiny|small|base) or a '
