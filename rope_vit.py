@@ -464,7 +464,7 @@ class RopeViT(nn.Module):
         raise ValueError(f'input size {H}x{W} (HxW) is not allowed: height and width must be positive '
                          f'multiples of the patch size {p}; nearest valid sizes: {", ".join(sizes)}')
 
-    def rope_tables(self, grid_h: int, grid_w: int, device) -> Optional[List[torch.Tensor]]:
+    def block_rotations(self, grid_h: int, grid_w: int, device) -> Optional[List[torch.Tensor]]:
         """Complex rotations (Eq. 10) of every block for a (grid_h, grid_w) patch grid, built once per forward.
 
         The class token gets angle 0, i.e. the identity rotation: it is not rotated (official),
@@ -491,7 +491,7 @@ class RopeViT(nn.Module):
     def block_ropes(self, grid_h: int, grid_w: int, device) -> List[Optional[BlockRope]]:
         """What each block needs for RoPE on a (grid_h, grid_w) grid (forward's fast path).
 
-        The tables come from rope_tables() without autograd. Training RoPE-Mixed rebuilds them at
+        The tables come from block_rotations() without autograd. Training RoPE-Mixed rebuilds them at
         every forward and routes the frequencies' gradient through RotateQK (see there);
         otherwise (eval, no_grad, Axial) they are kept per grid. The cache key holds what can
         change the result: grid, device, dtype, inference mode (its tensors cannot enter
@@ -504,7 +504,7 @@ class RopeViT(nn.Module):
         freqs = getattr(self, 'freqs', None)  # Mixed only; Axial tables depend on the grid alone
         if freqs is not None and freqs.requires_grad and torch.is_grad_enabled():
             with torch.no_grad():
-                tables = self.rope_tables(grid_h, grid_w, device)
+                tables = self.block_rotations(grid_h, grid_w, device)
             t_x, t_y = patch_grid_positions(grid_h, grid_w, device)  # (N,), (N,)
             positions = F.pad(torch.stack([t_x, t_y], dim=-1), (0, 0, 1, 0))  # (T, 2): class token at 0
             return [BlockRope(rot, freqs[:, layer], positions) for layer, rot in enumerate(tables)]
@@ -516,7 +516,7 @@ class RopeViT(nn.Module):
             if len(cache) >= 4:
                 cache.clear()
             with torch.no_grad():
-                tables = self.rope_tables(grid_h, grid_w, device)
+                tables = self.block_rotations(grid_h, grid_w, device)
             pinned = freqs.detach() if freqs is not None else None
             cache[key] = (pinned, [BlockRope(rot) for rot in tables])
         return cache[key][1]
@@ -533,7 +533,7 @@ class RopeViT(nn.Module):
             rope = [None] * self.depth
         elif need_weights or torch.compiler.is_compiling():  # the readable path: tables with their autograd graph
             with torch.profiler.record_function('rope'):
-                rope = [BlockRope(rot) for rot in self.rope_tables(grid_h, grid_w, x.device)]
+                rope = [BlockRope(rot) for rot in self.block_rotations(grid_h, grid_w, x.device)]
         else:
             with torch.profiler.record_function('rope'):
                 rope = self.block_ropes(grid_h, grid_w, x.device)

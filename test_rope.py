@@ -159,7 +159,7 @@ def test_vit_positions_come_from_the_grid_not_the_token_count():
     t_x, t_y = rope_vit.patch_grid_positions(7, 28)  # 112x448 at patch 16: 196 tokens, like 14x14
     assert [(int(a), int(b)) for a, b in zip(t_x, t_y)] == [(n % 28, n // 28) for n in range(196)]
     model = _vit_tiny('rope_axial', patch_size=16)
-    rot = model.rope_tables(7, 28, torch.device('cpu'))[0]  # (T, D/2) complex
+    rot = model.block_rotations(7, 28, torch.device('cpu'))[0]  # (T, D/2) complex
     mag = [100.0 ** (-t / 8) for t in range(8)]
     for n in (1, 30, 196):  # token n (row 0 is the class token)
         x, y = (n - 1) % 28, (n - 1) // 28
@@ -413,10 +413,10 @@ def test_vit_bf16_autocast_close_to_fp32_at_512():
     model = _vit_tiny('rope_mixed', num_classes=100)
     x = torch.randn(1, 3, 512, 512)  # 32x32 grid: angles up to ~30 rad
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        tables = model.rope_tables(32, 32, x.device)
+        tables = model.block_rotations(32, 32, x.device)
         low = model(x)
     assert tables[0].dtype == torch.complex64  # angles and cos/sin stay fp32 under autocast
-    torch.testing.assert_close(tables[1], model.rope_tables(32, 32, x.device)[1], atol=0, rtol=0)
+    torch.testing.assert_close(tables[1], model.block_rotations(32, 32, x.device)[1], atol=0, rtol=0)
     with torch.no_grad():
         ref = model(x)
     # bf16 keeps 8 mantissa bits (relative error 2^-9 per rounding); over two stressed blocks the
