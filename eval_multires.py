@@ -81,11 +81,6 @@ def model_family(name):
     return 'swin' if 'swin' in name.lower() else 'vit'
 
 
-def _model_module(name):
-    """The model file that builds `name` (both expose create_model / load_checkpoint)."""
-    return swin_rope if model_family(name) == 'swin' else rope_vit
-
-
 def _train_resolution(cfg):
     """Training resolution as one int (the height for a non-square (H, W))."""
     size = cfg['img_size']
@@ -529,16 +524,9 @@ def _one_line(message):
     return ' '.join(str(message).split())
 
 
-def _unwrap_state_dict(checkpoint):
-    for key in ('model', 'state_dict'):
-        if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    return checkpoint
-
-
 def _published_config(name, checkpoint, args):
     """A configuration for weights that carry none (published / timm): ImageNet-style folder data."""
-    state_dict = _unwrap_state_dict(checkpoint)
+    state_dict = train.unwrap_state_dict(checkpoint)
     head = state_dict.get('head.weight')
     num_classes = int(head.shape[0]) if isinstance(head, torch.Tensor) and head.dim() == 2 else 1000
     family = model_family(name)
@@ -581,7 +569,7 @@ def _load_entry(path, model_name, args):
         cfg['model_kwargs'] = dict(cfg.get('model_kwargs') or {}, rpb_resize=args.rpb_resize)
     model = train.build_model(cfg)
     try:
-        _model_module(cfg['model']).load_checkpoint(model, checkpoint, strict=True)
+        train.model_module(cfg['model']).load_checkpoint(model, checkpoint, strict=True)
     except ValueError as error:
         raise UserError(f'checkpoint {path} does not fit {cfg["model"]}: {_one_line(error)}')
     if cfg.get('pe') is None:

@@ -190,7 +190,7 @@ def _size_of(model_name):
     return None
 
 
-def _model_module(model_name):
+def model_module(model_name):
     """rope_vit or swin_rope, whichever knows the name; UserError listing both otherwise."""
     if model_name in swin_rope.list_models():
         return swin_rope
@@ -203,7 +203,7 @@ def _model_module(model_name):
 def resolve_config(args, world_size):
     """Fill every None flag from the recipe; returns the plain-dict configuration (`args`)."""
     model_name = args.model or ('vit_tiny' if args.data_path is None else 'vit_small')
-    module = _model_module(model_name)
+    module = model_module(model_name)
     is_swin = module is swin_rope
     recipe_name = args.recipe or ('demo' if args.data_path is None else
                                   'swin' if is_swin else 'deit3')
@@ -526,7 +526,7 @@ class RepeatedAugSampler(torch.utils.data.Sampler):
 
 def build_model(cfg):
     """The model of a resolved configuration (a checkpoint's `args`): create_model(name, **kw)."""
-    module = _model_module(cfg['model'])
+    module = model_module(cfg['model'])
     try:
         return module.create_model(cfg['model'], **cfg['model_kwargs'])
     except (ValueError, TypeError) as e:
@@ -623,6 +623,15 @@ def read_checkpoint(path):
     except Exception as e:   # pickle, zip and unpickler errors all mean "not a usable file"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f'cannot read checkpoint {path}: {first_line}') from None
+
+
+def unwrap_state_dict(checkpoint):
+    """The state dict inside `{'model': sd}` (published files, our checkpoints) or
+    `{'state_dict': sd}`; a bare state dict is returned as it is."""
+    for key in ('model', 'state_dict'):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
 
 
 def _save_atomic(obj, path):
@@ -909,18 +918,13 @@ def _first_names(keys, limit=10):
 def _load_finetune(model, cfg):
     """Weights from --finetune: the head is dropped when its shape differs (new class count);
     the model file's load_checkpoint resizes APE / RPB; any other mismatch is an error."""
-    checkpoint = read_checkpoint(cfg['finetune'])
-    state = checkpoint
-    for key in ('model', 'state_dict'):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
+    state = unwrap_state_dict(read_checkpoint(cfg['finetune']))
     own = model.state_dict()
     dropped = [k for k in list(state) if k.startswith('head.') and k in own
                and state[k].shape != own[k].shape]
     state = {k: v for k, v in state.items() if k not in dropped}
     try:
-        result = _model_module(cfg['model']).load_checkpoint(model, state, strict=False)
+        result = model_module(cfg['model']).load_checkpoint(model, state, strict=False)
     except ValueError as e:
         raise UserError(f"--finetune {cfg['finetune']}: {e}") from None
     missing = [k for k in result.missing_keys if not k.startswith('head.')]
