@@ -79,13 +79,9 @@ def cli(main_fn, parser, argv=None):
     status = 0
     try:
         main_fn(args)
-    except UserError as e:
-        status = 2
+    except (UserError, TrainingDiverged) as e:
+        status = 2 if isinstance(e, UserError) else 1
         if _rank_from_env() == 0:   # every rank sees the same input; one line is enough
-            sys.stderr.write(f'error: {e}\n')
-    except TrainingDiverged as e:
-        status = 1
-        if _rank_from_env() == 0:
             sys.stderr.write(f'error: {e}\n')
     finally:
         if dist.is_available() and dist.is_initialized():
