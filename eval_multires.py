@@ -545,12 +545,7 @@ def _load_entry(path, model_name, args):
     model_name: None for this project's checkpoints (configuration stored inside), else the
     architecture of published / timm weights.
     """
-    if path.endswith('.safetensors'):
-        # The scripts read checkpoints with torch.load(weights_only=True) only (DESIGN.md).
-        raise UserError(f'{path}: safetensors files are not read; convert it once with python -c '
-                        '"import torch, safetensors.torch as st; '
-                        f"torch.save(st.load_file('{path}'), '{path[:-len('.safetensors')]}.bin')\"")
-    checkpoint = train.read_checkpoint(path)
+    checkpoint = train.read_checkpoint(path)  # torch.load(weights_only=True) or safetensors
     if not isinstance(checkpoint, dict):
         raise UserError(f'checkpoint {path} does not hold a state dict')
     if model_name:

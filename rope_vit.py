@@ -15,7 +15,13 @@ was evaluated with:
   ``vit_*_patch16_rope*_224`` state dicts load too;
 * any input size whose sides are multiples of the patch size, square or not, without
   rebuilding: RoPE positions come from the actual patch grid at every forward, the APE
-  grid is resized bicubically (no antialias, as the official evaluation code).
+  grid is resized bicubically (no antialias, as the official evaluation code);
+* ``create_model(name, pretrained=True)`` downloads the released file once into torch.hub's
+  cache and loads it strictly; ``load_checkpoint`` also reads ``.safetensors`` (timm's hub
+  files) with a torch-only reader;
+* dense prediction: ``forward_intermediates`` returns feature maps of chosen blocks, and
+  ``window_size`` / ``global_blocks`` give the ViTDet backbone of the paper's detection
+  experiments (window attention, RoPE positions from the full grid, same parameters).
 
 Checked against (tests in test_rope.py): timm 1.0.31's Eva "naver" RoPE-ViT models
 (max |logit difference| about 5e-6 or less at 224, 160, 320 and 112x448, weights re-drawn
@@ -45,11 +51,16 @@ Usage::
     logits = model(torch.randn(1, 3, 384, 384))          # (1, 1000), any multiple of 16
     logits, attn = model.forward_with_attention(torch.randn(1, 3, 256, 384))
     # attn: list of L tensors (1, heads, 1 + 16 * 24, 1 + 16 * 24)
+    vitdet = rope_vit.create_model('rope_mixed_deit_base_patch16_LS', pretrained=True,
+                                   window_size=14, global_blocks=(2, 5, 8, 11))
+    maps = vitdet.forward_intermediates(torch.randn(1, 3, 1024, 1024), indices=[-1], intermediates_only=True)
+    # maps: [(1, 768, 64, 64)]
 """
+import json
 import math
 import os
 from dataclasses import dataclass, fields
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -253,8 +264,104 @@ def resize_pos_embed(pos_embed: torch.Tensor, old_grid: Tuple[int, int], new_gri
 
 
 # ---------------------------------------------------------------------------------------
+# Window attention for dense prediction (ViTDet; the paper's detection backbone, section 4.3)
+# ---------------------------------------------------------------------------------------
+
+def _window_layout(grid: Tuple[int, int], window: int) -> Tuple[int, int, int, int]:
+    """(rows, cols, pad_h, pad_w): the windows' rows and columns and the padding that makes the grid tile."""
+    pad_h, pad_w = (-grid[0]) % window, (-grid[1]) % window
+    return (grid[0] + pad_h) // window, (grid[1] + pad_w) // window, pad_h, pad_w
+
+
+def window_key_mask(grid: Tuple[int, int], window: int, device=None) -> torch.Tensor:
+    """Keys each window may use in window_attention: bool (nW, 1 + w * w).
+
+    Column 0 is the class token (always allowed); then the window's w * w cells row-major,
+    False where a cell lies in the padding beyond the (grid_h, grid_w) patch grid.
+    """
+    rows, cols, _, _ = _window_layout(grid, window)
+    valid = torch.zeros(rows * window, cols * window, dtype=torch.bool, device=device)
+    valid[:grid[0], :grid[1]] = True
+    valid = valid.reshape(rows, window, cols, window).permute(0, 2, 1, 3).reshape(rows * cols, -1)  # (nW, w * w)
+    return torch.cat([valid.new_ones(rows * cols, 1), valid], dim=1)  # (nW, 1 + w * w)
+
+
+def window_attention_mask(grid: Tuple[int, int], window: int, device=None) -> torch.Tensor:
+    """window_attention as a mask on full attention: bool (T, T), True where query i sees key j.
+
+    A patch sees the patches of its own window and the class token; the class token sees every
+    token. The explicit path (forward_with_attention) uses it; the tests use it as the
+    independent formulation of window_attention.
+    """
+    _, cols, _, _ = _window_layout(grid, window)
+    y, x = torch.meshgrid(torch.arange(grid[0], device=device), torch.arange(grid[1], device=device), indexing='ij')
+    window_id = ((y // window) * cols + x // window).flatten()  # (N,) row-major window index
+    allowed = torch.ones(1 + window_id.numel(), 1 + window_id.numel(), dtype=torch.bool, device=device)  # (T, T)
+    allowed[1:, 1:] = window_id[:, None] == window_id[None, :]
+    return allowed
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int, int],
+                     window: int) -> torch.Tensor:
+    """ViTDet-style local attention over window x window patches, with the class token kept.
+
+    q, k, v (B, heads, T, D): token 0 the class token, then the grid_h * grid_w patches
+    row-major. The grid is cut into windows from the top left; a grid that does not tile is
+    padded at the bottom and right and the padding is masked out of every window's keys, so no
+    result depends on it. Each patch attends to its window and to the class token; the class
+    token attends to every token, as in a global block (one extra row), so a window that covers
+    the grid is exactly global attention. q and k arrive rotated with their positions on the
+    full grid: offsets inside a window are the true ones, and the global blocks of the backbone
+    see the whole grid, which is where the paper's ViTDet gain from RoPE's extrapolation comes
+    from. Returns (B, heads, T, D).
+    """
+    B, heads, _, D = q.shape
+    rows, cols, pad_h, pad_w = _window_layout(grid, window)
+    num_windows = rows * cols
+
+    def partition(t):  # patch tokens (B, heads, N, D) -> (B * nW, heads, w * w, D)
+        t = F.pad(t.unflatten(2, grid), (0, 0, 0, pad_w, 0, pad_h))  # (B, heads, rows * w, cols * w, D)
+        t = t.reshape(B, heads, rows, window, cols, window, D).permute(0, 2, 4, 1, 3, 5, 6)  # (B, rows, cols, heads, w, w, D)
+        return t.reshape(B * num_windows, heads, window * window, D)
+
+    def in_every_window(t):  # class token (B, heads, 1, D) -> (B * nW, heads, 1, D)
+        return t[:, None].expand(B, num_windows, heads, 1, D).reshape(B * num_windows, heads, 1, D)
+
+    q_win = partition(q[:, :, 1:])
+    k_win = torch.cat([in_every_window(k[:, :, :1]), partition(k[:, :, 1:])], dim=2)  # (B * nW, heads, 1 + w * w, D)
+    v_win = torch.cat([in_every_window(v[:, :, :1]), partition(v[:, :, 1:])], dim=2)
+    mask = None
+    if pad_h or pad_w:
+        valid = window_key_mask(grid, window, q.device)  # (nW, 1 + w * w)
+        mask = valid[None, :, None, None].expand(B, -1, 1, 1, -1).reshape(B * num_windows, 1, 1, -1)
+    out = F.scaled_dot_product_attention(q_win, k_win, v_win, attn_mask=mask)  # (B * nW, heads, w * w, D)
+    out = out.reshape(B, rows, cols, heads, window, window, D).permute(0, 3, 1, 4, 2, 5, 6)  # (B, heads, rows, w, cols, w, D)
+    out = out.reshape(B, heads, rows * window, cols * window, D)[:, :, :grid[0], :grid[1]]  # crop the padding
+    cls = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # (B, heads, 1, D): the class token sees all
+    return torch.cat([cls, out.flatten(2, 3)], dim=2)  # (B, heads, T, D)
+
+
+# ---------------------------------------------------------------------------------------
 # Model: Attention, Block, ViT
 # ---------------------------------------------------------------------------------------
+
+def _take_indices(count: int, indices) -> List[int]:
+    """Absolute indices from None (all), an int n (the last n) or a list (negative from the end)."""
+    if indices is None:
+        return list(range(count))
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 0 < indices <= count:
+            raise ValueError(f'indices={indices}: the last n blocks/stages needs 1 <= n <= {count}')
+        return list(range(count - indices, count))
+    taken = []
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int) or not -count <= i < count:
+            raise ValueError(f'index {i!r} is out of range for {count} blocks/stages')
+        taken.append(i % count)
+    if not taken:
+        raise ValueError('indices is empty')
+    return taken
+
 
 @dataclass
 class ViTConfig:
@@ -271,6 +378,10 @@ class ViTConfig:
     drop_path_rate: float = 0.0  # the same rate in every block (DeiT-III)
     rope_theta: Optional[float] = None  # None: 100 for Axial, 10 for Mixed
     init_scale: float = 1e-4  # LayerScale init
+    # ViTDet-style backbone (dense prediction): window attention of window_size x window_size
+    # patches in every block but global_blocks (indices, negative from the end). None: all global.
+    window_size: Optional[int] = None
+    global_blocks: Tuple[int, ...] = ()
 
 
 class PatchEmbed(nn.Module):
@@ -333,9 +444,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: Optional[BlockRope] = None,
-                need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """x (B, T, C); rope: this block's BlockRope, or None (no RoPE).
+    def forward(self, x: torch.Tensor, rope: Optional[BlockRope] = None, need_weights: bool = False,
+                grid: Optional[Tuple[int, int]] = None, window: Optional[int] = None
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x (B, T, C); rope: this block's BlockRope, or None (no RoPE); window: attend within
+        window x window patches of the (Hp, Wp) patch grid ``grid`` (window_attention), or None.
 
         Returns (B, T, C) and, if need_weights, the probabilities (B, heads, T, T).
         """
@@ -356,8 +469,13 @@ class Attention(nn.Module):
                 q, k = apply_rope(qkv[:2], rope.rot).unbind(0)  # q and k rotated in one pass, (B, heads, T, D) each
         attn = None
         if need_weights:  # explicit path for analysis: A' = softmax(q k^T / sqrt(D)) (Eq. 8 / 15)
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T, T)
+            logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, T, T)
+            if window is not None:
+                logits = logits.masked_fill(~window_attention_mask(grid, window, x.device), float('-inf'))
+            attn = logits.softmax(dim=-1)
             out = attn.to(v.dtype) @ v
+        elif window is not None:
+            out = window_attention(q, k, v, grid, window)  # (B, heads, T, D)
         else:
             out = F.scaled_dot_product_attention(q, k, v)  # same math, fused
         out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, heads * D)
@@ -377,8 +495,9 @@ class Block(nn.Module):
         self.gamma_1 = nn.Parameter(init_scale * torch.ones(dim))
         self.gamma_2 = nn.Parameter(init_scale * torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, rope=None, need_weights: bool = False):
-        y, attn = self.attn(self.norm1(x), rope, need_weights)
+    def forward(self, x: torch.Tensor, rope=None, need_weights: bool = False,
+                grid: Optional[Tuple[int, int]] = None, window: Optional[int] = None):
+        y, attn = self.attn(self.norm1(x), rope, need_weights, grid, window)
         x = x + self.drop_path(self.gamma_1 * y)
         x = x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
         return x, attn
@@ -411,6 +530,7 @@ class RopeViT(nn.Module):
         img_h, img_w = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
         self.check_img_size(img_h, img_w)
         self.grid_size = (img_h // cfg.patch_size, img_w // cfg.patch_size)  # the stored APE grid (Hp, Wp)
+        self.block_windows = self._block_windows(cfg)  # per block: window side in patches, or None (global)
 
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
@@ -450,6 +570,22 @@ class RopeViT(nn.Module):
         if self.rope_kind == 'mixed':
             names.add('freqs')
         return names
+
+    @staticmethod
+    def _block_windows(cfg: ViTConfig) -> List[Optional[int]]:
+        if cfg.window_size is None:
+            if cfg.global_blocks:
+                raise ValueError('global_blocks needs window_size (the other blocks attend in windows)')
+            return [None] * cfg.depth
+        if isinstance(cfg.window_size, bool) or not isinstance(cfg.window_size, int) or cfg.window_size < 1:
+            raise ValueError(f'window_size must be a positive number of patches or None, got {cfg.window_size!r}')
+        global_blocks = set()
+        for index in cfg.global_blocks:
+            if isinstance(index, bool) or not isinstance(index, int) or not -cfg.depth <= index < cfg.depth:
+                raise ValueError(f'global_blocks: {index!r} is not a block index of a depth-{cfg.depth} model '
+                                 f'(0 .. {cfg.depth - 1}, or negative from the end)')
+            global_blocks.add(index % cfg.depth)
+        return [None if i in global_blocks else cfg.window_size for i in range(cfg.depth)]
 
     def check_img_size(self, H: int, W: int) -> None:
         """Raise ValueError unless H and W are positive multiples of the patch size."""
@@ -521,25 +657,35 @@ class RopeViT(nn.Module):
             cache[key] = (pinned, [BlockRope(rot) for rot in tables])
         return cache[key][1]
 
-    def _tokens(self, x: torch.Tensor, need_weights: bool):
+    def _embed(self, x: torch.Tensor, need_weights: bool):
+        """Patch tokens with APE and the class token, plus what every block needs.
+
+        Returns (tokens (B, T, C), grid (Hp, Wp), per-block BlockRope or None, per-block window or None).
+        """
         B, _, H, W = x.shape
         self.check_img_size(H, W)
-        grid_h, grid_w = H // self.patch_size, W // self.patch_size  # positions from the real grid
+        grid = (H // self.patch_size, W // self.patch_size)  # positions from the real grid
         x = self.patch_embed(x)  # (B, N, C)
         if self.use_ape:  # Eq. 1, before the class token is attached
-            x = x + resize_pos_embed(self.pos_embed, self.grid_size, (grid_h, grid_w)).to(x.dtype)
+            x = x + resize_pos_embed(self.pos_embed, self.grid_size, grid).to(x.dtype)
         x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, T, C)
         if self.rope_kind is None:
             rope = [None] * self.depth
         elif need_weights or torch.compiler.is_compiling():  # the readable path: tables with their autograd graph
             with torch.profiler.record_function('rope'):
-                rope = [BlockRope(rot) for rot in self.block_rotations(grid_h, grid_w, x.device)]
+                rope = [BlockRope(rot) for rot in self.block_rotations(*grid, x.device)]
         else:
             with torch.profiler.record_function('rope'):
-                rope = self.block_ropes(grid_h, grid_w, x.device)
+                rope = self.block_ropes(*grid, x.device)
+        # a window that covers the grid is global attention (window_attention's contract): skip the partition
+        windows = [None if w is None or (w >= grid[0] and w >= grid[1]) else w for w in self.block_windows]
+        return x, grid, rope, windows
+
+    def _tokens(self, x: torch.Tensor, need_weights: bool):
+        x, grid, rope, windows = self._embed(x, need_weights)
         attns = []
-        for block, block_rope in zip(self.blocks, rope):
-            x, attn = block(x, block_rope, need_weights)
+        for block, block_rope, window in zip(self.blocks, rope, windows):
+            x, attn = block(x, block_rope, need_weights, grid, window)
             attns.append(attn)
         return self.norm(x)[:, 0], attns  # class token feature (B, C)
 
@@ -560,6 +706,40 @@ class RopeViT(nn.Module):
         """
         features, attns = self._tokens(x, need_weights=True)
         return self.head(features), attns
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False, return_prefix_tokens: bool = False):
+        """Feature maps of chosen blocks for dense prediction (timm's convention).
+
+        indices: None (every block), an int n (the last n blocks) or a list of block indices
+        (negative from the end). norm: pass each through the final LayerNorm. output_fmt:
+        'NCHW' gives (B, C, Hp, Wp) maps of the patch tokens (class token dropped), 'NLC'
+        (B, N, C). return_prefix_tokens: each entry becomes (map, class token (B, 1, C)).
+        stop_early: skip the blocks after the last one asked for (then no final features).
+        Returns the list, or (final features (B, T, C) after the final norm, list) unless
+        intermediates_only. Any input size the model accepts works, square or not.
+        """
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = _take_indices(self.depth, indices)
+        last = max(take) if stop_early else self.depth - 1
+        if last < self.depth - 1 and not intermediates_only:
+            raise ValueError('stop_early leaves no final features: pass intermediates_only=True with it')
+        B = x.shape[0]
+        x, grid, rope, windows = self._embed(x, need_weights=False)
+        intermediates = []
+        for i in range(last + 1):
+            x, _ = self.blocks[i](x, rope[i], False, grid, windows[i])
+            if i in take:
+                y = self.norm(x) if norm else x  # (B, T, C)
+                patches = y[:, 1:]  # (B, N, C)
+                if output_fmt == 'NCHW':
+                    patches = patches.transpose(1, 2).reshape(B, -1, *grid)  # (B, C, Hp, Wp)
+                intermediates.append((patches, y[:, :1]) if return_prefix_tokens else patches)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
 
 
 # ---------------------------------------------------------------------------------------
@@ -583,11 +763,88 @@ def _unwrap_state_dict(ckpt: dict) -> dict:
     return ckpt
 
 
+_SAFETENSORS_DTYPES = {
+    'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+    'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8,
+    'BOOL': torch.bool,
+}
+
+
+def is_safetensors(path: str) -> bool:
+    """A .safetensors name, or content that starts like one (8-byte length, then the JSON '{')."""
+    if path.endswith('.safetensors'):
+        return True
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b'{'  # torch zip files have 0 there, pickles their opcodes
+
+
+def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file (timm's hub files), read with torch alone.
+
+    The format: an unsigned little-endian 8-byte header length n; n bytes of JSON mapping each
+    name to {dtype, shape, data_offsets: [begin, end]} (plus an optional __metadata__ entry);
+    then the raw little-endian data, offsets counted from its start. Each tensor is read into
+    its own buffer. Raises ValueError naming the file for a truncated or malformed one.
+    """
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        header_len = int.from_bytes(f.read(8), 'little')
+        if size < 8 or header_len > size - 8:
+            raise ValueError(f'{path} is not a complete safetensors file (header length {header_len}, '
+                             f'file size {size} bytes): truncated or another format')
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as e:  # bad UTF-8 or bad JSON
+            raise ValueError(f'{path}: malformed safetensors header ({e})') from None
+        if not isinstance(header, dict):
+            raise ValueError(f'{path}: malformed safetensors header (not a JSON object)')
+        data_start, data_size = 8 + header_len, size - 8 - header_len
+        tensors = {}
+        for name, entry in header.items():
+            if name == '__metadata__':
+                continue
+            try:
+                dtype = _SAFETENSORS_DTYPES[entry['dtype']]
+                shape = [int(d) for d in entry['shape']]
+                begin, end = (int(o) for o in entry['data_offsets'])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f'{path}: malformed safetensors entry {name!r}: {entry!r:.200} '
+                                 f'(dtypes read: {", ".join(_SAFETENSORS_DTYPES)})') from None
+            nbytes = math.prod(shape) * dtype.itemsize
+            if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != nbytes:
+                raise ValueError(f'{path}: safetensors entry {name!r} has offsets {begin}..{end} that do '
+                                 f'not hold a {entry["dtype"]} tensor of shape {shape}')
+            if end > data_size:
+                raise ValueError(f'{path} is truncated: tensor {name!r} ends at data byte {end}, '
+                                 f'the file holds {data_size}')
+            buffer = bytearray(nbytes)
+            f.seek(data_start + begin)
+            f.readinto(buffer)
+            tensors[name] = (torch.frombuffer(buffer, dtype=dtype).reshape(shape) if nbytes
+                             else torch.empty(shape, dtype=dtype))
+    return tensors
+
+
+def read_checkpoint_file(path) -> dict:
+    """A checkpoint file as a dict: safetensors, or torch.load(weights_only=True) (never unpickles code)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    if is_safetensors(path):
+        return read_safetensors(path)
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # corrupt, truncated, or pickles arbitrary objects
+        raise ValueError(f'cannot read checkpoint {path}: {e}') from None
+
+
 def load_checkpoint(model: RopeViT, path_or_state_dict, strict: bool = True) -> LoadResult:
     """Load published, timm or this project's checkpoints into ``model``.
 
-    Accepts a path (read with ``torch.load(weights_only=True)``) or a dict: ``{'model': sd}``
-    (published files, training checkpoints), ``{'state_dict': sd}`` or a bare state dict.
+    Accepts a path (a ``.safetensors`` file such as timm's hub copies, or anything else read with
+    ``torch.load(weights_only=True)``) or a dict: ``{'model': sd}`` (published files, training
+    checkpoints), ``{'state_dict': sd}`` or a bare state dict.
     Conversions: the official ``freqs_t_x``/``freqs_t_y`` buffers are dropped; timm's
     ``rope.freqs`` (2, L, heads, D/2) becomes ``freqs`` (2, L, heads * D/2) and its other
     ``rope.*`` buffers are dropped; a ``pos_embed`` stored for another grid is resized
@@ -597,13 +854,7 @@ def load_checkpoint(model: RopeViT, path_or_state_dict, strict: bool = True) -> 
     """
     args = {}
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        path = os.fspath(path_or_state_dict)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'checkpoint not found: {path}')
-        try:
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e:  # corrupt, truncated, or pickles arbitrary objects
-            raise ValueError(f'cannot read checkpoint {path}: {e}') from None
+        ckpt = read_checkpoint_file(path_or_state_dict)
     else:
         ckpt = path_or_state_dict
     if not isinstance(ckpt, dict):
@@ -680,17 +931,66 @@ PUBLISHED = {f'{prefix}_{size}_patch16_LS': (f'vit_{size}', pe)
              for prefix, pe in PUBLISHED_PE.items() for size in ('small', 'base', 'large')}
 
 
+# Where the weights released with the paper live: one hub repository per published name, each
+# holding the {'model': state_dict} file of the official code.
+PRETRAINED_URLS = {name: f'https://huggingface.co/naver-ai/{name}/resolve/main/pytorch_model.bin'
+                   for name in PUBLISHED}
+
+
 def list_models() -> List[str]:
     """Size names (take ``pe=``) and the 15 published names (fix pe and theta)."""
     return list(SIZES) + list(PUBLISHED)
 
 
-def create_model(name: str, **kwargs) -> RopeViT:
+def pretrained_cache_path(name: str) -> str:
+    """Where ``pretrained=True`` keeps the file of ``name``: one file per model in torch.hub's
+    cache (``$TORCH_HOME/hub/checkpoints``), since every hub file is called pytorch_model.bin."""
+    return os.path.join(torch.hub.get_dir(), 'checkpoints', f'{name}.pth')
+
+
+def load_pretrained(model: RopeViT, name: str, progress: bool = True) -> LoadResult:
+    """Load the published weights of ``name`` into ``model``, downloading them once.
+
+    torch.hub.load_state_dict_from_url fetches PRETRAINED_URLS[name] into
+    pretrained_cache_path(name) unless the file is there already (offline use: put it there).
+    The load is strict; only a classifier of another size (num_classes) is left at its init.
+    Raises RuntimeError (download failed: names the URL and the cache path) or ValueError.
+    """
+    if name not in PRETRAINED_URLS:
+        raise ValueError(f'no published weights for {name!r}; published: {", ".join(PRETRAINED_URLS)}')
+    url, cached = PRETRAINED_URLS[name], pretrained_cache_path(name)
+    try:
+        ckpt = torch.hub.load_state_dict_from_url(url, model_dir=os.path.dirname(cached), map_location='cpu',
+                                                  progress=progress, file_name=os.path.basename(cached),
+                                                  weights_only=True)
+    except Exception as e:
+        if not os.path.isfile(cached):  # the download failed
+            raise RuntimeError(f'cannot download the {name} weights from {url} ({type(e).__name__}: {e}); '
+                               f'without network, save that file as {cached}') from None
+        raise ValueError(f'cannot read the cached {name} weights {cached} ({type(e).__name__}: {e}); '
+                         'delete the file to download it again') from None
+    state_dict = _unwrap_state_dict(ckpt) if isinstance(ckpt, dict) else ckpt
+    own = model.state_dict()
+    if not any(k.startswith('head.') and (k not in own or own[k].shape != v.shape) for k, v in state_dict.items()):
+        return load_checkpoint(model, state_dict, strict=True)
+    # another classifier: load everything else strictly, keep the new head's init
+    result = load_checkpoint(model, {k: v for k, v in state_dict.items() if not k.startswith('head.')}, strict=False)
+    if [k for k in result.missing_keys if not k.startswith('head.')] or result.unexpected_keys:
+        raise ValueError(f'the {name} weights do not fit the model: missing {_name_list(result.missing_keys)}; '
+                         f'unexpected {_name_list(result.unexpected_keys)}')
+    return result
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs) -> RopeViT:
     """Build a model by size name (``vit_small``, with ``pe=``, default 'ape') or published name.
 
     Keyword arguments override any ViTConfig field (img_size, patch_size, embed_dim, depth,
-    num_heads, num_classes, drop_path_rate, rope_theta, init_scale, ...).
+    num_heads, num_classes, drop_path_rate, rope_theta, init_scale, window_size,
+    global_blocks, ...). ``pretrained=True`` (published names) loads the released weights
+    with load_pretrained: downloaded once, then read from torch.hub's cache.
     """
+    if pretrained and name not in PRETRAINED_URLS:
+        raise ValueError(f'pretrained=True needs a published name; {name!r} is not one of: {", ".join(PRETRAINED_URLS)}')
     if name in PUBLISHED:
         size, pe = PUBLISHED[name]
         if kwargs.get('pe', pe) != pe:
@@ -704,4 +1004,7 @@ def create_model(name: str, **kwargs) -> RopeViT:
     unknown = sorted(set(kwargs) - valid)
     if unknown:
         raise TypeError(f"unknown argument(s) {', '.join(unknown)} for {name}; valid: {', '.join(sorted(valid))}")
-    return RopeViT(ViTConfig(**{**SIZES[size], **kwargs}))
+    model = RopeViT(ViTConfig(**{**SIZES[size], **kwargs}))
+    if pretrained:
+        load_pretrained(model, name)
+    return model

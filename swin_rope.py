@@ -35,6 +35,13 @@ Resolution rule (run time, no rebuild; `model.check_img_size(H, W)` tells what i
     Window positions, relative indices, shift masks, resized tables and RoPE factors are built
     for the actual grid and cached per size; none of them is in the state dict.
 
+Released weights and features
+    `create_model(name, pretrained=True)` downloads the released file (PRETRAINED_URLS: the paper's
+    RoPE models; the original Swin release for the RPB baselines) once into torch.hub's cache and
+    loads it strictly; `load_checkpoint` also reads `.safetensors` with a torch-only reader.
+    `forward_intermediates` returns each stage's map before its downsampling (strides 4-32), the
+    features detection and segmentation heads take.
+
 State dict
     Keys and shapes are the official ones (OFFICIAL_NOTES section 2), minus the derived tensors
     `attn_mask`, `attn.relative_position_index`, `attn.rope_t_x`, `attn.rope_t_y`: the official
@@ -51,11 +58,14 @@ Usage
         logits = model(torch.randn(1, 3, r, r))                    # (1, 1000)
     logits, attn = model.forward_with_attention(torch.randn(1, 3, 224, 224))
     custom = swin_rope.create_model('swin_tiny', pe='rope_mixed_rpb', num_classes=10)
+    maps = model.forward_intermediates(torch.randn(1, 3, 224, 224), intermediates_only=True)
+    # maps: (1, 96, 56, 56), (1, 192, 28, 28), (1, 384, 14, 14), (1, 768, 7, 7)
 """
+import json
 import math
 import os
 from dataclasses import dataclass, fields
-from typing import NamedTuple, Optional, Union
+from typing import Dict, List, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -410,9 +420,14 @@ class SwinStage(nn.Module):
                       rope, rope_theta, rpb_resize, qkv_bias) for i in range(depth)])
         self.downsample = PatchMerging(dim) if downsample else None
 
-    def forward(self, x, window, shift, shift_mask):
+    def forward_blocks(self, x, window, shift, shift_mask):
+        """(B, H, W, C) through the stage's blocks, before the downsampling: its feature map."""
         for block in self.blocks:
             x = block(x, window, shift if block.shifted else 0, shift_mask)
+        return x
+
+    def forward(self, x, window, shift, shift_mask):
+        x = self.forward_blocks(x, window, shift, shift_mask)
         return self.downsample(x) if self.downsample is not None else x
 
 
@@ -584,6 +599,43 @@ class SwinTransformer(nn.Module):
         """(B, in_chans, H, W) -> logits (B, num_classes)."""
         return self.head(self.forward_features(x))
 
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False):
+        """Feature maps of chosen stages for dense prediction (timm's convention).
+
+        indices: None (every stage), an int n (the last n) or a list of stage indices (negative
+        from the end). Stage s gives its blocks' output before the downsampling that ends it,
+        (B, embed_dim * 2^s, H / (patch * 2^s), W / (patch * 2^s)) for 'NCHW' or channels last
+        for 'NHWC': strides 4, 8, 16, 32 for the published models, as Swin's detection and
+        segmentation backbones use. norm: the final LayerNorm on the last stage's map (the only
+        one of its width). stop_early: skip the stages after the last one asked for (then no
+        final features). Returns the list, or (final features (B, H/32, W/32, C) after the final
+        norm, list) unless intermediates_only. Any input size the model accepts works.
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take = _take_indices(self.num_stages, indices)
+        last = max(take) if stop_early else self.num_stages - 1
+        if last < self.num_stages - 1 and not intermediates_only:
+            raise ValueError('stop_early leaves no final features: pass intermediates_only=True with it')
+        plan = self.stage_windows(x.shape[-2], x.shape[-1])
+        x = self.patch_embed(x)  # (B, H/p, W/p, C)
+        intermediates = []
+        for s in range(last + 1):
+            window, shift = plan[s]
+            H, W = x.shape[1], x.shape[2]
+            mask = self._shift_mask(H, W, window, shift, x.device) if shift else None  # (nW, N, N)
+            x = self.layers[s].forward_blocks(x, window, shift, mask)  # (B, H, W, C)
+            if s in take:
+                y = self.norm(x) if norm and s == self.num_stages - 1 else x
+                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else y)
+            if self.layers[s].downsample is not None:
+                x = self.layers[s].downsample(x)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
     def forward_with_attention(self, x: torch.Tensor):
         """Logits and every block's attention probabilities from an explicit softmax path.
 
@@ -621,6 +673,24 @@ class SwinTransformer(nn.Module):
                 m._cache.clear()
 
 
+def _take_indices(count: int, indices) -> List[int]:
+    """Absolute indices from None (all), an int n (the last n) or a list (negative from the end)."""
+    if indices is None:
+        return list(range(count))
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 0 < indices <= count:
+            raise ValueError(f'indices={indices}: the last n stages needs 1 <= n <= {count}')
+        return list(range(count - indices, count))
+    taken = []
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int) or not -count <= i < count:
+            raise ValueError(f'stage index {i!r} is out of range for {count} stages')
+        taken.append(i % count)
+    if not taken:
+        raise ValueError('indices is empty')
+    return taken
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
@@ -636,9 +706,85 @@ def _short_list(names, limit=10):
     return text + (f' ... (+{len(names) - limit} more)' if len(names) > limit else '')
 
 
+_SAFETENSORS_DTYPES = {
+    'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+    'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8,
+    'BOOL': torch.bool,
+}
+
+
+def is_safetensors(path: str) -> bool:
+    """A .safetensors name, or content that starts like one (8-byte length, then the JSON '{')."""
+    if path.endswith('.safetensors'):
+        return True
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b'{'  # torch zip files have 0 there, pickles their opcodes
+
+
+def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, read with torch alone.
+
+    The format: an unsigned little-endian 8-byte header length n; n bytes of JSON mapping each
+    name to {dtype, shape, data_offsets: [begin, end]} (plus an optional __metadata__ entry);
+    then the raw little-endian data, offsets counted from its start. Each tensor is read into
+    its own buffer. Raises ValueError naming the file for a truncated or malformed one.
+    """
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        header_len = int.from_bytes(f.read(8), 'little')
+        if size < 8 or header_len > size - 8:
+            raise ValueError(f'{path} is not a complete safetensors file (header length {header_len}, '
+                             f'file size {size} bytes): truncated or another format')
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as e:  # bad UTF-8 or bad JSON
+            raise ValueError(f'{path}: malformed safetensors header ({e})') from None
+        if not isinstance(header, dict):
+            raise ValueError(f'{path}: malformed safetensors header (not a JSON object)')
+        data_start, data_size = 8 + header_len, size - 8 - header_len
+        tensors = {}
+        for name, entry in header.items():
+            if name == '__metadata__':
+                continue
+            try:
+                dtype = _SAFETENSORS_DTYPES[entry['dtype']]
+                shape = [int(d) for d in entry['shape']]
+                begin, end = (int(o) for o in entry['data_offsets'])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f'{path}: malformed safetensors entry {name!r}: {entry!r:.200} '
+                                 f'(dtypes read: {", ".join(_SAFETENSORS_DTYPES)})') from None
+            nbytes = math.prod(shape) * dtype.itemsize
+            if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != nbytes:
+                raise ValueError(f'{path}: safetensors entry {name!r} has offsets {begin}..{end} that do '
+                                 f'not hold a {entry["dtype"]} tensor of shape {shape}')
+            if end > data_size:
+                raise ValueError(f'{path} is truncated: tensor {name!r} ends at data byte {end}, '
+                                 f'the file holds {data_size}')
+            buffer = bytearray(nbytes)
+            f.seek(data_start + begin)
+            f.readinto(buffer)
+            tensors[name] = (torch.frombuffer(buffer, dtype=dtype).reshape(shape) if nbytes
+                             else torch.empty(shape, dtype=dtype))
+    return tensors
+
+
+def read_checkpoint_file(path) -> dict:
+    """A checkpoint file as a dict: safetensors, or torch.load(weights_only=True) (never unpickles code)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    if is_safetensors(path):
+        return read_safetensors(path)
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # corrupt, truncated or not a weights-only file
+        raise ValueError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from None
+
+
 def load_checkpoint(model: SwinTransformer, path_or_state_dict, strict: bool = True) -> LoadResult:
-    """Load a published `{'model': sd}` file, a `{'state_dict': sd}` / bare state dict, or this
-    project's training checkpoint (its 'model' entry) into `model`.
+    """Load a published `{'model': sd}` file, a `{'state_dict': sd}` / bare state dict, a
+    .safetensors file, or this project's training checkpoint (its 'model' entry) into `model`.
 
     Derived tensors (keys containing rope_t_, relative_position_index, relative_coords_table,
     attn_mask) are dropped and rebuilt; RPB tables stored for another window are resized
@@ -649,12 +795,7 @@ def load_checkpoint(model: SwinTransformer, path_or_state_dict, strict: bool = T
     """
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         path = os.fspath(path_or_state_dict)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'checkpoint not found: {path}')
-        try:
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e:  # corrupt, truncated or not a weights-only file
-            raise ValueError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from None
+        ckpt = read_checkpoint_file(path)
     else:
         path, ckpt = '<state dict>', path_or_state_dict
     if not isinstance(ckpt, dict):
@@ -719,16 +860,77 @@ def _published_names() -> dict:
 _PUBLISHED = _published_names()
 
 
+# Released weights: the paper's RoPE models, one hub repository per name holding the
+# {'model': state_dict} file of the official code; the RPB baselines are the original Swin
+# release (Liu et al.; the paper did not publish its own). The RoPE+RPB variants have none.
+PRETRAINED_URLS = {
+    **{f'swin_rope_{rope}_{size}_patch4_window7_224':
+       f'https://huggingface.co/naver-ai/swin_rope_{rope}_{size}_patch4_window7_224/resolve/main/pytorch_model.bin'
+       for rope in ('axial', 'mixed') for size in ('tiny', 'small', 'base')},
+    **{f'swin_{size}_patch4_window7_224':
+       f'https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_{size}_patch4_window7_224.pth'
+       for size in ('tiny', 'small', 'base')},
+}
+
+
 def list_models() -> list:
     """Size names (take pe=...) and published names (pe fixed)."""
     return list(_SIZES) + list(_PUBLISHED)
 
 
-def create_model(name: str, **kwargs) -> SwinTransformer:
+def pretrained_cache_path(name: str) -> str:
+    """Where `pretrained=True` keeps the file of `name`: one file per model in torch.hub's cache
+    (`$TORCH_HOME/hub/checkpoints`), since every hub file is called pytorch_model.bin."""
+    return os.path.join(torch.hub.get_dir(), 'checkpoints', f'{name}.pth')
+
+
+def load_pretrained(model: SwinTransformer, name: str, progress: bool = True) -> LoadResult:
+    """Load the released weights of `name` into `model`, downloading them once.
+
+    torch.hub.load_state_dict_from_url fetches PRETRAINED_URLS[name] into
+    pretrained_cache_path(name) unless the file is there already (offline use: put it there).
+    The load is strict; only a classifier of another size (num_classes) is left at its init.
+    Raises RuntimeError (download failed: names the URL and the cache path) or ValueError.
+    """
+    if name not in PRETRAINED_URLS:
+        raise ValueError(f'no released weights for {name!r}; released: {", ".join(PRETRAINED_URLS)}')
+    url, cached = PRETRAINED_URLS[name], pretrained_cache_path(name)
+    try:
+        ckpt = torch.hub.load_state_dict_from_url(url, model_dir=os.path.dirname(cached), map_location='cpu',
+                                                  progress=progress, file_name=os.path.basename(cached),
+                                                  weights_only=True)
+    except Exception as e:
+        if not os.path.isfile(cached):  # the download failed
+            raise RuntimeError(f'cannot download the {name} weights from {url} ({type(e).__name__}: {e}); '
+                               f'without network, save that file as {cached}') from None
+        raise ValueError(f'cannot read the cached {name} weights {cached} ({type(e).__name__}: {e}); '
+                         'delete the file to download it again') from None
+    state_dict = ckpt
+    for wrapper in ('model', 'state_dict'):
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+            break
+    own = model.state_dict()
+    if not any(k.startswith('head.') and (k not in own or own[k].shape != v.shape) for k, v in state_dict.items()):
+        return load_checkpoint(model, state_dict, strict=True)
+    # another classifier: load everything else strictly, keep the new head's init
+    result = load_checkpoint(model, {k: v for k, v in state_dict.items() if not k.startswith('head.')}, strict=False)
+    if [k for k in result.missing_keys if not k.startswith('head.')] or result.unexpected_keys:
+        raise ValueError(f'the {name} weights do not fit the model: missing {_short_list(result.missing_keys)}; '
+                         f'unexpected {_short_list(result.unexpected_keys)}')
+    return result
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs) -> SwinTransformer:
     """Build `name` (a size name with pe=..., default 'rpb'; or a published name) with
     SwinConfig fields as keyword overrides (num_classes, img_size, patch_size, in_chans,
     embed_dim, depths, num_heads, window_size, mlp_ratio, drop_path_rate, rope_theta, rpb_resize).
+    `pretrained=True` (names in PRETRAINED_URLS) loads the released weights with load_pretrained:
+    downloaded once, then read from torch.hub's cache.
     """
+    if pretrained and name not in PRETRAINED_URLS:
+        raise ValueError(f'pretrained=True needs a name with released weights; {name!r} is not one of: '
+                         f'{", ".join(PRETRAINED_URLS)}')
     if name in _PUBLISHED:
         size, pe = _PUBLISHED[name]
         if kwargs.get('pe', pe) != pe:
@@ -746,4 +948,7 @@ def create_model(name: str, **kwargs) -> SwinTransformer:
     pe = kwargs.get('pe', 'rpb')
     if pe not in PE_VARIANTS:
         raise ValueError(f"unknown pe {pe!r}; valid: {', '.join(PE_VARIANTS)}")
-    return SwinTransformer(SwinConfig(**{**_SIZES[size], **kwargs}))
+    model = SwinTransformer(SwinConfig(**{**_SIZES[size], **kwargs}))
+    if pretrained:
+        load_pretrained(model, name)
+    return model

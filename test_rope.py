@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 
 import matplotlib.image
 import numpy as np
@@ -320,6 +321,223 @@ def test_vit_load_errors_name_keys(tmp_path):
     bad.write_bytes(bad.read_bytes()[:100])
     with pytest.raises(ValueError, match='cannot read checkpoint'):
         rope_vit.load_checkpoint(model, bad)
+
+
+# ---------------------------------------------------------------------------------------
+# Published weights: pretrained=True from torch.hub's cache, safetensors
+# ---------------------------------------------------------------------------------------
+
+def _offline_hub(monkeypatch, tmp_path):
+    """An empty torch.hub cache under tmp_path and no network: any download attempt fails."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError('no network in the tests')
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', no_network)
+
+
+def _place_in_hub_cache(module, name, state_dict):
+    path = module.pretrained_cache_path(name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({'model': state_dict}, path)
+    return path
+
+
+def test_vit_pretrained_loads_the_cached_file_strictly_without_network(tmp_path, monkeypatch):
+    _offline_hub(monkeypatch, tmp_path)
+    name = 'rope_mixed_ape_deit_small_patch16_LS'
+    with torch.device('meta'):
+        published = rope_vit.create_model(name)
+    published.to_empty(device='cpu')
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in published.parameters():
+            p.normal_(0, 0.05)
+    path = _place_in_hub_cache(rope_vit, name, _vit_official_state_dict(published))  # official layout
+    assert path == str(tmp_path / 'torch_home' / 'hub' / 'checkpoints' / f'{name}.pth')
+    assert rope_vit.PRETRAINED_URLS[name] == f'https://huggingface.co/naver-ai/{name}/resolve/main/pytorch_model.bin'
+    assert len(rope_vit.PRETRAINED_URLS) == 15 and set(rope_vit.PRETRAINED_URLS) == set(rope_vit.PUBLISHED)
+    expected = published.state_dict()
+    model = rope_vit.create_model(name, pretrained=True)
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    # another class count: all but the new head loaded; its init kept
+    ten = rope_vit.create_model(name, pretrained=True, num_classes=10)
+    assert ten.head.weight.shape == (10, 384) and torch.equal(ten.freqs, expected['freqs'])
+    assert torch.equal(ten.blocks[3].attn.qkv.weight, expected['blocks.3.attn.qkv.weight'])
+    # not in the cache and no network: one error naming the URL and where to put the file
+    other = 'rope_axial_deit_small_patch16_LS'
+    with pytest.raises(RuntimeError) as err:
+        rope_vit.create_model(other, pretrained=True)
+    assert rope_vit.PRETRAINED_URLS[other] in str(err.value)
+    assert rope_vit.pretrained_cache_path(other) in str(err.value)
+    with pytest.raises(ValueError, match='needs a published name'):
+        rope_vit.create_model('vit_small', pretrained=True)
+    with open(path, 'r+b') as f:  # a damaged cached file is named, with what to do
+        f.truncate(1000)
+    with pytest.raises(ValueError, match='delete the file to download it again'):
+        rope_vit.create_model(name, pretrained=True)
+
+
+def _safetensors_sample():
+    torch.manual_seed(0)
+    return {
+        'f32': torch.randn(3, 5), 'f64': torch.randn(2, 2, dtype=torch.float64),
+        'f16': torch.randn(4).half(), 'bf16': torch.randn(2, 3).bfloat16(),
+        'i64': torch.arange(-3, 3), 'i32': torch.arange(6, dtype=torch.int32).reshape(2, 3),
+        'i16': torch.tensor([-7, 8], dtype=torch.int16), 'i8': torch.tensor([-1, 2], dtype=torch.int8),
+        'u8': torch.tensor([0, 255], dtype=torch.uint8), 'bool': torch.tensor([True, False, True]),
+        'scalar': torch.tensor(2.5), 'empty': torch.zeros(0, 4),
+    }
+
+
+@pytest.mark.parametrize('module', [rope_vit, swin_rope], ids=['rope_vit', 'swin_rope'])
+def test_safetensors_reader_matches_the_safetensors_package(tmp_path, module):
+    st = pytest.importorskip('safetensors.torch')
+    tensors = _safetensors_sample()
+    path = str(tmp_path / 'sample.safetensors')
+    st.save_file(tensors, path, metadata={'format': 'pt'})
+    read = module.read_safetensors(path)
+    assert list(read) == list(st.load_file(path))
+    for key, value in tensors.items():
+        assert read[key].dtype == value.dtype and read[key].shape == value.shape, key
+        assert torch.equal(read[key], value), key
+    # recognised by content too (a hub file saved under another name)
+    renamed = tmp_path / 'model.bin'
+    renamed.write_bytes(open(path, 'rb').read())
+    assert module.is_safetensors(str(renamed)) and torch.equal(module.read_checkpoint_file(renamed)['f32'], tensors['f32'])
+    # truncated, not safetensors at all, malformed header, unknown dtype: one ValueError naming the file
+    data = open(path, 'rb').read()
+    bad = tmp_path / 'bad.safetensors'
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], 'little')])
+    cases = {
+        'truncated': data[:-7],
+        'random bytes': np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+        'no JSON': (12).to_bytes(8, 'little') + b'not json !!!',
+        'unknown dtype': (lambda h: len(h).to_bytes(8, 'little') + h)(
+            json.dumps({**header, 'f32': {**header['f32'], 'dtype': 'C64'}}).encode()) + data[8 + len(json.dumps(header)):],
+        'offsets that lie': (lambda h: len(h).to_bytes(8, 'little') + h)(
+            json.dumps({**header, 'f32': {**header['f32'], 'data_offsets': [0, 4]}}).encode()),
+    }
+    for case, content in cases.items():
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(str(bad))):
+            module.read_safetensors(str(bad))
+        with pytest.raises(ValueError):
+            module.load_checkpoint(_vit_tiny('rope_mixed') if module is rope_vit else _swin_small_model('rope_mixed'),
+                                   str(bad))
+
+
+def test_vit_loads_timm_safetensors_like_the_pth(tmp_path):
+    st = pytest.importorskip('safetensors.torch')
+    model = _vit_tiny('rope_mixed_ape')
+    sd = dict(model.state_dict())  # timm's layout, as its hub model.safetensors files hold it
+    sd['rope.freqs'] = sd.pop('freqs').unflatten(-1, (2, 16)).contiguous()
+    st.save_file(sd, str(tmp_path / 'model.safetensors'))
+    other = rope_vit.create_model('vit_tiny', pe='rope_mixed_ape', **_VIT_TINY).eval()
+    assert rope_vit.load_checkpoint(other, tmp_path / 'model.safetensors') == ([], [])
+    x = torch.randn(1, 3, 48, 32)
+    torch.testing.assert_close(other(x), model(x), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Dense prediction: forward_intermediates, ViTDet-style window attention
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('size', [(64, 64), (48, 80)])
+def test_vit_forward_intermediates_maps(size):
+    model = _vit_tiny('rope_mixed', depth=3)
+    x = torch.randn(2, 3, *size)
+    grid = (size[0] // 16, size[1] // 16)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        assert final.shape == (2, 1 + grid[0] * grid[1], 64)
+        assert [m.shape for m in maps] == [(2, 64, *grid)] * 3
+        torch.testing.assert_close(final[:, 0], model.forward_features(x), atol=1e-6, rtol=0)
+        # NCHW is the NLC token sequence laid on the grid: token 1 + y * Wp + x at [:, :, y, x]
+        tokens = model.forward_intermediates(x, indices=[-1], norm=True, output_fmt='NLC', intermediates_only=True)[0]
+        torch.testing.assert_close(tokens, final[:, 1:], atol=0, rtol=0)
+        y, x_ = grid[0] - 1, 1
+        normed = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)[0]
+        torch.testing.assert_close(normed[:, :, y, x_], final[:, 1 + y * grid[1] + x_], atol=0, rtol=0)
+        # indices: the last n, a list with negatives; stop_early skips later blocks; prefix tokens
+        assert len(model.forward_intermediates(x, indices=2, intermediates_only=True)) == 2
+        first = model.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(first[0], maps[0], atol=0, rtol=0)
+        pairs = model.forward_intermediates(x, indices=[0, -1], return_prefix_tokens=True, intermediates_only=True)
+        assert pairs[1][1].shape == (2, 1, 64)
+    for bad in (dict(indices=4), dict(indices=[3]), dict(indices=0), dict(output_fmt='NHWC'),
+                dict(indices=[0], stop_early=True)):
+        with pytest.raises(ValueError):
+            model.forward_intermediates(x, **bad)
+
+
+def test_vit_window_attention_covering_the_grid_is_global_attention():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 3, 1 + 5 * 7, 16).unbind(0)  # (B, heads, T, D), grid 5 x 7
+    full = F.scaled_dot_product_attention(q, k, v)
+    for window in (7, 9):  # one window, padded to 7x7 / 9x9
+        torch.testing.assert_close(rope_vit.window_attention(q, k, v, (5, 7), window), full, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize('grid,window', [((5, 7), 3), ((6, 4), 2), ((4, 9), 4)])
+def test_vit_window_attention_equals_masked_full_attention(grid, window):
+    """Partitioned (padded where the grid does not tile) vs softmax over full attention with the
+    window mask: patches see their window and the class token, the class token sees all."""
+    torch.manual_seed(0)
+    T = 1 + grid[0] * grid[1]
+    q, k, v = torch.randn(3, 2, 3, T, 8, dtype=torch.float64).unbind(0)
+    allowed = torch.zeros(T, T, dtype=torch.bool)
+    allowed[0, :] = allowed[:, 0] = True
+    for i in range(grid[0] * grid[1]):
+        for j in range(grid[0] * grid[1]):
+            (yi, xi), (yj, xj) = divmod(i, grid[1]), divmod(j, grid[1])
+            allowed[1 + i, 1 + j] = (yi // window, xi // window) == (yj // window, xj // window)
+    assert torch.equal(rope_vit.window_attention_mask(grid, window), allowed)
+    logits = (q @ k.transpose(-2, -1) / math.sqrt(8)).masked_fill(~allowed, float('-inf'))
+    ref = logits.softmax(-1) @ v
+    torch.testing.assert_close(rope_vit.window_attention(q, k, v, grid, window), ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize('pe', ['rope_mixed', 'rope_axial_ape'])
+def test_vit_windowed_backbone(pe):
+    x = torch.randn(2, 3, 80, 112)  # grid 5 x 7: 3x3 windows need padding
+    windowed = _vit_tiny(pe, depth=3, window_size=3, global_blocks=(-2,))
+    assert windowed.block_windows == [3, None, 3]
+    plain = rope_vit.create_model('vit_tiny', pe=pe, **{**_VIT_TINY, 'depth': 3}).eval()
+    assert plain.state_dict().keys() == windowed.state_dict().keys()  # published weights load unchanged
+    plain.load_state_dict(windowed.state_dict())
+    with torch.no_grad():
+        out = windowed(x)
+        explicit, attn = windowed.forward_with_attention(x)  # readable RoPE, masked explicit softmax
+        torch.testing.assert_close(out, explicit, atol=1e-5, rtol=0)
+        assert (out - plain(x)).abs().max() > 0.1  # the windows matter with these weights
+        outside = ~rope_vit.window_attention_mask((5, 7), 3)  # (T, T)
+        assert attn[0][:, :, outside].abs().max() == 0 and attn[1][:, :, outside].abs().max() > 0  # block 1 is global
+        covering = rope_vit.create_model('vit_tiny', pe=pe, **{**_VIT_TINY, 'depth': 3}, window_size=7,
+                                         global_blocks=(1,)).eval()
+        covering.load_state_dict(windowed.state_dict())
+        torch.testing.assert_close(covering(x), plain(x), atol=0, rtol=0)
+        maps = windowed.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+        assert [m.shape for m in maps] == [(2, 64, 5, 7)] * 2
+    # training through the fast path: the RoPE-Mixed frequencies get a finite gradient
+    windowed.train()
+    windowed(x).square().mean().backward()
+    if pe == 'rope_mixed':
+        assert torch.isfinite(windowed.freqs.grad).all() and windowed.freqs.grad.abs().sum() > 0
+    with torch.device('meta'):  # the published ViT-B loads into the ViTDet layout
+        vitdet = rope_vit.create_model('rope_mixed_deit_base_patch16_LS', window_size=14, global_blocks=(2, 5, 8, 11))
+        published = rope_vit.create_model('rope_mixed_deit_base_patch16_LS')
+    assert {k: v.shape for k, v in vitdet.state_dict().items()} == {k: v.shape for k, v in published.state_dict().items()}
+
+
+def test_vit_window_config_errors():
+    for kwargs, message in ((dict(window_size=0), 'window_size must be a positive'),
+                            (dict(window_size=2.5), 'window_size must be a positive'),
+                            (dict(window_size=3, global_blocks=(2,)), 'not a block index of a depth-2'),
+                            (dict(window_size=3, global_blocks=(-3,)), 'not a block index'),
+                            (dict(global_blocks=(0,)), 'global_blocks needs window_size')):
+        with pytest.raises(ValueError, match=message):
+            rope_vit.create_model('vit_tiny', pe='rope_mixed', **_VIT_TINY, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -809,6 +1027,70 @@ def test_swin_invalid_sizes_and_names():
     with pytest.raises(ValueError, match='swin_rope_axial_tiny_patch4_window7_224'):
         swin_rope.create_model('swin_huge')
     assert len(swin_rope.list_models()) == 3 + 15
+
+
+def test_swin_pretrained_loads_the_cached_file_strictly_without_network(tmp_path, monkeypatch):
+    _offline_hub(monkeypatch, tmp_path)
+    name = 'swin_rope_axial_tiny_patch4_window7_224'
+    with torch.device('meta'):
+        published = swin_rope.create_model(name)
+    published.to_empty(device='cpu')
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in published.parameters():
+            p.normal_(0, 0.05)
+        for b in published.buffers():  # the axial frequencies: a persistent buffer, loaded too
+            b.normal_(0, 0.05)
+    sd = _swin_official_layout(published)  # with the derived tensors the official files hold
+    _place_in_hub_cache(swin_rope, name, sd)
+    expected = published.state_dict()
+    model = swin_rope.create_model(name, pretrained=True)
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    assert swin_rope.create_model(name, pretrained=True, num_classes=5).head.weight.shape == (5, 768)
+    assert swin_rope.PRETRAINED_URLS[name].startswith('https://huggingface.co/naver-ai/')
+    assert swin_rope.PRETRAINED_URLS['swin_tiny_patch4_window7_224'].endswith(
+        '/v1.0.0/swin_tiny_patch4_window7_224.pth')  # RPB: the original Swin release
+    assert len(swin_rope.PRETRAINED_URLS) == 9
+    with pytest.raises(RuntimeError, match=re.escape(swin_rope.pretrained_cache_path('swin_small_patch4_window7_224'))):
+        swin_rope.create_model('swin_small_patch4_window7_224', pretrained=True)
+    with pytest.raises(ValueError, match='needs a name with released weights'):
+        swin_rope.create_model('swin_rope_mixed_rpb_tiny_patch4_window7_224', pretrained=True)
+
+
+def test_swin_loads_safetensors(tmp_path):
+    st = pytest.importorskip('safetensors.torch')
+    src = _swin_redraw(_swin_small_model('rope_mixed_rpb'))
+    st.save_file(src.state_dict(), str(tmp_path / 'model.safetensors'))
+    dst = _swin_small_model('rope_mixed_rpb', seed=3)
+    assert swin_rope.load_checkpoint(dst, tmp_path / 'model.safetensors') == ([], [])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize('size', [(64, 64), (64, 128), (96, 96)])
+def test_swin_forward_intermediates_maps(size):
+    model = _swin_redraw(_swin_small_model('rope_mixed'))  # 3 stages, patch 4, built at 64 with window 4
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        assert [m.shape for m in maps] == [(2, 16 * 2 ** s, size[0] // (4 * 2 ** s), size[1] // (4 * 2 ** s))
+                                           for s in range(3)]
+        assert final.shape == (2, size[0] // 16, size[1] // 16, 64)
+        torch.testing.assert_close(model.head(final.mean(dim=(1, 2))), model(x), atol=1e-5, rtol=0)
+        # channels last is the same map; norm reaches the last stage only (the only one of its width)
+        nhwc = model.forward_intermediates(x, indices=[0, -1], norm=True, output_fmt='NHWC', intermediates_only=True)
+        torch.testing.assert_close(nhwc[0].permute(0, 3, 1, 2), maps[0], atol=0, rtol=0)
+        torch.testing.assert_close(nhwc[1], final, atol=0, rtol=0)
+        early = model.forward_intermediates(x, indices=1, intermediates_only=True)
+        torch.testing.assert_close(early[0], maps[2], atol=0, rtol=0)
+        first = model.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(first[0], maps[0], atol=0, rtol=0)
+    for bad in (dict(indices=[3]), dict(indices=4), dict(output_fmt='NLC'), dict(indices=[1], stop_early=True)):
+        with pytest.raises(ValueError):
+            model.forward_intermediates(x, **bad)
+    with pytest.raises(ValueError, match='not allowed'):
+        model.forward_intermediates(torch.randn(1, 3, 72, 72))
 
 
 def test_swin_published_mixed_tiny_runs_at_96_224_384():
@@ -1465,6 +1747,16 @@ def test_eval_published_weights_on_an_image_folder(tmp_path):
         with torch.no_grad():
             hits = (model(images).argmax(-1) == targets).sum().item()
         assert row['n'] == 6 and row['top1'] == 100.0 * hits / 6
+    # The same weights as a .safetensors file (timm's hub format) give the same table.
+    st = pytest.importorskip('safetensors.torch')
+    st.save_file(model.state_dict(), str(tmp_path / 'model.safetensors'))
+    args_st = eval_multires.get_args_parser().parse_args([
+        '--model', name, '--checkpoint', str(tmp_path / 'model.safetensors'),
+        '--data-path', str(tmp_path / 'data'), '--resolutions', '32', '16',
+        '--output-dir', str(tmp_path / 'out_st'), '--num-workers', '0', '--quiet'])
+    eval_multires.main(args_st)
+    with open(tmp_path / 'out_st' / 'multires.json') as f:
+        assert json.load(f)['checkpoints'][0]['results'] == entry['results']
     # Swin weights are evaluated with the Swin code's crop ratio.
     swin_cfg = eval_multires._published_config('swin_tiny_patch4_window7_224', {}, args)
     assert swin_cfg['eval_crop_ratio'] == 224 / 256 and swin_cfg['num_classes'] == 1000
@@ -1489,15 +1781,50 @@ def test_eval_swin_attention_is_window_local_over_every_block():
 
 
 # ==============================================================================================
+# hubconf.py: torch.hub entry points
+# ==============================================================================================
+
+def test_hubconf_entry_points_build_and_load_pretrained(tmp_path, monkeypatch):
+    _offline_hub(monkeypatch, tmp_path)
+    root = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, root)
+    try:
+        import hubconf
+    finally:
+        sys.path.remove(root)
+    assert hubconf.dependencies == ['torch']
+    entries = [n for n in dir(hubconf) if callable(getattr(hubconf, n)) and not n.startswith('_')]  # torch.hub.list's rule
+    assert sorted(entries) == sorted(rope_vit.list_models() + swin_rope.list_models())
+    small = torch.hub.load(root, 'vit_tiny', source='local', pe='rope_mixed', **_VIT_TINY)
+    assert isinstance(small, rope_vit.RopeViT) and small.pe == 'rope_mixed' and small.num_classes == 10
+    swin = torch.hub.load(root, 'swin_rope_mixed_rpb_tiny_patch4_window7_224', source='local', num_classes=3)
+    assert isinstance(swin, swin_rope.SwinTransformer) and swin.pe == 'rope_mixed_rpb' and swin.num_classes == 3
+    name = 'rope_axial_deit_small_patch16_LS'
+    with torch.device('meta'):
+        published = rope_vit.create_model(name)
+    published.to_empty(device='cpu')
+    with torch.no_grad():
+        for p in published.parameters():
+            p.normal_(0, 0.05)
+    _place_in_hub_cache(rope_vit, name, published.state_dict())
+    model = torch.hub.load(root, name, source='local', pretrained=True)
+    assert all(torch.equal(v, published.state_dict()[k]) for k, v in model.state_dict().items())
+    assert 'pretrained=True loads the released weights' in hubconf.rope_mixed_deit_base_patch16_LS.__doc__
+    with pytest.raises(RuntimeError, match='without network, save that file as'):
+        torch.hub.load(root, 'swin_rope_mixed_base_patch4_window7_224', source='local', pretrained=True)
+
+
+# ==============================================================================================
 # README.md: the example runs as written
 # ==============================================================================================
 
 _README_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'README.md')
 
 
-def _readme_example():
+def _readme_example(heading='## Use the model in your code'):
+    """The first python block under `heading` in README.md."""
     text = open(_README_PATH).read()
-    section = text.split('## Use the model in your code', 1)[1]
+    section = text.split(heading + '\n', 1)[1]
     return re.search(r'```python\n(.*?)```', section, re.S).group(1)
 
 
@@ -1515,6 +1842,39 @@ def test_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
     exec(compile(code, 'README.md', 'exec'), {})
     printed = capsys.readouterr().out
     assert printed.split() == ['torch.Size([1,', '1000])', '12', 'torch.Size([1,', '6,', '197,', '197])']
+
+
+def test_readme_published_weights_example_runs_offline(tmp_path, monkeypatch, capsys):
+    """The example as written, with the two released files already in torch.hub's cache (no
+    network) and timm's model.safetensors in the working directory."""
+    st = pytest.importorskip('safetensors.torch')
+    _offline_hub(monkeypatch, tmp_path)
+    for module, name in ((rope_vit, 'rope_mixed_deit_small_patch16_LS'),
+                         (swin_rope, 'swin_rope_mixed_tiny_patch4_window7_224')):
+        with torch.device('meta'):
+            model = module.create_model(name)
+        model.to_empty(device='cpu')
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                t.normal_(0, 0.02)
+        _place_in_hub_cache(module, name, model.state_dict())
+        if module is rope_vit:  # timm's layout of the same weights
+            timm_sd = dict(model.state_dict())
+            timm_sd['rope.freqs'] = timm_sd.pop('freqs').unflatten(-1, (6, 32)).contiguous()
+            st.save_file(timm_sd, str(tmp_path / 'model.safetensors'))
+            vit_sd = model.state_dict()
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(_readme_example('## Use the published weights'), 'README.md', 'exec'), namespace)
+    assert capsys.readouterr().out.strip() == rope_vit.pretrained_cache_path('rope_mixed_deit_small_patch16_LS')
+    for key in ('vit', 'timm_copy'):
+        assert all(torch.equal(v, vit_sd[k]) for k, v in namespace[key].state_dict().items()), key
+    assert namespace['head10'].num_classes == 10 and namespace['swin'].pe == 'rope_mixed'
+
+
+def test_readme_dense_backbone_example_runs_as_written(capsys):
+    exec(compile(_readme_example('## Backbone for detection and segmentation'), 'README.md', 'exec'), {})
+    assert capsys.readouterr().out.strip() == '[(256, 256), (128, 128), (64, 64), (32, 32)]'
 
 
 # ==============================================================================================

@@ -611,9 +611,15 @@ def build_scheduler(optimizer, cfg, steps_per_epoch):
 # Checkpoints and random states
 
 def read_checkpoint(path):
-    """torch.load(path, weights_only=True) on CPU; UserError for a missing / corrupt file."""
+    """torch.load(path, weights_only=True) on CPU, or the tensors of a .safetensors file (timm's
+    hub copies); UserError for a missing / corrupt file."""
     if not os.path.isfile(path):
         raise UserError(f'checkpoint {path} does not exist')
+    if rope_vit.is_safetensors(path):
+        try:
+            return rope_vit.read_safetensors(path)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:   # pickle, zip and unpickler errors all mean "not a usable file"
