@@ -4,6 +4,9 @@ CPU, as the README's Performance table (2 threads, ViT-S/16 and Swin-T, batch 4)
     python benchmark.py --threads 2 --batch-size 4 --resolutions 224 384 --reps 7 --peers --wait-quiet 600
 Quick look at one variant pair:
     python benchmark.py --family vit --vit-pe ape rope_mixed --resolutions 224 --reps 3
+ViT-B as a ViTDet-style detection backbone at 1024 x 1024 (14-patch windows, 4 global blocks) vs global:
+    python benchmark.py --family vit --vit-model vit_base --vit-pe ape rope_mixed --vit-window 14 \\
+        --resolutions 1024 --modes infer --batch-size 1 --reps 3 --warmup 1 --no-profile
 One GPU (bf16 autocast; adds model FLOPs and MFU against the GPU's peak; not yet run on a GPU):
     python benchmark.py --device cuda --family vit --vit-model vit_base --batch-size 256 \\
         --resolutions 224 --modes train --peers
@@ -53,6 +56,7 @@ from train import HelpFormatter, UserError, build_model, cli, param_groups
 VIT_PE = ('ape', 'rope_axial', 'rope_mixed', 'rope_axial_ape', 'rope_mixed_ape')
 SWIN_PE = ('rpb', 'rope_axial', 'rope_mixed', 'rope_mixed_rpb')
 BASELINE = {'vit': 'ape', 'swin': 'rpb'}  # the variant every other one is divided by
+WINDOW_TAG = '+window'  # label suffix of a ViTDet-style (windowed) ViT: 'rope_mixed+window14'
 # timm models with the same architecture and PE; {size} is small / base / tiny ...
 TIMM_PEERS = {
     'vit': {'ape': 'deit3_{size}_patch16_224', 'rope_axial': 'vit_{size}_patch16_rope_224',
@@ -152,12 +156,15 @@ def _label_timm_rope():
     eva._benchmark_labelled = True
 
 
-def build_ours(family, model_name, pe, resolution):
+def build_ours(family, model_name, pe, resolution, window=None, global_blocks=()):
     """Our model for a resolution: ViT built at it (the official recipe: no APE resize per
-    forward); Swin built at 224 and run at r (window r / 32, its run-time rule)."""
+    forward); Swin built at 224 and run at r (window r / 32, its run-time rule). window: a
+    ViTDet-style ViT (window attention but in global_blocks)."""
     kwargs = {'pe': pe, 'drop_path_rate': 0.0}
     if family == 'vit':
         kwargs['img_size'] = resolution
+        if window is not None:
+            kwargs.update(window_size=window, global_blocks=tuple(global_blocks))
     return build_model({'model': model_name, 'model_kwargs': kwargs})
 
 
@@ -344,6 +351,9 @@ def format_table(family, resolution, mode, rows, args, other_load, peak_flops):
     gpu = args.device == 'cuda'
     head = ['model', 'ms/step median', 'ms/step min', 'spread', 'img/s', 'peak MiB', 'RoPE share',
             f'time / {BASELINE[family]}', f'memory / {BASELINE[family]}', 'speed-up vs timm']
+    windowed = any(WINDOW_TAG in label for label in rows)
+    if windowed:
+        head += ['time / global', 'memory / global']
     if gpu:
         head += ['TFLOP/step', 'MFU']
     lines = [f'**{family} {args.vit_model if family == "vit" else args.swin_model}, {resolution}x{resolution}, '
@@ -359,6 +369,10 @@ def format_table(family, resolution, mode, rows, args, other_load, peak_flops):
                  f'{row["peak"] / base["peak"]:.3f}' if base and not math.isnan(row['peak'])
                  and not label.startswith('timm:') else '-',
                  f'{peer["min"] / row["min"]:.2f}x' if peer else '-']
+        if windowed:  # a windowed ViT against the same PE with global attention everywhere
+            full = rows.get(label.split(WINDOW_TAG)[0]) if WINDOW_TAG in label else None
+            cells += [f'{row["min"] / full["min"]:.3f}' if full else '-',
+                      f'{row["peak"] / full["peak"]:.3f}' if full and not math.isnan(row['peak']) else '-']
         if gpu:
             flops = row.get('flops', 0)
             cells += [f'{flops / 1e12:.2f}',
@@ -421,6 +435,11 @@ def get_args_parser():
     p.add_argument('--swin-model', default='swin_tiny', help='Swin size name')
     p.add_argument('--vit-pe', nargs='+', default=list(VIT_PE), help='ViT variants (ape is the baseline)')
     p.add_argument('--swin-pe', nargs='+', default=list(SWIN_PE), help='Swin variants (rpb is the baseline)')
+    p.add_argument('--vit-window', type=int, default=None, metavar='PATCHES',
+                   help='also time each ViT variant as a ViTDet-style backbone: window attention of '
+                        'this many patches a side in every block but --vit-global-blocks')
+    p.add_argument('--vit-global-blocks', nargs='*', type=int, default=[2, 5, 8, 11],
+                   help='with --vit-window: the blocks that keep global attention (ViTDet: 2 5 8 11)')
     p.add_argument('--resolutions', nargs='+', type=int, default=[224, 384])
     p.add_argument('--modes', nargs='+', choices=('infer', 'train'), default=['infer', 'train'])
     p.add_argument('--batch-size', type=int, default=4)
@@ -459,7 +478,11 @@ def _check_args(args):
             raise UserError(f"unknown {family} pe {', '.join(bad)}; valid: {', '.join(valid)}")
         name = args.vit_model if family == 'vit' else args.swin_model
         with torch.device('meta'):  # validates the name and every resolution without allocating
-            model = build_ours(family, name, pes[0], 224)
+            try:
+                model = build_ours(family, name, pes[0], 224, args.vit_window if family == 'vit' else None,
+                                   args.vit_global_blocks)
+            except ValueError as e:
+                raise UserError(f'--vit-window / --vit-global-blocks: {e}') from None
         for r in args.resolutions:
             try:
                 model.check_img_size(r, r)
@@ -494,6 +517,11 @@ def main(args):
             for pe in pes:
                 runners[pe] = Runner(build_ours(family, name, pe, resolution), args.batch_size, resolution,
                                      device, amp_dtype)
+            if family == 'vit' and args.vit_window is not None:
+                for pe in pes:
+                    model = build_ours(family, name, pe, resolution, args.vit_window, args.vit_global_blocks)
+                    runners[f'{pe}{WINDOW_TAG}{args.vit_window}'] = Runner(model, args.batch_size, resolution,
+                                                                          device, amp_dtype)
             if peers:
                 for pe in pes:
                     peer = build_timm(family, name, pe, resolution)
