@@ -104,18 +104,22 @@ def _vit_on_meta_then_load(state_dict, **kw):
 # Equations
 # ---------------------------------------------------------------------------------------
 
-def test_vit_eq11_rotation_equals_2x2_rotation_matrices():
+def test_vit_eq11_rotation_equals_2x2_rotation_matrices_and_the_complex_product():
     torch.manual_seed(0)
     T, D = 7, 16
     angles = torch.randn(3, T, D // 2) * 5  # (heads, T, D/2)
     x = torch.randn(2, 2, 3, T, D)  # (q|k, B, heads, T, D)
-    out = rope_vit.apply_rope(x, rope_vit.rope_tables(angles))
+    out = rope_vit.apply_rope(x, *rope_vit.rope_cos_sin(angles))
     c, s = angles.cos(), angles.sin()
     rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # (heads, T, D/2, 2, 2)
     ref = torch.einsum('htjuv,qbhtjv->qbhtju', rot, x.unflatten(-1, (D // 2, 2))).flatten(-2)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    # the complex form of Eq. 7 / 11: (x_2j + i x_2j+1) e^{i phi_j}, in float64
+    complex_form = torch.view_as_real(torch.complex(x[..., 0::2].double(), x[..., 1::2].double())
+                                      * torch.polar(torch.ones_like(angles).double(), angles.double())).flatten(-2)
+    assert (out.double() - complex_form).abs().max() < 1e-5  # fp32 round-off (|x'| <= 5 here)
     # bf16 input: rotation in fp32, result cast back
-    assert rope_vit.apply_rope(x.bfloat16(), rope_vit.rope_tables(angles)).dtype == torch.bfloat16
+    assert rope_vit.apply_rope(x.bfloat16(), *rope_vit.rope_cos_sin(angles)).dtype == torch.bfloat16
 
 
 def _vit_angles(kind, t_x, t_y, head_dim, freqs=None, heads=None):
@@ -133,8 +137,8 @@ def test_vit_eq8_eq15_logits_depend_only_on_relative_position(kind):
     q, k = torch.randn(2, heads, t_x.numel(), D).unbind(0)
 
     def logits(dx, dy):
-        rot = rope_vit.rope_tables(_vit_angles(kind, t_x + dx, t_y + dy, D, freqs, heads))
-        return rope_vit.apply_rope(q, rot) @ rope_vit.apply_rope(k, rot).transpose(-1, -2)
+        cos, sin = rope_vit.rope_cos_sin(_vit_angles(kind, t_x + dx, t_y + dy, D, freqs, heads))
+        return rope_vit.apply_rope(q, cos, sin) @ rope_vit.apply_rope(k, cos, sin).transpose(-1, -2)
 
     base = logits(0, 0)
     torch.testing.assert_close(logits(3, 11), base, atol=1e-4, rtol=1e-5)
@@ -160,14 +164,15 @@ def test_vit_positions_come_from_the_grid_not_the_token_count():
     t_x, t_y = rope_vit.patch_grid_positions(7, 28)  # 112x448 at patch 16: 196 tokens, like 14x14
     assert [(int(a), int(b)) for a, b in zip(t_x, t_y)] == [(n % 28, n // 28) for n in range(196)]
     model = _vit_tiny('rope_axial', patch_size=16)
-    rot = model.block_rotations(7, 28, torch.device('cpu'))[0]  # (T, D/2) complex
+    cos, sin = model.block_rotations(7, 28, torch.device('cpu'))[0]  # (T, D/2) each
     mag = [100.0 ** (-t / 8) for t in range(8)]
     for n in (1, 30, 196):  # token n (row 0 is the class token)
         x, y = (n - 1) % 28, (n - 1) // 28
         phi = torch.tensor([x * m for m in mag] + [y * m for m in mag])
-        torch.testing.assert_close(rot[n].real, phi.cos(), atol=1e-6, rtol=0)
-        torch.testing.assert_close(rot[n].imag, phi.sin(), atol=1e-6, rtol=0)
-    torch.testing.assert_close(rot[0], torch.ones(16, dtype=torch.complex64))  # class token: identity
+        torch.testing.assert_close(cos[n], phi.cos(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(sin[n], phi.sin(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(cos[0], torch.ones(16))  # class token: identity
+    torch.testing.assert_close(sin[0], torch.zeros(16))
     # and the APE is resized to the 7x28 grid, not reused as 14x14
     ape = _vit_tiny('ape', img_size=224)
     ref = rope_vit.create_model('vit_tiny', pe='ape', img_size=(112, 448), **_VIT_TINY).eval()
@@ -633,8 +638,9 @@ def test_vit_bf16_autocast_close_to_fp32_at_512():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         tables = model.block_rotations(32, 32, x.device)
         low = model(x)
-    assert tables[0].dtype == torch.complex64  # angles and cos/sin stay fp32 under autocast
-    torch.testing.assert_close(tables[1], model.block_rotations(32, 32, x.device)[1], atol=0, rtol=0)
+    assert tables[0][0].dtype == torch.float32  # angles and cos/sin stay fp32 under autocast
+    for got, want in zip(tables[1], model.block_rotations(32, 32, x.device)[1]):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
     with torch.no_grad():
         ref = model(x)
     # bf16 keeps 8 mantissa bits (relative error 2^-9 per rounding); over two stressed blocks the
@@ -1945,25 +1951,30 @@ def test_bench_load_meter_and_bounded_wait():
     assert budget[0] <= 0
 
 
+def _complex_table(angles):
+    """e^{i phi} as the fused path's complex table."""
+    return torch.complex(angles.cos(), angles.sin())
+
+
 def test_bench_rotation_gradcheck_matches_plain_formula():
     torch.manual_seed(0)
     B, T, heads, D = 2, 5, 2, 8
     qkv = torch.randn(B * T, 3 * heads * D, dtype=torch.float64, requires_grad=True)
 
-    def plain(qkv, rot):  # autograd of Eq. 11 as written
+    def plain(qkv, angles):  # autograd of Eq. 11 as written (real form)
         split = qkv.view(B, T, 3, heads, D).permute(2, 0, 3, 1, 4)  # (3, B, heads, T, D)
-        q, k = rope_vit.apply_rope(split[:2], rot).unbind(0)
+        q, k = rope_vit.apply_rope(split[:2], *rope_vit.rope_cos_sin(angles)).unbind(0)
         return q, k, split[2]
 
     for rot_shape in ((heads, T, D // 2), (T, D // 2), (1, T, D // 2)):  # Mixed, Axial, shared
         angles = torch.randn(rot_shape, dtype=torch.float64, requires_grad=True)
 
         def fast(qkv, angles):
-            return rope_vit.RotateQK.apply(qkv * 1, rope_vit.rope_tables(angles), heads, B)[1:]
+            return rope_vit.RotateQK.apply(qkv * 1, _complex_table(angles), heads, B)[1:]
         assert torch.autograd.gradcheck(fast, (qkv, angles))
         grad = [torch.randn(B, heads, T, D, dtype=torch.float64) for _ in range(3)]
         got = torch.autograd.grad(fast(qkv, angles), (qkv, angles), grad)
-        want = torch.autograd.grad(plain(qkv, rope_vit.rope_tables(angles)), (qkv, angles), grad)
+        want = torch.autograd.grad(plain(qkv, angles), (qkv, angles), grad)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
@@ -1976,12 +1987,12 @@ def test_bench_rotation_gradcheck_matches_plain_formula():
 
     def fast_freqs(qkv, freqs):
         with torch.no_grad():
-            rot = rope_vit.rope_tables(angles_of(freqs))
+            rot = _complex_table(angles_of(freqs))
         return rope_vit.RotateQK.apply(qkv * 1, rot, heads, B, freqs, positions)[1:]
     assert torch.autograd.gradcheck(fast_freqs, (qkv, freqs))
     grad = [torch.randn(B, heads, T, D, dtype=torch.float64) for _ in range(3)]
     got = torch.autograd.grad(fast_freqs(qkv, freqs), (qkv, freqs), grad)
-    want = torch.autograd.grad(plain(qkv, rope_vit.rope_tables(angles_of(freqs))), (qkv, freqs), grad)
+    want = torch.autograd.grad(plain(qkv, angles_of(freqs)), (qkv, freqs), grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
@@ -1990,7 +2001,7 @@ def test_bench_fast_path_equals_readable_path_and_saves_no_extra_activations():
     x = torch.randn(2, 3, 48, 64)
     model = _bench_vit('rope_mixed').train()
     logits = model(x)
-    ref, _ = model.forward_with_attention(x)  # apply_rope on tables with their autograd graph
+    ref, _ = model.forward_with_attention(x)  # readable apply_rope on cos/sin tables with their autograd graph
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
     logits.square().sum().backward()
     fast_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
