@@ -715,9 +715,9 @@ def test_swin_eq15_logits_depend_on_relative_offsets_only():
     t_x, t_y = swin_rope.window_positions(w)
     assert t_x.tolist() == [float(n % w) for n in range(w * w)]  # column: x = n mod w
     assert t_y.tolist() == [float(n // w) for n in range(w * w)]  # row: y = n div w
-    cis = swin_rope.rope_cis(freqs, t_x, t_y)  # (nH, N, d/2)
+    cos, sin = swin_rope.rope_cos_sin(swin_rope.rope_angles(freqs, t_x, t_y))  # (nH, N, d/2) each
     q, k = torch.randn(2, heads, w * w, d).unbind(0)
-    logits = swin_rope.apply_rope(q, cis) @ swin_rope.apply_rope(k, cis).transpose(-1, -2)
+    logits = swin_rope.apply_rope(q, cos, sin) @ swin_rope.apply_rope(k, cos, sin).transpose(-1, -2)
     # Independent Eq. 15: Re[sum_j q_nj conj(k_mj) exp(i (fx_j dx + fy_j dy))] in float64.
     dx = (t_x[:, None] - t_x[None, :]).double()  # (N, N)
     dy = (t_y[:, None] - t_y[None, :]).double()
@@ -731,7 +731,7 @@ def test_swin_eq15_logits_depend_on_relative_offsets_only():
     attn = _swin_small_model('rope_mixed').layers[0].blocks[0].attn
     x = torch.randn(1, 1, 16).expand(1, w * w, 16)
     qkv = attn.qkv(x).reshape(1, w * w, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    qr, kr = swin_rope.apply_rope(qkv[:2], attn.rope_factors(w)).unbind(0)
+    qr, kr = swin_rope.apply_rope(qkv[:2], *attn.rope_tables(w)).unbind(0)
     a = (qr @ kr.transpose(-1, -2))[0]  # (nH, N, N)
     for off in {(int(i), int(j)) for i, j in zip(dx.flatten(), dy.flatten())}:
         sel = (dx == off[0]) & (dy == off[1])
