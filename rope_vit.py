@@ -163,8 +163,8 @@ def resize_pos_embed(pos_embed: torch.Tensor, old_grid: Tuple[int, int], new_gri
     pos_embed (1, old_h * old_w, C) row-major, no class-token slot. Returns (1, new_h * new_w, C)
     in pos_embed's dtype (the interpolation itself runs in float32).
     """
-    if tuple(old_grid) == tuple(new_grid):
-        return pos_embed
+    if not torch.compiler.is_compiling() and tuple(old_grid) == tuple(new_grid):
+        return pos_embed  # traced graphs always resize (exact at the same size), so that no grid is baked in
     channels = pos_embed.shape[-1]
     grid = pos_embed.float().reshape(1, old_grid[0], old_grid[1], channels).permute(0, 3, 1, 2)  # (1, C, h, w)
     grid = F.interpolate(grid, size=tuple(new_grid), mode='bicubic', align_corners=False, antialias=False)

@@ -192,8 +192,8 @@ def resize_rpb_table(table: torch.Tensor, window: int, mode: str = 'bicubic') ->
     length, num_heads = table.shape
     side = math.isqrt(length)
     new_side = 2 * window - 1
-    if side == new_side:
-        return table
+    if not torch.compiler.is_compiling() and side == new_side:
+        return table  # traced graphs always resize (exact at the same size), so that no window is baked in
     grid = table.t().reshape(1, num_heads, side, side)  # (1, nH, 2w0-1, 2w0-1)
     if mode == 'bicubic':
         grid = F.interpolate(grid, size=(new_side, new_side), mode='bicubic', align_corners=False)
@@ -336,12 +336,14 @@ class WindowAttention(nn.Module):
         elif mask is not None:
             mask = mask.to(q.dtype)
 
-        if self.return_attn:  # explicit path, same math: softmax(q k^T * scale + B + mask) v
+        if self.return_attn or torch.compiler.is_compiling():  # explicit, same math: softmax(q k^T * scale + B + mask) v
+            # (traced graphs take it too: the export decomposition of SDPA with a mask mislabels strides)
             logits = (q * scale) @ k.transpose(-2, -1)  # (B_, nH, N, N)
             if mask is not None:
                 logits = logits + mask
             attn = logits.softmax(dim=-1)
-            self.last_attn = attn.detach()
+            if self.return_attn:
+                self.last_attn = attn.detach()
             out = attn @ v  # (B_, nH, N, d)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B_, nH, N, d)

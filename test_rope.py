@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import warnings
 
 import matplotlib.image
 import numpy as np
@@ -546,6 +547,105 @@ def test_vit_window_config_errors():
 
 
 # ---------------------------------------------------------------------------------------
+# Deploy: torch.compile, torch.export, ONNX (they trace the readable, real-valued formula)
+# ---------------------------------------------------------------------------------------
+
+def _recording_backend(complex_nodes):
+    """A torch.compile backend: notes every node of the captured graph that makes a complex
+    tensor, then runs that graph as it is (dynamo's capture only: no AOT tracing, no code generation)."""
+    def backend(gm, example_inputs):
+        for node in gm.graph.nodes:
+            value = node.meta.get('example_value', node.meta.get('val'))
+            values = value if isinstance(value, (tuple, list)) else [value]
+            complex_nodes.extend(node.format_node() for v in values if isinstance(v, torch.Tensor) and v.is_complex())
+        return gm.forward
+    return backend
+
+
+def _compiled_matches_eager(model, compiled, eval_sizes, train_size, tol):
+    """Logits at eval_sizes and a training step's gradients of the compiled model equal eager's."""
+    model.eval()
+    with torch.no_grad():
+        for size in eval_sizes:
+            x = torch.randn(2, 3, *size)
+            torch.testing.assert_close(compiled(x), model(x), atol=tol, rtol=tol)
+    model.train()
+    x = torch.randn(2, 3, *train_size)
+    compiled(x).square().mean().backward()
+    got = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    model(x).square().mean().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, atol=tol, rtol=tol, msg=name)
+    model.eval()
+
+
+@pytest.mark.parametrize('pe', rope_vit.PE_VARIANTS)
+def test_vit_compile_fullgraph_dynamic_every_pe(pe):
+    """torch.compile(fullgraph=True, dynamic=True) of every PE variant with a recording backend:
+    dynamo captures the whole forward (fullgraph raises on any graph break) and the graph runs
+    as captured. Inductor would add tens of seconds of code generation per compile on CPU, so it
+    runs once, in test_vit_compile_inductor_warns_nothing. Checks: no complex tensor in the
+    captured graphs (inductor cannot generate code for them), logits at two sizes and the
+    gradients of a training step equal eager."""
+    torch._dynamo.reset()
+    model = _vit_tiny(pe, patch_size=8, img_size=32)
+    complex_nodes = []
+    compiled = torch.compile(model, backend=_recording_backend(complex_nodes), fullgraph=True, dynamic=True)
+    _compiled_matches_eager(model, compiled, [(32, 48), (64, 40)], (48, 32), tol=1e-4)
+    assert complex_nodes == []
+
+
+def _inductor_run(model, eval_sizes, train_size):
+    """Compile with inductor (fullgraph, dynamic) and return the warnings raised while it ran."""
+    import torch._inductor.lowering as lowering
+    torch._dynamo.reset()
+    if hasattr(lowering, '_warn_complex_not_supported'):  # it warns once per process
+        lowering._warn_complex_not_supported.cache_clear()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        _compiled_matches_eager(model, compiled, eval_sizes, train_size, tol=1e-4)
+    return [str(w.message) for w in caught]
+
+
+def test_vit_compile_inductor_warns_nothing():
+    """Inductor, fullgraph, dynamic (main warned 'does not support code generation for complex
+    operators'): RoPE-Mixed + APE with one block (each block compiles to the same kernels),
+    eval and a training step, equal to eager. The costliest test (about a minute on 2 cores)."""
+    messages = _inductor_run(_vit_tiny('rope_mixed_ape', patch_size=8, img_size=32, depth=1), [(32, 48)], (48, 32))
+    assert not [m for m in messages if 'complex' in m.lower()], messages
+
+
+@pytest.mark.parametrize('pe', rope_vit.PE_VARIANTS)
+def test_vit_export_dynamic_size_and_onnxruntime(pe, tmp_path):
+    """torch.export with dynamic height and width (multiples of the patch size), traced at 32x48
+    and run at two other sizes; then that one program to ONNX (dynamo exporter) and run with
+    onnxruntime on CPU at the same two sizes: max |logit difference| to eager <= 1e-4."""
+    model = _vit_tiny(pe, patch_size=8, img_size=32)
+    height, width = torch.export.Dim('height', min=1, max=64), torch.export.Dim('width', min=1, max=64)
+    program = torch.export.export(model, (torch.randn(2, 3, 32, 48),),
+                                  dynamic_shapes={'x': {2: 8 * height, 3: 8 * width}})
+    inputs = [torch.randn(2, 3, 56, 24), torch.randn(2, 3, 40, 72)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    for x, want in zip(inputs, expected):
+        torch.testing.assert_close(program.module()(x), want, atol=1e-5, rtol=1e-5)
+    _check_onnxruntime(program, inputs, expected, tmp_path / f'vit_{pe}.onnx')
+
+
+def _check_onnxruntime(program, inputs, expected, path):
+    """Export a torch.export program to ONNX and compare onnxruntime's outputs (max |diff| <= 1e-4)."""
+    pytest.importorskip('onnxscript')
+    ort = pytest.importorskip('onnxruntime')
+    torch.onnx.export(program, dynamo=True).save(str(path))
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    for x, want in zip(inputs, expected):
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        assert np.abs(got - want.numpy()).max() <= 1e-4, (tuple(x.shape), np.abs(got - want.numpy()).max())
+
+
+# ---------------------------------------------------------------------------------------
 # Model API, sizes, training, dtypes
 # ---------------------------------------------------------------------------------------
 
@@ -971,6 +1071,15 @@ def test_swin_window_and_shift_per_stage():
     torch.testing.assert_close(attn[3]['attn'].sum(-1), torch.ones(2 * 2 * 4, 4, 9))
 
 
+def test_swin_fused_rotation_equals_readable():
+    """Eager forward (one complex multiply, cached factors) equals the readable real formula."""
+    attn = _swin_redraw(_swin_small_model('rope_mixed')).layers[0].blocks[0].attn
+    qk = torch.randn(2, 3, attn.num_heads, 36, attn.head_dim)  # (q|k, B_, nH, N, d), window 6
+    with torch.no_grad():
+        torch.testing.assert_close(swin_rope.rotate_fused(qk, attn, 6),
+                                   swin_rope.apply_rope(qk, *attn.rope_tables(6)), atol=2e-6, rtol=1e-5)
+
+
 def test_swin_forward_with_attention_matches_forward():
     model = _swin_redraw(_swin_small_model('rope_mixed_rpb'))
     x = torch.randn(2, 3, 64, 64)
@@ -1015,6 +1124,59 @@ def test_swin_eval_cache_follows_weights_and_autocast_runs():
         low = model(x)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), changed, atol=0.1, rtol=0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Deploy: torch.compile, torch.export, ONNX (they trace the readable, real-valued formula)
+# ----------------------------------------------------------------------------------------------
+# Swin's window follows the input size (r / 32 for the published models), so a graph with a
+# symbolic size carries symbolic window shapes through every partition, shift and mask; tracing
+# one with dynamic=True or a dynamic torch.export works (checked by hand: max |diff| 5e-9 at
+# two other sizes) but costs over a minute even for one stage on 2 CPU cores. The tests below
+# trace per size instead (dynamic=False, one export per resolution).
+
+@pytest.mark.parametrize('pe', swin_rope.PE_VARIANTS)
+def test_swin_compile_fullgraph_every_pe(pe):
+    """torch.compile(fullgraph=True, dynamic=False) of every PE variant with the recording backend
+    of the ViT tests (dynamo's capture, no code generation): no graph break, no complex tensor in
+    the graphs, logits at two sizes and a training step's gradients equal eager."""
+    torch._dynamo.reset()
+    model = _swin_redraw(_swin_small_model(pe))
+    complex_nodes = []
+    compiled = torch.compile(model, backend=_recording_backend(complex_nodes), fullgraph=True, dynamic=False)
+    _compiled_matches_eager(model, compiled, [(64, 64), (96, 96)], (64, 64), tol=1e-4)
+    assert complex_nodes == []
+
+
+def test_swin_compile_inductor_warns_nothing():
+    """Inductor, fullgraph (static sizes, see above): RoPE-Mixed + RPB, one stage of a plain and a
+    shifted block (the others compile to the same kernels), eval and a training step equal to
+    eager, and no 'complex operators' warning. About a minute on 2 cores."""
+    model = _swin_redraw(_swin_small_model('rope_mixed_rpb', depths=(2,), num_heads=(2,), img_size=16))
+    torch._dynamo.reset()
+    import torch._inductor.lowering as lowering
+    if hasattr(lowering, '_warn_complex_not_supported'):  # it warns once per process
+        lowering._warn_complex_not_supported.cache_clear()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        _compiled_matches_eager(model, compiled, [(64, 64)], (64, 64), tol=1e-4)
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if 'complex' in m.lower()], messages
+
+
+@pytest.mark.parametrize('pe', swin_rope.PE_VARIANTS)
+def test_swin_export_and_onnxruntime_per_resolution(pe, tmp_path):
+    """torch.export at 64 and at 96 (windows 4 and 6, the run-time rule), each program to ONNX
+    (dynamo exporter) and run with onnxruntime on CPU: max |logit difference| to eager <= 1e-4."""
+    model = _swin_redraw(_swin_small_model(pe, depths=(2, 2), num_heads=(2, 4)))
+    for size in (64, 96):
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            want = model(x)
+        program = torch.export.export(model, (x,))
+        torch.testing.assert_close(program.module()(x), want, atol=1e-5, rtol=1e-5)
+        _check_onnxruntime(program, [x], [want], tmp_path / f'swin_{pe}_{size}.onnx')
 
 
 def test_swin_invalid_sizes_and_names():
@@ -2022,6 +2184,19 @@ def test_bench_fast_path_equals_readable_path_and_saves_no_extra_activations():
     ape = saved_bytes(_bench_vit('ape').train())
     mixed = saved_bytes(_bench_vit('rope_mixed').train())
     assert mixed <= ape * 1.02, (mixed, ape)  # q, k rotated in place: only the small tables are extra
+
+
+@pytest.mark.parametrize('pe', ['rope_axial', 'rope_mixed'])
+def test_vit_fused_tables_equal_readable_tables(pe):
+    """The fast path's per-axis complex tables equal Eq. 10's cos/sin of Eq. 12 / 14 angles
+    (fp32 round-off; angles up to ~40 rad on a 9x23 grid), class token the identity."""
+    model = _vit_tiny(pe)
+    readable = model.block_rotations(9, 23, torch.device('cpu'))
+    fused = rope_vit.fused_rotations(model, 9, 23, torch.device('cpu'))
+    for (cos, sin), rot in zip(readable, fused):
+        assert rot.dtype == torch.complex64 and rot.shape == cos.shape
+        assert (rot.real - cos).abs().max() < 2e-6 and (rot.imag - sin).abs().max() < 2e-6
+        assert torch.all(rot[..., 0, :] == 1)
 
 
 def test_bench_rope_cache_follows_frequencies():
