@@ -31,12 +31,10 @@ Differences from the official code, all bug fixes: fp32 backward works (no in-pl
 writes into autograd tensors), grids are never inferred from a token count (112x448
 gets its own positions), attention runs through F.scaled_dot_product_attention.
 
-Cost (benchmark.py): the rotation tables of all blocks are built once per forward (and kept
-per grid while no gradient must reach the frequencies), the class token gets the identity
-rotation instead of being sliced off and re-attached, and q and k are rotated in place in the
-qkv projection's output by one complex multiply (RotateQK), whose backward keeps no extra
-activation and forms the RoPE-Mixed frequency gradient in closed form. ``apply_rope`` is the
-readable formula; forward_with_attention and torch.compile use it.
+Layout, in the order of the paper's section 3: the RoPE equations (real-valued cos/sin on
+channel pairs: ``apply_rope``, the normative formula that forward_with_attention,
+torch.compile and export run), the APE, attention / block / model, checkpoints, presets,
+and last "Speed: the same math, fused", the eager path forward() takes otherwise.
 
 Shape legend: B batch, T = 1 + N tokens (class token first, then N = Hp * Wp patch
 tokens row-major over the (Hp, Wp) patch grid: token n has column x = n % Wp and row
@@ -71,7 +69,7 @@ DEFAULT_ROPE_THETA = {'axial': 100.0, 'mixed': 10.0}  # Eq. 13 base (Axial) / re
 
 
 # ---------------------------------------------------------------------------------------
-# 2D RoPE math (section 3.2), pure functions
+# 2D RoPE (section 3.2): the equations, real-valued
 # ---------------------------------------------------------------------------------------
 
 def rope_magnitudes(head_dim: int, theta: float, device=None) -> torch.Tensor:
@@ -120,134 +118,44 @@ def axial_angles(t_x: torch.Tensor, t_y: torch.Tensor, head_dim: int, theta: flo
     Released layout: complex pairs ``0 .. D/4-1`` rotate with ``p^x`` and pairs
     ``D/4 .. D/2-1`` with ``p^y`` (the paper interleaves x/y; the weights use halves).
     """
-    mag = rope_magnitudes(head_dim, theta, device=t_x.device)  # (D/4,)
+    mag = rope_magnitudes(head_dim, theta, device=t_x.device).to(t_x.dtype)  # (D/4,)
     return torch.cat([t_x[:, None] * mag, t_y[:, None] * mag], dim=-1)  # (N, D/2)
 
 
 def mixed_angles(t_x: torch.Tensor, t_y: torch.Tensor, freqs: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Eq. 14: RoPE-Mixed angles ``theta^x_t p^x_n + theta^y_t p^y_n`` for every layer and head.
 
-    freqs (2, L, heads * D/2), t_x, t_y (N,). Returns float32 (L, heads, N, D/2). Uses
-    broadcast products, not matmuls, so that autocast cannot lower their precision; computed
-    in t_x's dtype (float32, or float64 for a float64 model). The memory is token-major
-    (a permuted view): the backward's sum over tokens then runs over the outermost dim, which
-    is many times faster on CPU than a sum over a middle dim.
+    freqs (2, L, heads * D/2), t_x, t_y (N,). Returns (L, heads, N, D/2) in t_x's dtype
+    (float32, or float64 for a float64 model). Broadcast products, not matmuls, so that
+    autocast cannot lower their precision.
     """
     fx, fy = freqs.to(t_x.dtype).unflatten(-1, (num_heads, -1)).unbind(0)  # (L, heads, D/2) each
-    angles = t_x[:, None, None, None] * fx + t_y[:, None, None, None] * fy  # (N, L, heads, D/2)
-    return angles.permute(1, 2, 0, 3)  # (L, heads, N, D/2)
+    return t_x[:, None] * fx[..., None, :] + t_y[:, None] * fy[..., None, :]  # (L, heads, N, D/2)
 
 
-def rope_tables(angles: torch.Tensor) -> torch.Tensor:
-    """Eq. 10: the rotation ``R = e^{i phi} = cos phi + i sin phi`` for each complex pair.
-
-    angles (..., D/2) float32 (or float64). Returns complex64 (complex128) (..., D/2).
-    """
-    return torch.complex(angles.cos(), angles.sin())
+def rope_cos_sin(angles: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 10 in real form: ``R = e^{i phi}`` as the pair (cos phi, sin phi), same shape as angles (..., D/2)."""
+    return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Eq. 11: ``x' = x o R``, channels (2j, 2j+1) read as the complex number x_2j + i x_2j+1.
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Eq. 11: ``x' = x o R``, reading channels (2j, 2j+1) as the complex number x_2j + i x_2j+1.
 
-    x (..., T, D) of any float dtype; rot (..., T, D/2) complex, broadcast over x's leading
-    dims. The product runs in (at least) float32 and is cast back to x's dtype; nothing is
-    written in place. One complex multiply is the cheapest form on CPU (one kernel, no
-    intermediate tensors), cheaper than real cos/sin tables with a pair swap.
+    The complex product written with real numbers, a 2x2 rotation of each channel pair:
+    ``x'_2j = x_2j cos phi_j - x_2j+1 sin phi_j``, ``x'_2j+1 = x_2j sin phi_j + x_2j+1 cos phi_j``.
+    x (..., T, D) of any float dtype; cos, sin (..., T, D/2), broadcast over x's leading dims.
+    Runs in (at least) float32 and casts back to x's dtype. Real ops only, so torch.compile
+    generates code for it and ONNX can express it (neither handles complex tensors).
     """
     xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
-    x_complex = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))  # (..., T, D/2) complex
-    return torch.view_as_real(x_complex * rot).flatten(-2).to(x.dtype)  # (..., T, D)
+    real, imag = xf.unflatten(-1, (-1, 2)).unbind(-1)  # (..., T, D/2) each: channels 2j, 2j+1
+    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)  # (..., T, D/2, 2)
+    return rotated.flatten(-2).to(x.dtype)  # (..., T, D)
 
 
-def _complex_pairs(x: torch.Tensor) -> torch.Tensor:
-    """(..., D) real -> (..., D/2) complex view of channel pairs (2j, 2j+1); copies only if strides forbid a view."""
-    pairs = x.unflatten(-1, (-1, 2))  # (..., D/2, 2)
-    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
-        pairs = pairs.contiguous()
-    return torch.view_as_complex(pairs)
-
-
-class RotateQK(torch.autograd.Function):
-    """Eq. 11 on q and k, in place in the qkv projection's output, with a lean backward.
-
-    Returns (qkv, q, k, v): q, k, v are (B, heads, T, D) views of qkv, q and k rotated; the
-    same values as ``apply_rope`` on q and k. Why a Function:
-    * memory: autograd of the plain formula writes the rotated q and k to a new tensor (2/3 of
-      qkv per block, ~8 % of ViT-S's training memory) and also keeps the unrotated ones for the
-      gradient of R. Here the projection's output, which nothing else saves, is rotated in
-      place; since |R| = 1 the input is recoverable from the output (x = x' conj(R)), so only
-      the rotated qkv, which attention saves anyway, and R are kept for backward.
-    * time: the backward writes the gradient of qkv straight from the gradients of q, k, v in
-      one pass, rotating q's and k's back on the way; this replaces the stack and the layout
-      copy that autograd runs for the head split of any ViT (the APE model's too).
-    * RoPE-Mixed: given the block's frequencies and the token positions (R then built without
-      autograd), the frequencies' gradient is formed here in closed form, sparing the backward
-      of the cos/sin tables: with phi = p^x theta^x + p^y theta^y (Eq. 14) and
-      S = sum over batch and q|k of g conj(x'), dL/dphi = Im(S) and dL/dtheta = p^T Im(S).
-    """
-
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor, rot: torch.Tensor, num_heads: int, batch: int,
-                freqs: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None):
-        """qkv (B * T, 3 * heads * D), channels [q | k | v] head-major, not a view (autograd
-        allows in-place writes plus several outputs only then); rot complex (heads or 1, T, D/2)
-        or (T, D/2); optional freqs (2, heads * D/2) = (theta^x, theta^y) that rot was built from,
-        with positions (T, 2) = (p^x, p^y)."""
-        split = _split_heads(qkv, num_heads, batch)  # (3, B, heads, T, D) view
-        if qkv.dtype in (torch.float32, torch.float64) and qkv.is_contiguous():
-            torch.view_as_complex(split[:2].unflatten(-1, (-1, 2))).mul_(rot)  # one in-place pass
-        else:  # bf16 / fp16 (or odd strides): rotate in fp32, round once
-            split[:2] = torch.view_as_real(_complex_pairs(split[:2].float()) * rot).flatten(-2)
-        ctx.mark_dirty(qkv)
-        ctx.save_for_backward(qkv, rot, positions)
-        ctx.num_heads, ctx.batch = num_heads, batch
-        ctx.set_materialize_grads(False)  # the qkv output is not used by the model: no zero tensor
-        q, k, v = split.unbind(0)  # (B, heads, T, D) each
-        return qkv, q, k, v
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_qkv_out, grad_q, grad_k, grad_v):
-        rotated_qkv, rot, positions = ctx.saved_tensors
-        grads = [grad_q, grad_k, grad_v]
-        if grad_qkv_out is not None:  # someone used the returned qkv as well
-            extra = _split_heads(grad_qkv_out, ctx.num_heads, ctx.batch)
-            grads = [e if g is None else g + e for g, e in zip(grads, extra.unbind(0))]
-        grads = [torch.zeros(()).to(rotated_qkv).expand(_split_heads(rotated_qkv, ctx.num_heads, ctx.batch).shape[1:])
-                 if g is None else g for g in grads]  # (B, heads, T, D) each
-        real_dtype = torch.promote_types(grads[0].dtype, torch.float32)
-        grad_qkv = torch.empty(rotated_qkv.shape, dtype=grads[0].dtype, device=rotated_qkv.device)  # (B, T, 3C)
-        grad_split = _split_heads(grad_qkv, ctx.num_heads, ctx.batch)  # (3, B, heads, T, D) view
-        grad_pairs = [_complex_pairs(g.to(real_dtype)) for g in grads[:2]]  # 2 x (B, heads, T, D/2)
-        rot_back = rot.conj().resolve_conj()  # d(x R)/dx: multiply by conj(R), i.e. rotate back
-        for i in range(2):
-            if grad_qkv.dtype == real_dtype:
-                torch.mul(grad_pairs[i], rot_back, out=torch.view_as_complex(grad_split[i].unflatten(-1, (-1, 2))))
-            else:
-                grad_split[i] = torch.view_as_real(grad_pairs[i] * rot_back).flatten(-2)
-        grad_split[2] = grads[2]  # v passes through
-        grad_rot = grad_freqs = None
-        needs_freqs = len(ctx.needs_input_grad) > 4 and ctx.needs_input_grad[4]  # freqs given and trained
-        if ctx.needs_input_grad[1] or needs_freqs:
-            # d(x R)/dR = conj(x) = conj(x' conj(R)) = conj(x') R; S sums g conj(x') over batch, q|k
-            rotated = _split_heads(rotated_qkv, ctx.num_heads, ctx.batch)[:2]
-            summed = sum((g * _complex_pairs(y.to(real_dtype)).conj()).sum(0)
-                         for g, y in zip(grad_pairs, rotated))  # S (heads, T, D/2)
-            if needs_freqs:  # dL/dtheta = p^T Im(S): (2, T) @ (T, heads * D/2)
-                grad_freqs = positions.t().to(real_dtype) @ summed.imag.transpose(0, 1).reshape(summed.shape[1], -1)
-            if ctx.needs_input_grad[1]:
-                if rot.dim() == 2:  # (T, D/2): shared by all heads
-                    summed = summed.sum(0)
-                elif rot.shape[0] == 1:
-                    summed = summed.sum(0, keepdim=True)
-                grad_rot = summed * rot
-        return (grad_qkv, grad_rot, None, None, grad_freqs, None)[:len(ctx.needs_input_grad)]
-
-
-def _split_heads(qkv: torch.Tensor, num_heads: int, batch: int) -> torch.Tensor:
-    """(B * T, 3 * heads * D) -> (3, B, heads, T, D) view: channels [q | k | v], each head-major."""
-    return qkv.view(batch, -1, 3, num_heads, qkv.shape[-1] // (3 * num_heads)).permute(2, 0, 3, 1, 4)
-
+# ---------------------------------------------------------------------------------------
+# Position embeddings: APE (Eq. 1) on any grid
+# ---------------------------------------------------------------------------------------
 
 def resize_pos_embed(pos_embed: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int]) -> torch.Tensor:
     """Section 3.3: resize a learned APE grid bicubically (align_corners=False, no antialias).
@@ -255,8 +163,8 @@ def resize_pos_embed(pos_embed: torch.Tensor, old_grid: Tuple[int, int], new_gri
     pos_embed (1, old_h * old_w, C) row-major, no class-token slot. Returns (1, new_h * new_w, C)
     in pos_embed's dtype (the interpolation itself runs in float32).
     """
-    if tuple(old_grid) == tuple(new_grid):
-        return pos_embed
+    if not torch.compiler.is_compiling() and tuple(old_grid) == tuple(new_grid):
+        return pos_embed  # traced graphs always resize (exact at the same size), so that no grid is baked in
     channels = pos_embed.shape[-1]
     grid = pos_embed.float().reshape(1, old_grid[0], old_grid[1], channels).permute(0, 3, 1, 2)  # (1, C, h, w)
     grid = F.interpolate(grid, size=tuple(new_grid), mode='bicubic', align_corners=False, antialias=False)
@@ -264,7 +172,7 @@ def resize_pos_embed(pos_embed: torch.Tensor, old_grid: Tuple[int, int], new_gri
 
 
 # ---------------------------------------------------------------------------------------
-# Window attention for dense prediction (ViTDet; the paper's detection backbone, section 4.3)
+# Attention, block, model (and ViTDet window attention: the paper's detection backbone, 4.3)
 # ---------------------------------------------------------------------------------------
 
 def _window_layout(grid: Tuple[int, int], window: int) -> Tuple[int, int, int, int]:
@@ -341,10 +249,6 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tu
     return torch.cat([cls, out.flatten(2, 3)], dim=2)  # (B, heads, T, D)
 
 
-# ---------------------------------------------------------------------------------------
-# Model: Attention, Block, ViT
-# ---------------------------------------------------------------------------------------
-
 def _take_indices(count: int, indices) -> List[int]:
     """Absolute indices from None (all), an int n (the last n) or a list (negative from the end)."""
     if indices is None:
@@ -420,19 +324,6 @@ class DropPath(nn.Module):
         return x * keep / (1.0 - self.p)
 
 
-class BlockRope(NamedTuple):
-    """What one block's attention needs for RoPE (built once per forward by RopeViT).
-
-    rot: complex rotations (heads, T, D/2) (Mixed) or (T, D/2) (Axial), class-token row 1 + 0i.
-    freqs, positions: for training RoPE-Mixed, the block's (theta^x, theta^y) (2, heads * D/2)
-    and the token positions (T, 2), through which RotateQK sends the frequencies' gradient
-    (rot then carries no autograd graph); None otherwise.
-    """
-    rot: torch.Tensor
-    freqs: Optional[torch.Tensor] = None
-    positions: Optional[torch.Tensor] = None
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with optional RoPE on q and k (Eq. 11, then Eq. 8 / 15)."""
 
@@ -444,29 +335,26 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: Optional[BlockRope] = None, need_weights: bool = False,
+    def forward(self, x: torch.Tensor, rope=None, need_weights: bool = False,
                 grid: Optional[Tuple[int, int]] = None, window: Optional[int] = None
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """x (B, T, C); rope: this block's BlockRope, or None (no RoPE); window: attend within
-        window x window patches of the (Hp, Wp) patch grid ``grid`` (window_attention), or None.
+        """x (B, T, C); rope: this block's (cos, sin) tables, its FusedRope, or None (no RoPE);
+        window: attend within window x window patches of the (Hp, Wp) patch grid ``grid``
+        (window_attention), or None.
 
         Returns (B, T, C) and, if need_weights, the probabilities (B, heads, T, T).
         """
         B, T, C = x.shape
         # (B * T, 3C): channels [q | k | v], each head-major (official layout); 2-D so that the
-        # projection's output is not a view (RotateQK writes into it)
+        # projection's output is not a view (the fused path rotates q and k in place in it)
         qkv = self.qkv(x.reshape(B * T, C))
-        # torch.compile cannot trace RotateQK's in-place views; it fuses the readable formula itself
-        readable = need_weights or torch.compiler.is_compiling()
-        if rope is not None and not readable:  # fast path: the same values, in place (see RotateQK)
-            with torch.profiler.record_function('rope'):  # lets a profiler count the RoPE share
-                _, q, k, v = RotateQK.apply(qkv, rope.rot, self.num_heads, B, rope.freqs, rope.positions)
+        if isinstance(rope, FusedRope):  # eager: the same rotation, fused (last section)
+            q, k, v = rope.rotate(qkv, self.num_heads, B)
         else:
-            qkv = qkv.reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, heads, T, D)
+            qkv = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, heads, T, D)
             q, k, v = qkv.unbind(0)  # (B, heads, T, D) each
-        if rope is not None and readable:  # the readable formula, Eq. 11
-            with torch.profiler.record_function('rope'):
-                q, k = apply_rope(qkv[:2], rope.rot).unbind(0)  # q and k rotated in one pass, (B, heads, T, D) each
+            if rope is not None:  # Eq. 11; rope = (cos, sin), (heads, T, D/2) or (T, D/2)
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         attn = None
         if need_weights:  # explicit path for analysis: A' = softmax(q k^T / sqrt(D)) (Eq. 8 / 15)
             logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, T, T)
@@ -600,67 +488,31 @@ class RopeViT(nn.Module):
         raise ValueError(f'input size {H}x{W} (HxW) is not allowed: height and width must be positive '
                          f'multiples of the patch size {p}; nearest valid sizes: {", ".join(sizes)}')
 
-    def block_rotations(self, grid_h: int, grid_w: int, device) -> Optional[List[torch.Tensor]]:
-        """Complex rotations (Eq. 10) of every block for a (grid_h, grid_w) patch grid, built once per forward.
+    def block_rotations(self, grid_h: int, grid_w: int, device) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
+        """Eq. 10 tables (cos, sin) of every block for a (grid_h, grid_w) patch grid, built once per forward.
 
         The class token gets angle 0, i.e. the identity rotation: it is not rotated (official),
-        and the blocks need no slicing or concatenation. Returns a list of L complex64
-        tensors, (T, D/2) for Axial (shared by all blocks) or (heads, T, D/2) for Mixed, or None.
+        and the blocks need no slicing or concatenation. Returns L pairs of float32 (float64
+        for a float64 model) tensors, (T, D/2) for Axial (shared by all blocks) or
+        (heads, T, D/2) for Mixed; None without RoPE.
         """
         if self.rope_kind is None:
             return None
         # float32 with autocast off: bf16 keeps 8 mantissa bits, so an angle of 30 rad (position 30)
         # would be off by up to 0.06 rad, and more at larger positions.
         with torch.autocast(device_type=device.type, enabled=False):
-            t_x, t_y = patch_grid_positions(grid_h, grid_w, device)  # (N,), (N,)
-            if self.cls_token.dtype == torch.float64:  # keep a float64 model (gradient checks) exact
-                t_x, t_y = t_x.double(), t_y.double()
-            zero = t_x.new_zeros(1)
-            t_x, t_y = torch.cat([zero, t_x]), torch.cat([zero, t_y])  # (T,): class token at angle 0
+            real = torch.float64 if self.cls_token.dtype == torch.float64 else torch.float32
+            t_x, t_y = (F.pad(t, (1, 0)).to(real) for t in patch_grid_positions(grid_h, grid_w, device))  # (T,): class token at 0
             head_dim = self.embed_dim // self.num_heads
             if self.rope_kind == 'axial':
-                rot = rope_tables(axial_angles(t_x, t_y, head_dim, self.rope_theta))  # (T, D/2), all layers and heads
-                return [rot] * self.depth
-            rot = rope_tables(mixed_angles(t_x, t_y, self.freqs, self.num_heads))  # (L, heads, T, D/2)
-            return list(rot.unbind(0))
-
-    def block_ropes(self, grid_h: int, grid_w: int, device) -> List[Optional[BlockRope]]:
-        """What each block needs for RoPE on a (grid_h, grid_w) grid (forward's fast path).
-
-        The tables come from block_rotations() without autograd. Training RoPE-Mixed rebuilds them at
-        every forward and routes the frequencies' gradient through RotateQK (see there);
-        otherwise (eval, no_grad, Axial) they are kept per grid. The cache key holds what can
-        change the result: grid, device, dtype, inference mode (its tensors cannot enter
-        autograd later) and the frequencies' storage and version counter, which every in-place
-        write bumps (optimizer step, load_state_dict); the entry keeps that storage alive, so its
-        address cannot be reused by another tensor while the entry exists.
-        """
-        if self.rope_kind is None:
-            return [None] * self.depth
-        freqs = getattr(self, 'freqs', None)  # Mixed only; Axial tables depend on the grid alone
-        if freqs is not None and freqs.requires_grad and torch.is_grad_enabled():
-            with torch.no_grad():
-                tables = self.block_rotations(grid_h, grid_w, device)
-            t_x, t_y = patch_grid_positions(grid_h, grid_w, device)  # (N,), (N,)
-            positions = F.pad(torch.stack([t_x, t_y], dim=-1), (0, 0, 1, 0))  # (T, 2): class token at 0
-            return [BlockRope(rot, freqs[:, layer], positions) for layer, rot in enumerate(tables)]
-        key = (grid_h, grid_w, torch.device(device), self.cls_token.dtype, torch.is_inference_mode_enabled())
-        if freqs is not None:
-            key += (freqs.data_ptr(), freqs._version, freqs.dtype)
-        cache = self.__dict__.setdefault('_rope_cache', {})  # plain attribute: not in the state dict
-        if key not in cache:
-            if len(cache) >= 4:
-                cache.clear()
-            with torch.no_grad():
-                tables = self.block_rotations(grid_h, grid_w, device)
-            pinned = freqs.detach() if freqs is not None else None
-            cache[key] = (pinned, [BlockRope(rot) for rot in tables])
-        return cache[key][1]
+                return [rope_cos_sin(axial_angles(t_x, t_y, head_dim, self.rope_theta))] * self.depth  # (T, D/2)
+            cos, sin = rope_cos_sin(mixed_angles(t_x, t_y, self.freqs, self.num_heads))  # (L, heads, T, D/2)
+            return list(zip(cos.unbind(0), sin.unbind(0)))
 
     def _embed(self, x: torch.Tensor, need_weights: bool):
         """Patch tokens with APE and the class token, plus what every block needs.
 
-        Returns (tokens (B, T, C), grid (Hp, Wp), per-block BlockRope or None, per-block window or None).
+        Returns (tokens (B, T, C), grid (Hp, Wp), per-block RoPE tables or None, per-block window or None).
         """
         B, _, H, W = x.shape
         self.check_img_size(H, W)
@@ -671,12 +523,10 @@ class RopeViT(nn.Module):
         x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, T, C)
         if self.rope_kind is None:
             rope = [None] * self.depth
-        elif need_weights or torch.compiler.is_compiling():  # the readable path: tables with their autograd graph
-            with torch.profiler.record_function('rope'):
-                rope = [BlockRope(rot) for rot in self.block_rotations(*grid, x.device)]
-        else:
-            with torch.profiler.record_function('rope'):
-                rope = self.block_ropes(*grid, x.device)
+        elif need_weights or torch.compiler.is_compiling():  # the readable formula: compile and export trace it
+            rope = self.block_rotations(*grid, x.device)
+        else:  # eager: the same values, fused (last section)
+            rope = fused_block_ropes(self, *grid, x.device)
         # a window that covers the grid is global attention (window_attention's contract): skip the partition
         windows = [None if w is None or (w >= grid[0] and w >= grid[1]) else w for w in self.block_windows]
         return x, grid, rope, windows
@@ -1008,3 +858,192 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> RopeViT:
     if pretrained:
         load_pretrained(model, name)
     return model
+
+
+# =======================================================================================
+# Speed: the same math, fused
+# =======================================================================================
+# forward() outside torch.compile / export runs this section instead of the readable
+# apply_rope on cos/sin tables; forward_with_attention, compile and export use the readable
+# formula. Each trick, why it is there, and the test that proves it equal:
+# * Per-axis factors: e^{i (theta^x x + theta^y y)} = e^{i theta^x x} e^{i theta^y y} (Eq. 14),
+#   so cos/sin are taken on Hp + Wp positions instead of Hp * Wp, and one complex product per
+#   token builds the table (test_vit_fused_tables_equal_readable_tables).
+# * Tables are kept per grid while no gradient must reach them (eval, no_grad, Axial), and
+#   built once per forward for all blocks otherwise (test_bench_rope_cache_follows_frequencies).
+# * RotateQK rotates q and k in place in the qkv output by one complex multiply and keeps
+#   nothing extra for backward; its backward forms the RoPE-Mixed frequency gradient in
+#   closed form (test_bench_rotation_gradcheck_matches_plain_formula,
+#   test_bench_fast_path_equals_readable_path_and_saves_no_extra_activations).
+# * The class token gets the identity rotation (angle 0) instead of being sliced off and
+#   re-attached around the rotation.
+
+class FusedRope(NamedTuple):
+    """One block's RoPE on the fused path.
+
+    rot: complex e^{i phi} (heads, T, D/2) (Mixed) or (T, D/2) (Axial), class-token row 1 + 0i.
+    freqs, positions: when training RoPE-Mixed, the block's (theta^x, theta^y) (2, heads * D/2)
+    and the token positions (T, 2), through which RotateQK sends the frequencies' gradient
+    (rot then carries no autograd graph); None otherwise.
+    """
+    rot: torch.Tensor
+    freqs: Optional[torch.Tensor] = None
+    positions: Optional[torch.Tensor] = None
+
+    def rotate(self, qkv: torch.Tensor, num_heads: int, batch: int):
+        """qkv (B * T, 3 * heads * D) -> q, k, v (B, heads, T, D), q and k rotated (Eq. 11)."""
+        with torch.profiler.record_function('rope'):  # lets a profiler count the RoPE share
+            _, q, k, v = RotateQK.apply(qkv, self.rot, num_heads, batch, self.freqs, self.positions)
+        return q, k, v
+
+
+def fused_rotations(model: 'RopeViT', grid_h: int, grid_w: int, device) -> List[torch.Tensor]:
+    """block_rotations() as complex tables built from per-axis factors, without autograd.
+
+    Returns L complex64 (complex128 for a float64 model) tensors, (T, D/2) for Axial or
+    (heads, T, D/2) for Mixed, equal to torch.complex(cos, sin) of block_rotations up to
+    float round-off.
+    """
+    real = torch.float64 if model.cls_token.dtype == torch.float64 else torch.float32
+    head_dim, heads = model.embed_dim // model.num_heads, model.num_heads
+    cols = torch.arange(grid_w, device=device, dtype=real)  # p^x of the grid's columns (Wp,)
+    rows = torch.arange(grid_h, device=device, dtype=real)  # p^y of its rows (Hp,)
+    with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+        if model.rope_kind == 'axial':  # Eq. 12: x on the first D/4 pairs, y on the rest
+            mag = rope_magnitudes(head_dim, model.rope_theta, device).to(real)  # (D/4,)
+            along_x = torch.complex(*rope_cos_sin(cols[:, None] * mag))  # (Wp, D/4)
+            along_y = torch.complex(*rope_cos_sin(rows[:, None] * mag))  # (Hp, D/4)
+            rot = torch.cat([along_x.expand(grid_h, -1, -1), along_y[:, None].expand(-1, grid_w, -1)],
+                            dim=-1)  # (Hp, Wp, D/2)
+            rot = torch.cat([torch.ones_like(rot[:1, 0]), rot.flatten(0, 1)])  # (T, D/2)
+            return [rot] * model.depth
+        fx, fy = model.freqs.to(real).unflatten(-1, (heads, -1)).unbind(0)  # (L, heads, D/2) each
+        along_x = torch.complex(*rope_cos_sin(fx[..., None, :] * cols[:, None]))  # (L, heads, Wp, D/2)
+        along_y = torch.complex(*rope_cos_sin(fy[..., None, :] * rows[:, None]))  # (L, heads, Hp, D/2)
+        rot = along_x.new_empty(model.depth, heads, 1 + grid_h * grid_w, head_dim // 2)  # (L, heads, T, D/2)
+        rot[:, :, 0] = 1  # class token: identity
+        torch.mul(along_y[:, :, :, None], along_x[:, :, None],
+                  out=rot[:, :, 1:].unflatten(2, (grid_h, grid_w)))  # (L, heads, Hp, Wp, D/2)
+        return list(rot.unbind(0))
+
+
+def fused_block_ropes(model: 'RopeViT', grid_h: int, grid_w: int, device) -> List[FusedRope]:
+    """What each block needs on the fused path for a (grid_h, grid_w) grid.
+
+    Training RoPE-Mixed rebuilds the tables at every forward and routes the frequencies'
+    gradient through RotateQK; otherwise (eval, no_grad, Axial) they are kept per grid. The
+    cache key holds what can change the result: grid, device, dtype, inference mode (its
+    tensors cannot enter autograd later) and the frequencies' storage and version counter,
+    which every in-place write bumps (optimizer step, load_state_dict); the entry keeps that
+    storage alive, so its address cannot be reused by another tensor while the entry exists.
+    """
+    freqs = getattr(model, 'freqs', None)  # Mixed only; Axial tables depend on the grid alone
+    with torch.profiler.record_function('rope'):
+        if freqs is not None and freqs.requires_grad and torch.is_grad_enabled():
+            t_x, t_y = patch_grid_positions(grid_h, grid_w, device)  # (N,), (N,)
+            positions = F.pad(torch.stack([t_x, t_y], dim=-1), (0, 0, 1, 0))  # (T, 2): class token at 0
+            tables = fused_rotations(model, grid_h, grid_w, device)
+            return [FusedRope(rot, freqs[:, layer], positions) for layer, rot in enumerate(tables)]
+        key = (grid_h, grid_w, torch.device(device), model.cls_token.dtype, torch.is_inference_mode_enabled())
+        if freqs is not None:
+            key += (freqs.data_ptr(), freqs._version, freqs.dtype)
+        cache = model.__dict__.setdefault('_rope_cache', {})  # plain attribute: not in the state dict
+        if key not in cache:
+            if len(cache) >= 4:
+                cache.clear()
+            pinned = freqs.detach() if freqs is not None else None
+            cache[key] = (pinned, [FusedRope(rot) for rot in fused_rotations(model, grid_h, grid_w, device)])
+        return cache[key][1]
+
+
+
+def _complex_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) real -> (..., D/2) complex view of channel pairs (2j, 2j+1); copies only if strides forbid a view."""
+    pairs = x.unflatten(-1, (-1, 2))  # (..., D/2, 2)
+    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()
+    return torch.view_as_complex(pairs)
+
+
+class RotateQK(torch.autograd.Function):
+    """Eq. 11 on q and k, in place in the qkv projection's output, with a lean backward.
+
+    Returns (qkv, q, k, v): q, k, v are (B, heads, T, D) views of qkv, q and k rotated; the
+    same values as ``apply_rope`` on q and k. Why a Function:
+    * memory: autograd of the plain formula writes the rotated q and k to a new tensor (2/3 of
+      qkv per block, ~8 % of ViT-S's training memory) and also keeps the unrotated ones for the
+      gradient of R. Here the projection's output, which nothing else saves, is rotated in
+      place; since |R| = 1 the input is recoverable from the output (x = x' conj(R)), so only
+      the rotated qkv, which attention saves anyway, and R are kept for backward.
+    * time: the backward writes the gradient of qkv straight from the gradients of q, k, v in
+      one pass, rotating q's and k's back on the way; this replaces the stack and the layout
+      copy that autograd runs for the head split of any ViT (the APE model's too).
+    * RoPE-Mixed: given the block's frequencies and the token positions (R then built without
+      autograd), the frequencies' gradient is formed here in closed form, sparing the backward
+      of the cos/sin tables: with phi = p^x theta^x + p^y theta^y (Eq. 14) and
+      S = sum over batch and q|k of g conj(x'), dL/dphi = Im(S) and dL/dtheta = p^T Im(S).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, rot: torch.Tensor, num_heads: int, batch: int,
+                freqs: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None):
+        """qkv (B * T, 3 * heads * D), channels [q | k | v] head-major, not a view (autograd
+        allows in-place writes plus several outputs only then); rot complex (heads or 1, T, D/2)
+        or (T, D/2); optional freqs (2, heads * D/2) = (theta^x, theta^y) that rot was built from,
+        with positions (T, 2) = (p^x, p^y)."""
+        split = _split_heads(qkv, num_heads, batch)  # (3, B, heads, T, D) view
+        if qkv.dtype in (torch.float32, torch.float64) and qkv.is_contiguous():
+            torch.view_as_complex(split[:2].unflatten(-1, (-1, 2))).mul_(rot)  # one in-place pass
+        else:  # bf16 / fp16 (or odd strides): rotate in fp32, round once
+            split[:2] = torch.view_as_real(_complex_pairs(split[:2].float()) * rot).flatten(-2)
+        ctx.mark_dirty(qkv)
+        ctx.save_for_backward(qkv, rot, positions)
+        ctx.num_heads, ctx.batch = num_heads, batch
+        ctx.set_materialize_grads(False)  # the qkv output is not used by the model: no zero tensor
+        q, k, v = split.unbind(0)  # (B, heads, T, D) each
+        return qkv, q, k, v
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_qkv_out, grad_q, grad_k, grad_v):
+        rotated_qkv, rot, positions = ctx.saved_tensors
+        grads = [grad_q, grad_k, grad_v]
+        if grad_qkv_out is not None:  # someone used the returned qkv as well
+            extra = _split_heads(grad_qkv_out, ctx.num_heads, ctx.batch)
+            grads = [e if g is None else g + e for g, e in zip(grads, extra.unbind(0))]
+        grads = [torch.zeros(()).to(rotated_qkv).expand(_split_heads(rotated_qkv, ctx.num_heads, ctx.batch).shape[1:])
+                 if g is None else g for g in grads]  # (B, heads, T, D) each
+        real_dtype = torch.promote_types(grads[0].dtype, torch.float32)
+        grad_qkv = torch.empty(rotated_qkv.shape, dtype=grads[0].dtype, device=rotated_qkv.device)  # (B, T, 3C)
+        grad_split = _split_heads(grad_qkv, ctx.num_heads, ctx.batch)  # (3, B, heads, T, D) view
+        grad_pairs = [_complex_pairs(g.to(real_dtype)) for g in grads[:2]]  # 2 x (B, heads, T, D/2)
+        rot_back = rot.conj().resolve_conj()  # d(x R)/dx: multiply by conj(R), i.e. rotate back
+        for i in range(2):
+            if grad_qkv.dtype == real_dtype:
+                torch.mul(grad_pairs[i], rot_back, out=torch.view_as_complex(grad_split[i].unflatten(-1, (-1, 2))))
+            else:
+                grad_split[i] = torch.view_as_real(grad_pairs[i] * rot_back).flatten(-2)
+        grad_split[2] = grads[2]  # v passes through
+        grad_rot = grad_freqs = None
+        needs_freqs = len(ctx.needs_input_grad) > 4 and ctx.needs_input_grad[4]  # freqs given and trained
+        if ctx.needs_input_grad[1] or needs_freqs:
+            # d(x R)/dR = conj(x) = conj(x' conj(R)) = conj(x') R; S sums g conj(x') over batch, q|k
+            rotated = _split_heads(rotated_qkv, ctx.num_heads, ctx.batch)[:2]
+            summed = sum((g * _complex_pairs(y.to(real_dtype)).conj()).sum(0)
+                         for g, y in zip(grad_pairs, rotated))  # S (heads, T, D/2)
+            if needs_freqs:  # dL/dtheta = p^T Im(S): (2, T) @ (T, heads * D/2)
+                grad_freqs = positions.t().to(real_dtype) @ summed.imag.transpose(0, 1).reshape(summed.shape[1], -1)
+            if ctx.needs_input_grad[1]:
+                if rot.dim() == 2:  # (T, D/2): shared by all heads
+                    summed = summed.sum(0)
+                elif rot.shape[0] == 1:
+                    summed = summed.sum(0, keepdim=True)
+                grad_rot = summed * rot
+        return (grad_qkv, grad_rot, None, None, grad_freqs, None)[:len(ctx.needs_input_grad)]
+
+
+def _split_heads(qkv: torch.Tensor, num_heads: int, batch: int) -> torch.Tensor:
+    """(B * T, 3 * heads * D) -> (3, B, heads, T, D) view: channels [q | k | v], each head-major."""
+    return qkv.view(batch, -1, 3, num_heads, qkv.shape[-1] // (3 * num_heads)).permute(2, 0, 3, 1, 4)
+
+

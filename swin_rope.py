@@ -122,30 +122,34 @@ def window_positions(window: int, device=None) -> tuple:
     return n % window, torch.div(n, window, rounding_mode='floor')
 
 
-def rope_cis(freqs: torch.Tensor, t_x: torch.Tensor, t_y: torch.Tensor) -> torch.Tensor:
-    """Eq. 14: R(n, t) = exp(i (theta^x_t p^x_n + theta^y_t p^y_n)) per head.
+def rope_angles(freqs: torch.Tensor, t_x: torch.Tensor, t_y: torch.Tensor) -> torch.Tensor:
+    """Eq. 14: angles phi = theta^x_t p^x_n + theta^y_t p^y_n per head.
 
-    freqs (2, nH, d/2) float, t_x / t_y (N,) float32. Returns (nH, N, d/2) complex64.
-    Angles are computed in float32 with autocast off: bf16 angles lose whole radians at large t.
+    freqs (2, nH, d/2), t_x / t_y (N,) float32. Returns (nH, N, d/2) float32, computed with
+    autocast off: bf16 angles lose whole radians at large t.
     """
     with torch.autocast(device_type=freqs.device.type, enabled=False):
         freqs = freqs.float()
-        angles = (t_x[None, :, None] * freqs[0][:, None, :]
-                  + t_y[None, :, None] * freqs[1][:, None, :])  # (nH, N, d/2)
-        return torch.polar(torch.ones_like(angles), angles)  # (nH, N, d/2)
+        return t_x[:, None] * freqs[0][:, None, :] + t_y[:, None] * freqs[1][:, None, :]  # (nH, N, d/2)
 
 
-def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+def rope_cos_sin(angles: torch.Tensor) -> tuple:
+    """Eq. 10 in real form: R = e^{i phi} as the pair (cos phi, sin phi), same shape as angles."""
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Eq. 11: x' = x o R with interleaved pairs: channels (2j, 2j+1) = (real, imag) of pair j.
 
-    x (..., N, d) any float dtype, cis (..., N, d/2) complex64 broadcastable against x.
-    The product runs in float32 and is cast back to x's dtype. Returns (..., N, d).
+    The complex product written with real numbers, a 2x2 rotation of each pair:
+    x'_2j = x_2j cos - x_2j+1 sin, x'_2j+1 = x_2j sin + x_2j+1 cos. x (..., N, d) any float
+    dtype, cos / sin (..., N, d/2) broadcastable against x. Runs in float32 and casts back to
+    x's dtype. Real ops only, so torch.compile generates code for it and ONNX can express it.
+    Returns (..., N, d).
     """
-    pairs = x.float().unflatten(-1, (-1, 2))  # (..., N, d/2, 2), a view for float32 input
-    if pairs.stride(-1) != 1 or any(st % 2 for st in pairs.stride()[:-1]):
-        pairs = pairs.contiguous()  # view_as_complex needs (real, imag) adjacent
-    x_pairs = torch.view_as_complex(pairs)  # (..., N, d/2) complex64
-    return torch.view_as_real(x_pairs * cis).flatten(-2).to(x.dtype)  # (..., N, d)
+    real, imag = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (..., N, d/2) each
+    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)  # (..., N, d/2, 2)
+    return rotated.flatten(-2).to(x.dtype)  # (..., N, d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,8 +192,8 @@ def resize_rpb_table(table: torch.Tensor, window: int, mode: str = 'bicubic') ->
     length, num_heads = table.shape
     side = math.isqrt(length)
     new_side = 2 * window - 1
-    if side == new_side:
-        return table
+    if not torch.compiler.is_compiling() and side == new_side:
+        return table  # traced graphs always resize (exact at the same size), so that no window is baked in
     grid = table.t().reshape(1, num_heads, side, side)  # (1, nH, 2w0-1, 2w0-1)
     if mode == 'bicubic':
         grid = F.interpolate(grid, size=(new_side, new_side), mode='bicubic', align_corners=False)
@@ -223,16 +227,6 @@ def shift_window_mask(H: int, W: int, window: int, shift: int, device=None) -> t
 # ----------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------
-
-def _cache_key(*parts):
-    # Tensors made under inference_mode cannot enter autograd later: keep them apart.
-    return parts + (torch.is_inference_mode_enabled(),)
-
-
-def _tensor_version(t: torch.Tensor):
-    # Changes whenever the tensor is written in place (load_state_dict, optimizer step).
-    return (t.data_ptr(), t._version, t.device, t.dtype)
-
 
 class DropPath(nn.Module):
     """Stochastic depth per sample (Swin recipe); identity in eval mode."""
@@ -297,27 +291,15 @@ class WindowAttention(nn.Module):
         elif rope == 'axial':
             self.register_buffer('rope_freqs', init_rope_freqs(num_heads, self.head_dim, rope_theta, False))
 
-    def _cached(self, key, source: torch.Tensor, build):
-        """build() once per key while `source` is unchanged and no gradient is wanted."""
-        if torch.is_grad_enabled() and source.requires_grad:
-            return build()  # training: part of the graph, recomputed once per forward
-        key = _cache_key(key, _tensor_version(source))
-        entry = self._cache.get(key)
-        if entry is None:
-            if len(self._cache) > 16:
-                self._cache.clear()
-            # The entry holds `source` too, so its address (part of the key) cannot be reused by
-            # another tensor while the entry exists.
-            entry = self._cache[key] = (source.detach(), build())
-        return entry[1]
-
-    def rope_factors(self, window: int) -> torch.Tensor:
-        """(2, 1, nH, N, d/2) complex64: [0] rotates q (scale folded in), [1] rotates k."""
+    def rope_tables(self, window: int) -> tuple:
+        """Eq. 10 (cos, sin) for the run-time window, each (2, 1, nH, N, d/2): [0] rotates q
+        (the scale folded in), [1] rotates k."""
         def build():
             t_x, t_y = window_positions(window, self.rope_freqs.device)
-            cis = rope_cis(self.rope_freqs, t_x, t_y)  # (nH, N, d/2)
-            return torch.stack([cis * self.scale, cis])[:, None]  # (2, 1, nH, N, d/2)
-        return self._cached(('rope', window), self.rope_freqs, build)
+            cos, sin = rope_cos_sin(rope_angles(self.rope_freqs, t_x, t_y))  # (nH, N, d/2) each
+            scales = torch.tensor([self.scale, 1.0], device=cos.device)[:, None, None, None, None]  # (2, 1, 1, 1, 1)
+            return cos * scales, sin * scales  # (2, 1, nH, N, d/2) each
+        return cached(self._cache, ('rope', window), self.rope_freqs, build)
 
     def position_bias(self, window: int) -> torch.Tensor:
         """Eq. 5-6 bias for the run-time window: (nH, N, N), table resized if w differs."""
@@ -328,7 +310,7 @@ class WindowAttention(nn.Module):
             index = relative_position_index(window, table.device)  # (N, N)
             return resized[index.reshape(-1)].reshape(window * window, window * window, -1) \
                 .permute(2, 0, 1).contiguous()  # (nH, N, N)
-        return self._cached(('rpb', window, self.rpb_resize), table, build)
+        return cached(self._cache, ('rpb', window, self.rpb_resize), table, build)
 
     def forward(self, x: torch.Tensor, window: int, shift_mask: Optional[torch.Tensor] = None):
         """x (B_, N, C) windows, shift_mask (nW, N, N) or None. Returns (B_, N, C)."""
@@ -336,13 +318,14 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, self.head_dim)  # (B_, N, 3, nH, d)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B_, nH, N, d)
         v = qkv[2]
-        if self.rope is not None:
-            with torch.profiler.record_function('rope'):  # lets a profiler count the RoPE share
-                q, k = apply_rope(qkv[:2], self.rope_factors(window)).unbind(0)  # 2 x (B_, nH, N, d)
+        if self.rope is None:
+            q, k, scale = qkv[0], qkv[1], self.scale
+        elif self.return_attn or torch.compiler.is_compiling():  # Eq. 11, the readable formula
+            q, k = apply_rope(qkv[:2], *self.rope_tables(window)).unbind(0)  # 2 x (B_, nH, N, d)
             scale = 1.0  # already in the q factors
-        else:
-            q, k = qkv[0], qkv[1]
-            scale = self.scale
+        else:  # eager: the same rotation, fused (last section)
+            q, k = rotate_fused(qkv[:2], self, window).unbind(0)  # 2 x (B_, nH, N, d)
+            scale = 1.0
 
         mask = self.position_bias(window)[None] if self.use_rpb else None  # (1, nH, N, N)
         if shift_mask is not None:
@@ -353,12 +336,14 @@ class WindowAttention(nn.Module):
         elif mask is not None:
             mask = mask.to(q.dtype)
 
-        if self.return_attn:  # explicit path, same math: softmax(q k^T * scale + B + mask) v
+        if self.return_attn or torch.compiler.is_compiling():  # explicit, same math: softmax(q k^T * scale + B + mask) v
+            # (traced graphs take it too: the export decomposition of SDPA with a mask mislabels strides)
             logits = (q * scale) @ k.transpose(-2, -1)  # (B_, nH, N, N)
             if mask is not None:
                 logits = logits + mask
             attn = logits.softmax(dim=-1)
-            self.last_attn = attn.detach()
+            if self.return_attn:
+                self.last_attn = attn.detach()
             out = attn @ v  # (B_, nH, N, d)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B_, nH, N, d)
@@ -575,6 +560,8 @@ class SwinTransformer(nn.Module):
         self.stage_windows(H, W)
 
     def _shift_mask(self, H, W, window, shift, device):
+        if torch.compiler.is_compiling():
+            return shift_window_mask(H, W, window, shift, device)
         key = _cache_key(H, W, window, shift, device)
         mask = self._mask_cache.get(key)
         if mask is None:
@@ -952,3 +939,53 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> SwinTransform
     if pretrained:
         load_pretrained(model, name)
     return model
+
+
+# ==============================================================================================
+# Speed: the same math, fused
+# ==============================================================================================
+# forward() outside torch.compile / export runs this section; forward_with_attention, compile
+# and export use the readable apply_rope. Why each piece is there, and the test that proves it:
+# * Derived tensors (RoPE tables, resized RPB bias, shift masks) are cached per window while no
+#   gradient must reach them (test_swin_eval_cache_follows_weights_and_autocast_runs); training
+#   rebuilds the RoPE tables once per block and forward, through autograd.
+# * The rotation is one complex multiply (one kernel on CPU, no stacked intermediates) instead
+#   of the four real products of apply_rope (test_swin_fused_rotation_equals_readable).
+
+def _cache_key(*parts):
+    # Tensors made under inference_mode cannot enter autograd later: keep them apart.
+    return parts + (torch.is_inference_mode_enabled(),)
+
+
+def _tensor_version(t: torch.Tensor):
+    # Changes whenever the tensor is written in place (load_state_dict, optimizer step).
+    return (t.data_ptr(), t._version, t.device, t.dtype)
+
+
+def cached(cache: dict, key, source: torch.Tensor, build):
+    """build() once per key while `source` is unchanged and no gradient is wanted."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and source.requires_grad):
+        return build()  # traced, or training: part of the graph, recomputed once per forward
+    key = _cache_key(key, _tensor_version(source))
+    entry = cache.get(key)
+    if entry is None:
+        if len(cache) > 16:
+            cache.clear()
+        # The entry holds `source` too, so its address (part of the key) cannot be reused by
+        # another tensor while the entry exists.
+        entry = cache[key] = (source.detach(), build())
+    return entry[1]
+
+
+def rotate_fused(qk: torch.Tensor, attn: WindowAttention, window: int) -> torch.Tensor:
+    """apply_rope(qk, *attn.rope_tables(window)) as one complex multiply, in float32.
+
+    qk (2, B_, nH, N, d): q and k. Returns (2, B_, nH, N, d) in qk's dtype.
+    """
+    with torch.profiler.record_function('rope'):  # lets a profiler count the RoPE share
+        factors = cached(attn._cache, ('rope_complex', window), attn.rope_freqs,
+                         lambda: torch.complex(*attn.rope_tables(window)))  # (2, 1, nH, N, d/2)
+        pairs = qk.float().unflatten(-1, (-1, 2))  # (2, B_, nH, N, d/2, 2), a view for float32 input
+        if pairs.stride(-1) != 1 or any(st % 2 for st in pairs.stride()[:-1]):
+            pairs = pairs.contiguous()  # view_as_complex needs (real, imag) adjacent
+        return torch.view_as_real(torch.view_as_complex(pairs) * factors).flatten(-2).to(qk.dtype)

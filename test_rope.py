@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import warnings
 
 import matplotlib.image
 import numpy as np
@@ -104,18 +105,22 @@ def _vit_on_meta_then_load(state_dict, **kw):
 # Equations
 # ---------------------------------------------------------------------------------------
 
-def test_vit_eq11_rotation_equals_2x2_rotation_matrices():
+def test_vit_eq11_rotation_equals_2x2_rotation_matrices_and_the_complex_product():
     torch.manual_seed(0)
     T, D = 7, 16
     angles = torch.randn(3, T, D // 2) * 5  # (heads, T, D/2)
     x = torch.randn(2, 2, 3, T, D)  # (q|k, B, heads, T, D)
-    out = rope_vit.apply_rope(x, rope_vit.rope_tables(angles))
+    out = rope_vit.apply_rope(x, *rope_vit.rope_cos_sin(angles))
     c, s = angles.cos(), angles.sin()
     rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # (heads, T, D/2, 2, 2)
     ref = torch.einsum('htjuv,qbhtjv->qbhtju', rot, x.unflatten(-1, (D // 2, 2))).flatten(-2)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    # the complex form of Eq. 7 / 11: (x_2j + i x_2j+1) e^{i phi_j}, in float64
+    complex_form = torch.view_as_real(torch.complex(x[..., 0::2].double(), x[..., 1::2].double())
+                                      * torch.polar(torch.ones_like(angles).double(), angles.double())).flatten(-2)
+    assert (out.double() - complex_form).abs().max() < 1e-5  # fp32 round-off (|x'| <= 5 here)
     # bf16 input: rotation in fp32, result cast back
-    assert rope_vit.apply_rope(x.bfloat16(), rope_vit.rope_tables(angles)).dtype == torch.bfloat16
+    assert rope_vit.apply_rope(x.bfloat16(), *rope_vit.rope_cos_sin(angles)).dtype == torch.bfloat16
 
 
 def _vit_angles(kind, t_x, t_y, head_dim, freqs=None, heads=None):
@@ -133,8 +138,8 @@ def test_vit_eq8_eq15_logits_depend_only_on_relative_position(kind):
     q, k = torch.randn(2, heads, t_x.numel(), D).unbind(0)
 
     def logits(dx, dy):
-        rot = rope_vit.rope_tables(_vit_angles(kind, t_x + dx, t_y + dy, D, freqs, heads))
-        return rope_vit.apply_rope(q, rot) @ rope_vit.apply_rope(k, rot).transpose(-1, -2)
+        cos, sin = rope_vit.rope_cos_sin(_vit_angles(kind, t_x + dx, t_y + dy, D, freqs, heads))
+        return rope_vit.apply_rope(q, cos, sin) @ rope_vit.apply_rope(k, cos, sin).transpose(-1, -2)
 
     base = logits(0, 0)
     torch.testing.assert_close(logits(3, 11), base, atol=1e-4, rtol=1e-5)
@@ -160,14 +165,15 @@ def test_vit_positions_come_from_the_grid_not_the_token_count():
     t_x, t_y = rope_vit.patch_grid_positions(7, 28)  # 112x448 at patch 16: 196 tokens, like 14x14
     assert [(int(a), int(b)) for a, b in zip(t_x, t_y)] == [(n % 28, n // 28) for n in range(196)]
     model = _vit_tiny('rope_axial', patch_size=16)
-    rot = model.block_rotations(7, 28, torch.device('cpu'))[0]  # (T, D/2) complex
+    cos, sin = model.block_rotations(7, 28, torch.device('cpu'))[0]  # (T, D/2) each
     mag = [100.0 ** (-t / 8) for t in range(8)]
     for n in (1, 30, 196):  # token n (row 0 is the class token)
         x, y = (n - 1) % 28, (n - 1) // 28
         phi = torch.tensor([x * m for m in mag] + [y * m for m in mag])
-        torch.testing.assert_close(rot[n].real, phi.cos(), atol=1e-6, rtol=0)
-        torch.testing.assert_close(rot[n].imag, phi.sin(), atol=1e-6, rtol=0)
-    torch.testing.assert_close(rot[0], torch.ones(16, dtype=torch.complex64))  # class token: identity
+        torch.testing.assert_close(cos[n], phi.cos(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(sin[n], phi.sin(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(cos[0], torch.ones(16))  # class token: identity
+    torch.testing.assert_close(sin[0], torch.zeros(16))
     # and the APE is resized to the 7x28 grid, not reused as 14x14
     ape = _vit_tiny('ape', img_size=224)
     ref = rope_vit.create_model('vit_tiny', pe='ape', img_size=(112, 448), **_VIT_TINY).eval()
@@ -541,6 +547,105 @@ def test_vit_window_config_errors():
 
 
 # ---------------------------------------------------------------------------------------
+# Deploy: torch.compile, torch.export, ONNX (they trace the readable, real-valued formula)
+# ---------------------------------------------------------------------------------------
+
+def _recording_backend(complex_nodes):
+    """A torch.compile backend: notes every node of the captured graph that makes a complex
+    tensor, then runs that graph as it is (dynamo's capture only: no AOT tracing, no code generation)."""
+    def backend(gm, example_inputs):
+        for node in gm.graph.nodes:
+            value = node.meta.get('example_value', node.meta.get('val'))
+            values = value if isinstance(value, (tuple, list)) else [value]
+            complex_nodes.extend(node.format_node() for v in values if isinstance(v, torch.Tensor) and v.is_complex())
+        return gm.forward
+    return backend
+
+
+def _compiled_matches_eager(model, compiled, eval_sizes, train_size, tol):
+    """Logits at eval_sizes and a training step's gradients of the compiled model equal eager's."""
+    model.eval()
+    with torch.no_grad():
+        for size in eval_sizes:
+            x = torch.randn(2, 3, *size)
+            torch.testing.assert_close(compiled(x), model(x), atol=tol, rtol=tol)
+    model.train()
+    x = torch.randn(2, 3, *train_size)
+    compiled(x).square().mean().backward()
+    got = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    model(x).square().mean().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, atol=tol, rtol=tol, msg=name)
+    model.eval()
+
+
+@pytest.mark.parametrize('pe', rope_vit.PE_VARIANTS)
+def test_vit_compile_fullgraph_dynamic_every_pe(pe):
+    """torch.compile(fullgraph=True, dynamic=True) of every PE variant with a recording backend:
+    dynamo captures the whole forward (fullgraph raises on any graph break) and the graph runs
+    as captured. Inductor would add tens of seconds of code generation per compile on CPU, so it
+    runs once, in test_vit_compile_inductor_warns_nothing. Checks: no complex tensor in the
+    captured graphs (inductor cannot generate code for them), logits at two sizes and the
+    gradients of a training step equal eager."""
+    torch._dynamo.reset()
+    model = _vit_tiny(pe, patch_size=8, img_size=32)
+    complex_nodes = []
+    compiled = torch.compile(model, backend=_recording_backend(complex_nodes), fullgraph=True, dynamic=True)
+    _compiled_matches_eager(model, compiled, [(32, 48), (64, 40)], (48, 32), tol=1e-4)
+    assert complex_nodes == []
+
+
+def _inductor_run(model, eval_sizes, train_size):
+    """Compile with inductor (fullgraph, dynamic) and return the warnings raised while it ran."""
+    import torch._inductor.lowering as lowering
+    torch._dynamo.reset()
+    if hasattr(lowering, '_warn_complex_not_supported'):  # it warns once per process
+        lowering._warn_complex_not_supported.cache_clear()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        _compiled_matches_eager(model, compiled, eval_sizes, train_size, tol=1e-4)
+    return [str(w.message) for w in caught]
+
+
+def test_vit_compile_inductor_warns_nothing():
+    """Inductor, fullgraph, dynamic (main warned 'does not support code generation for complex
+    operators'): RoPE-Mixed + APE with one block (each block compiles to the same kernels),
+    eval and a training step, equal to eager. The costliest test (about a minute on 2 cores)."""
+    messages = _inductor_run(_vit_tiny('rope_mixed_ape', patch_size=8, img_size=32, depth=1), [(32, 48)], (48, 32))
+    assert not [m for m in messages if 'complex' in m.lower()], messages
+
+
+@pytest.mark.parametrize('pe', rope_vit.PE_VARIANTS)
+def test_vit_export_dynamic_size_and_onnxruntime(pe, tmp_path):
+    """torch.export with dynamic height and width (multiples of the patch size), traced at 32x48
+    and run at two other sizes; then that one program to ONNX (dynamo exporter) and run with
+    onnxruntime on CPU at the same two sizes: max |logit difference| to eager <= 1e-4."""
+    model = _vit_tiny(pe, patch_size=8, img_size=32)
+    height, width = torch.export.Dim('height', min=1, max=64), torch.export.Dim('width', min=1, max=64)
+    program = torch.export.export(model, (torch.randn(2, 3, 32, 48),),
+                                  dynamic_shapes={'x': {2: 8 * height, 3: 8 * width}})
+    inputs = [torch.randn(2, 3, 56, 24), torch.randn(2, 3, 40, 72)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    for x, want in zip(inputs, expected):
+        torch.testing.assert_close(program.module()(x), want, atol=1e-5, rtol=1e-5)
+    _check_onnxruntime(program, inputs, expected, tmp_path / f'vit_{pe}.onnx')
+
+
+def _check_onnxruntime(program, inputs, expected, path):
+    """Export a torch.export program to ONNX and compare onnxruntime's outputs (max |diff| <= 1e-4)."""
+    pytest.importorskip('onnxscript')
+    ort = pytest.importorskip('onnxruntime')
+    torch.onnx.export(program, dynamo=True).save(str(path))
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    for x, want in zip(inputs, expected):
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        assert np.abs(got - want.numpy()).max() <= 1e-4, (tuple(x.shape), np.abs(got - want.numpy()).max())
+
+
+# ---------------------------------------------------------------------------------------
 # Model API, sizes, training, dtypes
 # ---------------------------------------------------------------------------------------
 
@@ -633,8 +738,9 @@ def test_vit_bf16_autocast_close_to_fp32_at_512():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         tables = model.block_rotations(32, 32, x.device)
         low = model(x)
-    assert tables[0].dtype == torch.complex64  # angles and cos/sin stay fp32 under autocast
-    torch.testing.assert_close(tables[1], model.block_rotations(32, 32, x.device)[1], atol=0, rtol=0)
+    assert tables[0][0].dtype == torch.float32  # angles and cos/sin stay fp32 under autocast
+    for got, want in zip(tables[1], model.block_rotations(32, 32, x.device)[1]):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
     with torch.no_grad():
         ref = model(x)
     # bf16 keeps 8 mantissa bits (relative error 2^-9 per rounding); over two stressed blocks the
@@ -709,9 +815,9 @@ def test_swin_eq15_logits_depend_on_relative_offsets_only():
     t_x, t_y = swin_rope.window_positions(w)
     assert t_x.tolist() == [float(n % w) for n in range(w * w)]  # column: x = n mod w
     assert t_y.tolist() == [float(n // w) for n in range(w * w)]  # row: y = n div w
-    cis = swin_rope.rope_cis(freqs, t_x, t_y)  # (nH, N, d/2)
+    cos, sin = swin_rope.rope_cos_sin(swin_rope.rope_angles(freqs, t_x, t_y))  # (nH, N, d/2) each
     q, k = torch.randn(2, heads, w * w, d).unbind(0)
-    logits = swin_rope.apply_rope(q, cis) @ swin_rope.apply_rope(k, cis).transpose(-1, -2)
+    logits = swin_rope.apply_rope(q, cos, sin) @ swin_rope.apply_rope(k, cos, sin).transpose(-1, -2)
     # Independent Eq. 15: Re[sum_j q_nj conj(k_mj) exp(i (fx_j dx + fy_j dy))] in float64.
     dx = (t_x[:, None] - t_x[None, :]).double()  # (N, N)
     dy = (t_y[:, None] - t_y[None, :]).double()
@@ -725,7 +831,7 @@ def test_swin_eq15_logits_depend_on_relative_offsets_only():
     attn = _swin_small_model('rope_mixed').layers[0].blocks[0].attn
     x = torch.randn(1, 1, 16).expand(1, w * w, 16)
     qkv = attn.qkv(x).reshape(1, w * w, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    qr, kr = swin_rope.apply_rope(qkv[:2], attn.rope_factors(w)).unbind(0)
+    qr, kr = swin_rope.apply_rope(qkv[:2], *attn.rope_tables(w)).unbind(0)
     a = (qr @ kr.transpose(-1, -2))[0]  # (nH, N, N)
     for off in {(int(i), int(j)) for i, j in zip(dx.flatten(), dy.flatten())}:
         sel = (dx == off[0]) & (dy == off[1])
@@ -965,6 +1071,15 @@ def test_swin_window_and_shift_per_stage():
     torch.testing.assert_close(attn[3]['attn'].sum(-1), torch.ones(2 * 2 * 4, 4, 9))
 
 
+def test_swin_fused_rotation_equals_readable():
+    """Eager forward (one complex multiply, cached factors) equals the readable real formula."""
+    attn = _swin_redraw(_swin_small_model('rope_mixed')).layers[0].blocks[0].attn
+    qk = torch.randn(2, 3, attn.num_heads, 36, attn.head_dim)  # (q|k, B_, nH, N, d), window 6
+    with torch.no_grad():
+        torch.testing.assert_close(swin_rope.rotate_fused(qk, attn, 6),
+                                   swin_rope.apply_rope(qk, *attn.rope_tables(6)), atol=2e-6, rtol=1e-5)
+
+
 def test_swin_forward_with_attention_matches_forward():
     model = _swin_redraw(_swin_small_model('rope_mixed_rpb'))
     x = torch.randn(2, 3, 64, 64)
@@ -1009,6 +1124,59 @@ def test_swin_eval_cache_follows_weights_and_autocast_runs():
         low = model(x)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), changed, atol=0.1, rtol=0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Deploy: torch.compile, torch.export, ONNX (they trace the readable, real-valued formula)
+# ----------------------------------------------------------------------------------------------
+# Swin's window follows the input size (r / 32 for the published models), so a graph with a
+# symbolic size carries symbolic window shapes through every partition, shift and mask; tracing
+# one with dynamic=True or a dynamic torch.export works (checked by hand: max |diff| 5e-9 at
+# two other sizes) but costs over a minute even for one stage on 2 CPU cores. The tests below
+# trace per size instead (dynamic=False, one export per resolution).
+
+@pytest.mark.parametrize('pe', swin_rope.PE_VARIANTS)
+def test_swin_compile_fullgraph_every_pe(pe):
+    """torch.compile(fullgraph=True, dynamic=False) of every PE variant with the recording backend
+    of the ViT tests (dynamo's capture, no code generation): no graph break, no complex tensor in
+    the graphs, logits at two sizes and a training step's gradients equal eager."""
+    torch._dynamo.reset()
+    model = _swin_redraw(_swin_small_model(pe))
+    complex_nodes = []
+    compiled = torch.compile(model, backend=_recording_backend(complex_nodes), fullgraph=True, dynamic=False)
+    _compiled_matches_eager(model, compiled, [(64, 64), (96, 96)], (64, 64), tol=1e-4)
+    assert complex_nodes == []
+
+
+def test_swin_compile_inductor_warns_nothing():
+    """Inductor, fullgraph (static sizes, see above): RoPE-Mixed + RPB, one stage of a plain and a
+    shifted block (the others compile to the same kernels), eval and a training step equal to
+    eager, and no 'complex operators' warning. About a minute on 2 cores."""
+    model = _swin_redraw(_swin_small_model('rope_mixed_rpb', depths=(2,), num_heads=(2,), img_size=16))
+    torch._dynamo.reset()
+    import torch._inductor.lowering as lowering
+    if hasattr(lowering, '_warn_complex_not_supported'):  # it warns once per process
+        lowering._warn_complex_not_supported.cache_clear()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        _compiled_matches_eager(model, compiled, [(64, 64)], (64, 64), tol=1e-4)
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if 'complex' in m.lower()], messages
+
+
+@pytest.mark.parametrize('pe', swin_rope.PE_VARIANTS)
+def test_swin_export_and_onnxruntime_per_resolution(pe, tmp_path):
+    """torch.export at 64 and at 96 (windows 4 and 6, the run-time rule), each program to ONNX
+    (dynamo exporter) and run with onnxruntime on CPU: max |logit difference| to eager <= 1e-4."""
+    model = _swin_redraw(_swin_small_model(pe, depths=(2, 2), num_heads=(2, 4)))
+    for size in (64, 96):
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            want = model(x)
+        program = torch.export.export(model, (x,))
+        torch.testing.assert_close(program.module()(x), want, atol=1e-5, rtol=1e-5)
+        _check_onnxruntime(program, [x], [want], tmp_path / f'swin_{pe}_{size}.onnx')
 
 
 def test_swin_invalid_sizes_and_names():
@@ -1945,25 +2113,30 @@ def test_bench_load_meter_and_bounded_wait():
     assert budget[0] <= 0
 
 
+def _complex_table(angles):
+    """e^{i phi} as the fused path's complex table."""
+    return torch.complex(angles.cos(), angles.sin())
+
+
 def test_bench_rotation_gradcheck_matches_plain_formula():
     torch.manual_seed(0)
     B, T, heads, D = 2, 5, 2, 8
     qkv = torch.randn(B * T, 3 * heads * D, dtype=torch.float64, requires_grad=True)
 
-    def plain(qkv, rot):  # autograd of Eq. 11 as written
+    def plain(qkv, angles):  # autograd of Eq. 11 as written (real form)
         split = qkv.view(B, T, 3, heads, D).permute(2, 0, 3, 1, 4)  # (3, B, heads, T, D)
-        q, k = rope_vit.apply_rope(split[:2], rot).unbind(0)
+        q, k = rope_vit.apply_rope(split[:2], *rope_vit.rope_cos_sin(angles)).unbind(0)
         return q, k, split[2]
 
     for rot_shape in ((heads, T, D // 2), (T, D // 2), (1, T, D // 2)):  # Mixed, Axial, shared
         angles = torch.randn(rot_shape, dtype=torch.float64, requires_grad=True)
 
         def fast(qkv, angles):
-            return rope_vit.RotateQK.apply(qkv * 1, rope_vit.rope_tables(angles), heads, B)[1:]
+            return rope_vit.RotateQK.apply(qkv * 1, _complex_table(angles), heads, B)[1:]
         assert torch.autograd.gradcheck(fast, (qkv, angles))
         grad = [torch.randn(B, heads, T, D, dtype=torch.float64) for _ in range(3)]
         got = torch.autograd.grad(fast(qkv, angles), (qkv, angles), grad)
-        want = torch.autograd.grad(plain(qkv, rope_vit.rope_tables(angles)), (qkv, angles), grad)
+        want = torch.autograd.grad(plain(qkv, angles), (qkv, angles), grad)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
@@ -1976,12 +2149,12 @@ def test_bench_rotation_gradcheck_matches_plain_formula():
 
     def fast_freqs(qkv, freqs):
         with torch.no_grad():
-            rot = rope_vit.rope_tables(angles_of(freqs))
+            rot = _complex_table(angles_of(freqs))
         return rope_vit.RotateQK.apply(qkv * 1, rot, heads, B, freqs, positions)[1:]
     assert torch.autograd.gradcheck(fast_freqs, (qkv, freqs))
     grad = [torch.randn(B, heads, T, D, dtype=torch.float64) for _ in range(3)]
     got = torch.autograd.grad(fast_freqs(qkv, freqs), (qkv, freqs), grad)
-    want = torch.autograd.grad(plain(qkv, rope_vit.rope_tables(angles_of(freqs))), (qkv, freqs), grad)
+    want = torch.autograd.grad(plain(qkv, angles_of(freqs)), (qkv, freqs), grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
@@ -1990,7 +2163,7 @@ def test_bench_fast_path_equals_readable_path_and_saves_no_extra_activations():
     x = torch.randn(2, 3, 48, 64)
     model = _bench_vit('rope_mixed').train()
     logits = model(x)
-    ref, _ = model.forward_with_attention(x)  # apply_rope on tables with their autograd graph
+    ref, _ = model.forward_with_attention(x)  # readable apply_rope on cos/sin tables with their autograd graph
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
     logits.square().sum().backward()
     fast_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -2011,6 +2184,19 @@ def test_bench_fast_path_equals_readable_path_and_saves_no_extra_activations():
     ape = saved_bytes(_bench_vit('ape').train())
     mixed = saved_bytes(_bench_vit('rope_mixed').train())
     assert mixed <= ape * 1.02, (mixed, ape)  # q, k rotated in place: only the small tables are extra
+
+
+@pytest.mark.parametrize('pe', ['rope_axial', 'rope_mixed'])
+def test_vit_fused_tables_equal_readable_tables(pe):
+    """The fast path's per-axis complex tables equal Eq. 10's cos/sin of Eq. 12 / 14 angles
+    (fp32 round-off; angles up to ~40 rad on a 9x23 grid), class token the identity."""
+    model = _vit_tiny(pe)
+    readable = model.block_rotations(9, 23, torch.device('cpu'))
+    fused = rope_vit.fused_rotations(model, 9, 23, torch.device('cpu'))
+    for (cos, sin), rot in zip(readable, fused):
+        assert rot.dtype == torch.complex64 and rot.shape == cos.shape
+        assert (rot.real - cos).abs().max() < 2e-6 and (rot.imag - sin).abs().max() < 2e-6
+        assert torch.all(rot[..., 0, :] == 1)
 
 
 def test_bench_rope_cache_follows_frequencies():
