@@ -1107,6 +1107,47 @@ def test_train_bad_input_from_the_shell_has_no_traceback(tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+def _train_values_outside(limit, kind):
+    """Command-line strings just outside `limit` for a flag parsed by `kind` (int or float)."""
+    values = []
+    if limit.low is not None:
+        values.append(kind(limit.low if limit.low_open else limit.low - 1))
+    if limit.high is not None:
+        values.append(kind(limit.high if limit.high_open else limit.high + 1))
+    if kind is float:
+        values += [math.nan, math.inf]
+    return [str(v) for v in values]
+
+
+def test_train_and_eval_every_numeric_flag_is_range_checked_before_anything_is_written(
+        tmp_path, capsys):
+    scripts = [(train.get_args_parser(), train.TRAIN_LIMITS, train.main,
+                _TRAIN_TINY, [('--lr', '-1'), ('--drop-path', '1.5'), ('--patch-size', '0')]),
+               (eval_multires.get_args_parser(), eval_multires.EVAL_LIMITS, eval_multires.main,
+                ['--checkpoint', str(tmp_path / 'x.pth')], [('--resolutions', '-224')])]
+    for parser, limits, main, base, extra in scripts:
+        kinds = {a.dest: a.type for a in parser._actions if a.type in (int, float)}
+        assert set(kinds) == set(limits), 'every int / float flag needs its range'
+        cases = [('--' + dest.replace('_', '-'), value) for dest, limit in limits.items()
+                 for value in _train_values_outside(limit, kinds[dest])] + extra
+        for flag, value in cases:
+            dest = flag[2:].replace('-', '_')
+            limit, shown = limits[dest], kinds[dest](value)   # the message shows it parsed
+            out = tmp_path / 'out'
+            try:
+                train.cli(main, parser, base + ['--output-dir', str(out), flag, value])
+                status = 0
+            except SystemExit as e:
+                status = e.code
+            err = capsys.readouterr().err
+            assert status == 2, (flag, value, err)
+            assert err == f'error: {flag} must be {limit}, got {shown}\n', (flag, value, err)
+            assert not out.exists(), (flag, value)
+    # The ends that are inside pass.
+    assert train.Limit(0, 1).admits(0) and train.Limit(0, 1).admits(1.0)
+    assert train.SEED.admits(2 ** 32 - 1) and not train.POSITIVE.admits(0)
+
+
 def test_train_eval_transform_equals_the_official_pil_pipeline():
     # The DeiT-III / Swin evaluation: PIL bicubic resize of the shorter side to int(r / crop),
     # centre crop, ToTensor, ImageNet normalisation (torchvision's classic transforms on PIL).

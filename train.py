@@ -140,6 +140,70 @@ def _all_reduce_sum(t):
 
 
 # ----------------------------------------------------------------------------------------------
+# Valid ranges of the numeric flags, checked in one place before anything is written
+
+class Limit(NamedTuple):
+    """The interval a numeric flag must lie in (None: unbounded; an open end is excluded).
+    NaN and infinities never pass."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def admits(self, value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or value < self.high or (not self.high_open
+                                                            and value == self.high)
+
+    def __str__(self):
+        def number(x):
+            return str(int(x)) if float(x).is_integer() else f'{x:g}'
+        if self.high is None:
+            if self.low == 0 and self.low_open:
+                return 'positive'
+            return f"{'>' if self.low_open else '>='} {number(self.low)}"
+        return (f"in {'(' if self.low_open else '['}{number(self.low)}, {number(self.high)}"
+                f"{')' if self.high_open else ']'}")
+
+
+POSITIVE = Limit(0, low_open=True)
+NON_NEGATIVE = Limit(0)
+# Seeds feed torch.Generator.manual_seed(seed + epoch), which takes at most a signed 64-bit value;
+# 32 bits are the range every seeding API accepts.
+SEED = Limit(0, 2 ** 32 - 1)
+
+# Every int / float flag of train.py (test_rope.py checks that none is missing).
+TRAIN_LIMITS = {
+    'epochs': POSITIVE, 'batch_size': POSITIVE, 'lr': POSITIVE, 'min_lr': NON_NEGATIVE,
+    'warmup_lr': NON_NEGATIVE, 'warmup_epochs': NON_NEGATIVE, 'opt_eps': POSITIVE,
+    'weight_decay': NON_NEGATIVE, 'clip_grad': NON_NEGATIVE,
+    'smoothing': Limit(0, 1, high_open=True),        # 1 would leave no signal in the targets
+    'color_jitter': NON_NEGATIVE, 'repeated_aug': Limit(1), 'reprob': Limit(0, 1),
+    'mixup': NON_NEGATIVE, 'cutmix': NON_NEGATIVE,
+    'drop_path': Limit(0, 1, high_open=True),        # 1 would drop every residual branch
+    'img_size': POSITIVE, 'patch_size': POSITIVE, 'embed_dim': POSITIVE, 'depth': POSITIVE,
+    'num_heads': POSITIVE, 'eval_crop_ratio': Limit(0, 1, low_open=True),
+    'eval_resolutions': POSITIVE, 'eval_batch_size': POSITIVE, 'shapes_train': POSITIVE,
+    'shapes_val': POSITIVE, 'shapes_seed': SEED, 'seed': SEED, 'num_workers': NON_NEGATIVE,
+    'print_freq': POSITIVE,
+}
+
+
+def check_limits(values, limits):
+    """UserError naming the first flag whose value lies outside its Limit. `values` maps argparse
+    destinations to values (vars(args) or a resolved configuration); None means "not given" and
+    passes; a list is checked item by item."""
+    for key, limit in limits.items():
+        value = values.get(key)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None and not limit.admits(item):
+                raise UserError(f'--{key.replace("_", "-")} must be {limit}, got {item}')
+
+
+# ----------------------------------------------------------------------------------------------
 # Recipes: the values the paper's runs used. None in the parser means "take the recipe's".
 
 _VIT_SIZES = ('vit_tiny', 'vit_small', 'vit_base', 'vit_large')
@@ -226,18 +290,7 @@ def resolve_config(args, world_size):
             raise UserError(f"--aug {cfg['aug']} would change the directions the shapes labels "
                             "describe; use --aug none with the built-in data")
 
-    for key in ('epochs', 'batch_size'):
-        if cfg[key] <= 0:
-            raise UserError(f'--{key.replace("_", "-")} must be positive, got {cfg[key]}')
-    for key in ('img_size', 'repeated_aug', 'shapes_train', 'shapes_val', 'print_freq'):
-        if cfg.get(key) is not None and cfg[key] <= 0:
-            raise UserError(f'--{key.replace("_", "-")} must be positive, got {cfg[key]}')
-    for key in ('seed', 'shapes_seed', 'warmup_epochs', 'num_workers', 'weight_decay', 'mixup',
-                'cutmix', 'reprob', 'smoothing', 'color_jitter', 'min_lr', 'warmup_lr'):
-        if cfg[key] < 0:
-            raise UserError(f'--{key.replace("_", "-")} must be >= 0, got {cfg[key]}')
-    if cfg['eval_crop_ratio'] <= 0 or cfg['eval_crop_ratio'] > 1:
-        raise UserError(f"--eval-crop-ratio must be in (0, 1], got {cfg['eval_crop_ratio']}")
+    check_limits(cfg, TRAIN_LIMITS)   # the user's values and the recipe's alike
 
     total_batch = cfg['batch_size'] * world_size
     cfg['world_size'] = world_size
