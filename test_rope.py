@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -843,9 +844,9 @@ def _train_env():
     return env
 
 
-def _train_torchrun(args, nproc=2):
+def _train_torchrun(args, nproc=2, launcher=()):
     return [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-            '--nproc_per_node', str(nproc), _TRAIN_SCRIPT] + args
+            '--nproc_per_node', str(nproc), *launcher, _TRAIN_SCRIPT] + args
 
 
 def _train_cli(argv):
@@ -1008,6 +1009,12 @@ def test_train_sigkill_at_a_random_moment_then_resume_auto_is_bit_identical(
     assert not list(cut.glob('*.tmp'))
 
 
+def _train_free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
 def _train_wait_gone(pids, timeout=_TRAIN_TIMEOUT):
     deadline = time.time() + timeout
     while any(os.path.exists(f'/proc/{p}') and _train_proc_state(p) != 'Z' for p in pids):
@@ -1065,6 +1072,79 @@ def test_train_sigterm_stops_every_rank_at_one_step_saves_once_and_resumes_bit_i
     assert resumed.returncode == 0, (delay, resumed.stderr[-3000:])
     assert f'resumed from {saved} (--resume auto)' in resumed.stdout
     _train_assert_same_run(full, cut)
+
+
+def test_train_lost_worker_torchrun_restart_resumes_by_itself_bit_identical(
+        _train_reference_run, tmp_path):
+    full, _ = _train_reference_run
+    cut = tmp_path / 'cut'
+    restarting = ['--max-restarts', '1']
+    with _TrainProcesses() as procs:
+        # No --resume: the restarted workers continue from their own checkpoints all the same.
+        proc = procs.start(_train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut)],
+                                           launcher=restarting), tmp_path,
+                           log=tmp_path / 'run.log')
+        _train_wait_for(cut, proc=proc)
+        time.sleep(random.uniform(0.0, 0.5))
+        os.kill(_train_children(proc.pid)[-1], signal.SIGKILL)
+        assert proc.wait(timeout=_TRAIN_TIMEOUT) == 0, (tmp_path / 'run.log').read_text()[-3000:]
+    output = (tmp_path / 'run.log').read_text()
+    assert re.search(r'resumed from \S+recovery_e\d+_i\d+\.pth after a torchrun restart',
+                     output), output[-3000:]
+    _train_assert_same_run(full, cut)
+
+
+def _train_two_nodes(procs, port, out, cwd, tag, extra=()):
+    """Two torchrun agents of one process each, meeting at a c10d rendezvous on localhost: the
+    README's several-node command on one machine, with its environment."""
+    env = dict(_train_env(), TORCH_DISABLE_SHARE_RDZV_TCP_STORE='1')
+    agents = []
+    for node in range(2):
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2',
+               '--nproc_per_node', '1', '--rdzv-backend', 'c10d',
+               '--rdzv-endpoint', f'localhost:{port}', '--rdzv-id', f'test-{port}',
+               '--max-restarts', '1', _TRAIN_SCRIPT] + _TRAIN_FAULT_ARGS + [
+               '--output-dir', str(out), '--resume', 'auto', *extra]
+        agents.append(procs.start(cmd, cwd, env=env, log=cwd / f'{tag}_node{node}.log'))
+    return agents
+
+
+def test_train_two_nodes_c10d_preempt_resume_and_lost_node_are_bit_identical(
+        _train_reference_run, tmp_path):
+    full, _ = _train_reference_run
+    # 1. Both nodes preempted after a checkpoint, then the same command again on both.
+    out = tmp_path / 'preempted'
+    with _TrainProcesses() as procs:
+        agents = _train_two_nodes(procs, _train_free_port(), out, tmp_path, 'first')
+        _train_wait_for(out, proc=agents[0])
+        workers = [w for a in agents for w in _train_children(a.pid)]
+        for agent in agents:
+            _train_kill_tree(agent.pid, signal.SIGTERM)
+        for agent in agents:
+            agent.wait(timeout=_TRAIN_TIMEOUT)
+        _train_wait_gone(workers)
+    logs = ''.join((tmp_path / f'first_node{n}.log').read_text() for n in range(2))
+    _, saved = _train_stop_message(logs)
+    with _TrainProcesses() as procs:
+        agents = _train_two_nodes(procs, _train_free_port(), out, tmp_path, 'second')
+        for agent in agents:
+            assert agent.wait(timeout=_TRAIN_TIMEOUT) == 0, logs
+    logs = ''.join((tmp_path / f'second_node{n}.log').read_text() for n in range(2))
+    assert f'resumed from {saved} (--resume auto)' in logs, logs[-3000:]
+    _train_assert_same_run(full, out)
+
+    # 2. A node's worker lost mid-run: both agents restart their workers, which resume.
+    out = tmp_path / 'lost'
+    with _TrainProcesses() as procs:
+        agents = _train_two_nodes(procs, _train_free_port(), out, tmp_path, 'lost')
+        _train_wait_for(out, proc=agents[0])
+        time.sleep(random.uniform(0.0, 0.5))
+        os.kill(_train_children(agents[1].pid)[0], signal.SIGKILL)
+        for agent in agents:
+            assert agent.wait(timeout=_TRAIN_TIMEOUT) == 0
+    logs = ''.join((tmp_path / f'lost_node{n}.log').read_text() for n in range(2))
+    assert 'resumed from' in logs, logs[-3000:]
+    _train_assert_same_run(full, out)
 
 
 def _train_write_folder(root, corrupt):

@@ -7,10 +7,10 @@ ImageNet-style folders (DIR/train/<class>/*, DIR/val/<class>/*), DeiT-III recipe
     torchrun --nproc_per_node=8 train.py --model vit_small --pe rope_mixed --data-path /imagenet
 Swin recipe:
     torchrun --nproc_per_node=8 train.py --model swin_tiny --pe rope_mixed --data-path /imagenet
-Several nodes (run on every node, NODE_RANK = 0 .. NNODES-1):
-    torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 \\
-        --master_addr=$MASTER_ADDR --master_port=29500 \\
-        train.py --model vit_base --data-path /imagenet
+Several nodes (the same command on every node; a c10d rendezvous on the first one):
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 \\
+        --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 --rdzv-id=$JOB_ID \\
+        --max-restarts=3 train.py --model vit_base --data-path /imagenet --resume auto
 Continue an interrupted run / fine-tune at another resolution:
     torchrun ... train.py ... --output-dir out/run1 --resume auto
     torchrun ... train.py --model vit_base --data-path /imagenet --finetune out/b192/best.pth \\
@@ -155,8 +155,29 @@ def init_distributed():
     distributed = world_size > 1
     if distributed and not dist.is_initialized():
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
-        dist.init_process_group(backend=backend, init_method='env://',
-                                world_size=world_size, rank=rank)
+        shared_store = os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
+        if shared_store and os.environ.get('GROUP_WORLD_SIZE', '1') == '1':
+            # torchrun keeps one store server across restarts of the worker group
+            # (--max-restarts), and torch 2.14 gives the workers no namespace per attempt: a
+            # restarted worker can read a dead peer's address left by the attempt before and
+            # fail to connect. One namespace per attempt, as torch's env:// used to do; with a
+            # single agent every worker has the same restart count. (Several agents may count
+            # differently: there TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives a store per attempt.)
+            store = dist.PrefixStore(
+                f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']),
+                              world_size, is_master=False))
+            dist.init_process_group(backend=backend, store=store, world_size=world_size,
+                                    rank=rank)
+        else:
+            dist.init_process_group(backend=backend, init_method='env://',
+                                    world_size=world_size, rank=rank)
+            if (shared_store and rank == 0
+                    and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', '0')) > 0):
+                sys.stderr.write('warning: torchrun keeps one store across restarts of this '
+                                 'several-node group, where a restarted worker may fail to '
+                                 'connect; launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 '
+                                 '(README: Long runs on a cluster)\n')
     return DistInfo(rank, world_size, local_rank, device, distributed)
 
 
