@@ -1342,6 +1342,29 @@ def test_train_bad_input_from_the_shell_has_no_traceback(tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+def test_train_resume_mid_epoch_on_another_batch_size_continues_at_the_same_point(
+        tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'out'
+    _train_send_at_step(monkeypatch, {3: signal.SIGTERM})
+    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out)]) == 75   # 24 images seen
+    _train_send_at_step(monkeypatch, {})
+    capsys.readouterr()
+    # Batch 4 instead of 8: 8 steps per epoch, the same 24 images are 6 of them; the schedule
+    # (16 steps now) goes on from step 6 with the learning rate of the new batch.
+    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--batch-size', '4',
+                                      '--resume', 'auto']) == 0
+    printed = capsys.readouterr().out
+    assert (f"resumed from {out / 'recovery_e0000_i000000024.pth'} (--resume auto): epoch 1/2, "
+            'step 6/8') in printed
+    assert ('the checkpoint was written by 1 process(es) x batch 8, this run has 1 x 4: the '
+            'schedule goes on from step 6 of 16 at lr 6.25e-05') in printed
+    final = _train_state(out / 'checkpoint.pth')
+    assert final['lr_scheduler']['last_epoch'] == 16 and final['steps_per_epoch'] == 8
+    assert [json.loads(line)['epoch'] for line in (out / 'log.jsonl').read_text().splitlines()] \
+        == [1, 2]
+    assert final['optimizer']['param_groups'][0]['lr'] == pytest.approx(1e-5)   # min_lr at the end
+
+
 def _train_values_outside(limit, kind):
     """Command-line strings just outside `limit` for a flag parsed by `kind` (int or float)."""
     values = []
@@ -1616,7 +1639,11 @@ def test_train_resume_auto_continues_only_its_own_run_and_a_torchrun_restart_imp
     monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'second-torchrun')
     _train_send_at_step(monkeypatch, {1: signal.SIGTERM})
     assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--seed', '1']) == 75
-    assert 'resumed from' not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert 'resumed from' not in printed
+    assert (f'note: 2 checkpoint(s) of an earlier run in {out} are not continued, and this '
+            "run's saves replace them (recovery_e0002_i000000000.pth, "
+            'recovery_e0001_i000000024.pth)') in printed
     # Its first save removed the first run's recovery checkpoints; --resume auto continues it.
     assert [os.path.basename(p) for p in train.recovery_files(str(out))] == [
         'recovery_e0000_i000000008.pth']

@@ -1061,7 +1061,9 @@ def find_resume(cfg):
         if state is not None and not _digest_matches(state) and _rank_from_env() == 0:
             sys.stderr.write(f"warning: {cfg['resume']} does not match the digest train.py "
                              'wrote with it (edited since, or damaged bytes)\n')
-        return Resume(cfg['resume'], state, [], [], False, None, False)
+        others = [p for p in recovery_files(cfg['output_dir'])
+                  if state is None or not os.path.samefile(p, cfg['resume'])]
+        return Resume(cfg['resume'], state, [], others, False, None, False)
     damaged, others = [], []
     for path in _resume_candidates(cfg['output_dir']):
         try:
@@ -1574,8 +1576,9 @@ def main(args):
                              f'{os.path.basename(path)}.damaged)\n')
     if resume.others:
         _log(f"note: {len(resume.others)} checkpoint(s) of an earlier run in "
-             f"{cfg['output_dir']} are not continued ({', '.join(resume.others)}): "
-             'config.json names another run; --resume PATH continues from one of them')
+             f"{cfg['output_dir']} are not continued, and this run's saves replace them "
+             f"({', '.join(map(os.path.basename, resume.others))}); --resume PATH continues "
+             'from one of them')
 
     # 3. Model, optimizer, data.
     model.to(device)
