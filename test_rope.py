@@ -917,14 +917,20 @@ class _TrainProcesses:
                 proc.wait()
 
 
-def _train_wait_for(path_glob_dir, deadline_s=_TRAIN_TIMEOUT, proc=None):
-    """Wait until a recovery checkpoint exists in the folder; returns its time."""
-    deadline = time.time() + deadline_s
-    while time.time() < deadline and (proc is None or proc.poll() is None):
-        if train.recovery_files(str(path_glob_dir)):
-            return time.time()
-        time.sleep(0.01)
-    raise AssertionError(f'no recovery checkpoint appeared in {path_glob_dir}')
+def _train_after_saves(logs, procs, count):
+    """Wait until the runs writing `logs` have reported `count` mid-epoch saves (of the 9 that
+    _TRAIN_FAULT_ARGS makes, the 8th in the last epoch): a moment chosen by progress rather than
+    by time, so that it falls inside training on a fast machine as on a loaded one."""
+    deadline = time.time() + _TRAIN_TIMEOUT
+    while sum(p.read_text().count('saved recovery_') for p in logs if p.exists()) < count:
+        assert time.time() < deadline, f'fewer than {count} saves in {_TRAIN_TIMEOUT} s'
+        assert all(p.poll() is None for p in procs), f'a run ended before {count} saves'
+        time.sleep(0.005)
+
+
+def _train_random_moment():
+    """After 1-7 saves, then up to 0.1 s (inside a step, a save or an evaluation)."""
+    return random.randint(1, 7), random.uniform(0.0, 0.1)
 
 
 def _train_assert_same_run(reference, other):
@@ -991,20 +997,21 @@ def test_train_sigkill_at_a_random_moment_then_resume_auto_is_bit_identical(
         _train_reference_run, tmp_path):
     full, _ = _train_reference_run
     cut = tmp_path / 'cut'
-    delay = random.uniform(0.0, 1.0)
+    saves, delay = moment = _train_random_moment()
     with _TrainProcesses() as procs:
+        log = tmp_path / 'killed.log'
         proc = procs.start(_train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut)]),
-                           tmp_path)
-        _train_wait_for(cut, proc=proc)
-        time.sleep(delay)   # anywhere in the run: inside a step, a save, an evaluation
+                           tmp_path, log=log)
+        _train_after_saves([log], [proc], saves)
+        time.sleep(delay)
         _train_kill_tree(proc.pid)   # the whole job, workers included, as a node crash
         proc.wait()
-    assert proc.returncode != 0, f'the run finished before the kill (delay {delay:.2f} s)'
+    assert proc.returncode != 0, f'the run finished before the kill {moment}'
     resumed = subprocess.run(
         _train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut), '--resume', 'auto']),
         cwd=tmp_path, env=_train_env(), capture_output=True, text=True, timeout=_TRAIN_TIMEOUT)
-    assert resumed.returncode == 0, (delay, resumed.stderr[-3000:])
-    assert f'resumed from {cut}{os.sep}recovery_e' in resumed.stdout, delay
+    assert resumed.returncode == 0, (moment, resumed.stderr[-3000:])
+    assert f'resumed from {cut}{os.sep}recovery_e' in resumed.stdout, moment
     _train_assert_same_run(full, cut)
     assert not list(cut.glob('*.tmp'))
 
@@ -1042,11 +1049,12 @@ def test_train_sigterm_stops_every_rank_at_one_step_saves_once_and_resumes_bit_i
         _train_reference_run, tmp_path):
     full, _ = _train_reference_run
     cut = tmp_path / 'cut'
-    delay = random.uniform(0.0, 0.5)
+    saves, delay = moment = _train_random_moment()
     with _TrainProcesses() as procs:
+        log = tmp_path / 'stopped.log'
         proc = procs.start(_train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut)]),
-                           tmp_path, log=tmp_path / 'stopped.log')
-        _train_wait_for(cut, proc=proc)
+                           tmp_path, log=log)
+        _train_after_saves([log], [proc], saves)
         time.sleep(delay)
         workers = _train_children(proc.pid)
         # As a scheduler does: SIGTERM to every process, then again while the state is saved.
@@ -1069,7 +1077,7 @@ def test_train_sigterm_stops_every_rank_at_one_step_saves_once_and_resumes_bit_i
     resumed = subprocess.run(
         _train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut), '--resume', 'auto']),
         cwd=tmp_path, env=_train_env(), capture_output=True, text=True, timeout=_TRAIN_TIMEOUT)
-    assert resumed.returncode == 0, (delay, resumed.stderr[-3000:])
+    assert resumed.returncode == 0, (moment, resumed.stderr[-3000:])
     assert f'resumed from {saved} (--resume auto)' in resumed.stdout
     _train_assert_same_run(full, cut)
 
@@ -1081,11 +1089,12 @@ def test_train_lost_worker_torchrun_restart_resumes_by_itself_bit_identical(
     restarting = ['--max-restarts', '1']
     with _TrainProcesses() as procs:
         # No --resume: the restarted workers continue from their own checkpoints all the same.
+        log = tmp_path / 'run.log'
         proc = procs.start(_train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut)],
-                                           launcher=restarting), tmp_path,
-                           log=tmp_path / 'run.log')
-        _train_wait_for(cut, proc=proc)
-        time.sleep(random.uniform(0.0, 0.5))
+                                           launcher=restarting), tmp_path, log=log)
+        saves, delay = _train_random_moment()
+        _train_after_saves([log], [proc], saves)
+        time.sleep(delay)
         os.kill(_train_children(proc.pid)[-1], signal.SIGKILL)
         assert proc.wait(timeout=_TRAIN_TIMEOUT) == 0, (tmp_path / 'run.log').read_text()[-3000:]
     output = (tmp_path / 'run.log').read_text()
@@ -1116,7 +1125,9 @@ def test_train_two_nodes_c10d_preempt_resume_and_lost_node_are_bit_identical(
     out = tmp_path / 'preempted'
     with _TrainProcesses() as procs:
         agents = _train_two_nodes(procs, _train_free_port(), out, tmp_path, 'first')
-        _train_wait_for(out, proc=agents[0])
+        saves, delay = _train_random_moment()
+        _train_after_saves([tmp_path / f'first_node{n}.log' for n in range(2)], agents, saves)
+        time.sleep(delay)
         workers = [w for a in agents for w in _train_children(a.pid)]
         for agent in agents:
             _train_kill_tree(agent.pid, signal.SIGTERM)
@@ -1137,8 +1148,9 @@ def test_train_two_nodes_c10d_preempt_resume_and_lost_node_are_bit_identical(
     out = tmp_path / 'lost'
     with _TrainProcesses() as procs:
         agents = _train_two_nodes(procs, _train_free_port(), out, tmp_path, 'lost')
-        _train_wait_for(out, proc=agents[0])
-        time.sleep(random.uniform(0.0, 0.5))
+        saves, delay = _train_random_moment()
+        _train_after_saves([tmp_path / f'lost_node{n}.log' for n in range(2)], agents, saves)
+        time.sleep(delay)
         os.kill(_train_children(agents[1].pid)[0], signal.SIGKILL)
         for agent in agents:
             assert agent.wait(timeout=_TRAIN_TIMEOUT) == 0
