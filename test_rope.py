@@ -1068,7 +1068,7 @@ def test_train_sigterm_stops_every_rank_at_one_step_saves_once_and_resumes_bit_i
     output = (tmp_path / 'stopped.log').read_text()
     name, saved = _train_stop_message(output)
     assert name == 'SIGTERM', output[-3000:]
-    assert 'Traceback' not in output.split('stopped by')[0][-2000:], output[-3000:]
+    assert 'train.py", line' not in output, output[-3000:]   # torchrun's own traceback only
     # Bounded: well inside torchrun's 30 s before it sends SIGKILL (measured: about 0.3 s).
     assert stop_seconds < 20, stop_seconds
     assert train.recovery_files(str(cut))[0] == saved and not list(cut.glob('*.tmp'))
