@@ -898,15 +898,18 @@ class _TrainProcesses:
     """Subprocesses of a test, every one of them (and its workers) killed at the end."""
 
     def __init__(self):
-        self.procs = []
+        self.procs, self.files = [], []
 
     def __enter__(self):
         return self
 
     def start(self, cmd, cwd, env=None, log=None):
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env or _train_env(), text=True,
-                                stdout=open(log, 'w') if log else subprocess.DEVNULL,
-                                stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
+        out = subprocess.DEVNULL
+        if log:
+            out = open(log, 'w')
+            self.files.append(out)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env or _train_env(), text=True, stdout=out,
+                                stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
 
@@ -915,6 +918,8 @@ class _TrainProcesses:
             if proc.poll() is None:
                 _train_kill_tree(proc.pid)
                 proc.wait()
+        for f in self.files:
+            f.close()
 
 
 def _train_after_saves(logs, procs, count):
