@@ -599,8 +599,6 @@ def _allowed(entry, resolutions):
 def _check_resolutions(entry, resolutions, what):
     """Validate every resolution with the model's own rule before any work is done."""
     for r in resolutions:
-        if r <= 0:
-            raise UserError(f'{what} must be positive, got {r}')
         try:
             entry['model'].check_img_size(r, r)
         except ValueError as error:
@@ -672,14 +670,17 @@ def _amp_dtype(amp, device):
     return train._amp_dtype(amp)
 
 
+# Every int / float flag (test_rope.py checks that none is missing).
+EVAL_LIMITS = {
+    'resolutions': train.POSITIVE, 'crop_ratio': train.Limit(0, 1, low_open=True),
+    'batch_size': train.POSITIVE, 'num_workers': train.NON_NEGATIVE,
+    'attention_images': train.POSITIVE, 'attention_resolutions': train.POSITIVE,
+    'attention_batch_size': train.POSITIVE,
+}
+
+
 def _check_args(args):
-    for name in ('batch_size', 'attention_images', 'attention_batch_size'):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UserError(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
-    if args.num_workers is not None and args.num_workers < 0:
-        raise UserError(f'--num-workers must be >= 0, got {args.num_workers}')
-    if args.crop_ratio is not None and not 0 < args.crop_ratio <= 1:
-        raise UserError(f'--crop-ratio must be in (0, 1], got {args.crop_ratio}')
+    train.check_limits(vars(args), EVAL_LIMITS)
     if args.model is not None and len(args.model) not in (1, len(args.checkpoint)):
         raise UserError(f'--model needs one name, or one per checkpoint ({len(args.checkpoint)}), '
                         f'got {len(args.model)}')

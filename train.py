@@ -7,10 +7,10 @@ ImageNet-style folders (DIR/train/<class>/*, DIR/val/<class>/*), DeiT-III recipe
     torchrun --nproc_per_node=8 train.py --model vit_small --pe rope_mixed --data-path /imagenet
 Swin recipe:
     torchrun --nproc_per_node=8 train.py --model swin_tiny --pe rope_mixed --data-path /imagenet
-Several nodes (run on every node, NODE_RANK = 0 .. NNODES-1):
-    torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 \\
-        --master_addr=$MASTER_ADDR --master_port=29500 \\
-        train.py --model vit_base --data-path /imagenet
+Several nodes (the same command on every node; a c10d rendezvous on the first one):
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 \\
+        --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 --rdzv-id=$JOB_ID \\
+        --max-restarts=3 train.py --model vit_base --data-path /imagenet --resume auto
 Continue an interrupted run / fine-tune at another resolution:
     torchrun ... train.py ... --output-dir out/run1 --resume auto
     torchrun ... train.py --model vit_base --data-path /imagenet --finetune out/b192/best.pth \\
@@ -26,17 +26,33 @@ The peak learning rate of a recipe scales linearly with the total batch (printed
 `--lr` sets it directly. The run ends with the accuracy table over `--eval-resolutions`.
 
 Outputs in --output-dir: config.json, checkpoint.pth (every epoch), best.pth, log.jsonl,
-resolutions.json. Checkpoints are `{'model', 'optimizer', 'lr_scheduler', 'scaler', 'epoch',
-'args', ...}` and load with torch.load(..., weights_only=True).
+resolutions.json, and the newest two recovery checkpoints recovery_e{E}_i{I}.pth (after E epochs
+and I images of the next; --save-every-steps N adds one every N steps). Checkpoints are
+`{'model', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'args', ...}` and load with
+torch.load(..., weights_only=True); every file is written to a temporary name and renamed.
+
+Long runs (README, "Long runs on a cluster"): --resume auto continues from the newest sound
+checkpoint (a damaged one is skipped with a warning), bit-identical on the same world size, and is
+implied after a torchrun restart (--max-restarts). SIGTERM or SIGUSR1 stops every rank after the
+same step, saves, and exits. Exit status: 0 done, 1 diverged (or a crash), 2 bad input, 74 a
+checkpoint or log could not be written (--on-save-error warn trains on instead), 75 stopped by a
+signal with the state saved: run the same command with --resume auto.
 """
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
 import random
+import re
+import shutil
+import signal
 import sys
+import threading
 import time
+import uuid
+import zlib
 from typing import NamedTuple
 
 import numpy as np
@@ -65,12 +81,33 @@ class TrainingDiverged(Exception):
     """The loss became NaN / inf: reported as one line on stderr, exit status 1."""
 
 
+class SaveFailed(Exception):
+    """A checkpoint, log or configuration file could not be written (disk full, read-only
+    folder): one line on stderr, exit status EXIT_SAVE_FAILED."""
+
+
+class Stopped(Exception):
+    """SIGTERM / SIGUSR1 stopped training after a recovery checkpoint was written: one line on
+    stderr saying how to continue, exit status EXIT_STOPPED."""
+
+
+# sysexits.h codes, so that a batch script can tell "run me again" from "fix something first".
+EXIT_SAVE_FAILED = 74   # EX_IOERR
+EXIT_STOPPED = 75       # EX_TEMPFAIL: preempted, state saved; the same command with --resume auto
+_EXIT_STATUS = {UserError: 2, TrainingDiverged: 1, SaveFailed: EXIT_SAVE_FAILED,
+                Stopped: EXIT_STOPPED}
+
+
 def _rank_from_env():
     return int(os.environ.get('RANK', '0'))
 
 
 def cli(main_fn, parser, argv=None):
-    """Parse argv, run main_fn(args); user errors become `error: ...` on stderr and exit 2."""
+    """Parse argv, run main_fn(args); user errors become `error: ...` on stderr and exit 2.
+
+    The other exceptions of _EXIT_STATUS end the same way (one line from rank 0) with their own
+    status: 1 diverged, 74 a file could not be written, 75 stopped by a signal (resumable).
+    """
     def one_line_error(message):
         sys.stderr.write(f'error: {message}\n')
         sys.exit(2)
@@ -79,10 +116,10 @@ def cli(main_fn, parser, argv=None):
     status = 0
     try:
         main_fn(args)
-    except (UserError, TrainingDiverged) as e:
-        status = 2 if isinstance(e, UserError) else 1
+    except tuple(_EXIT_STATUS) as e:
+        status = _EXIT_STATUS[type(e)]
         if _rank_from_env() == 0:   # every rank sees the same input; one line is enough
-            sys.stderr.write(f'error: {e}\n')
+            sys.stderr.write(f'{"" if isinstance(e, Stopped) else "error: "}{e}\n')
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -118,8 +155,29 @@ def init_distributed():
     distributed = world_size > 1
     if distributed and not dist.is_initialized():
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
-        dist.init_process_group(backend=backend, init_method='env://',
-                                world_size=world_size, rank=rank)
+        shared_store = os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
+        if shared_store and os.environ.get('GROUP_WORLD_SIZE', '1') == '1':
+            # torchrun keeps one store server across restarts of the worker group
+            # (--max-restarts), and torch 2.14 gives the workers no namespace per attempt: a
+            # restarted worker can read a dead peer's address left by the attempt before and
+            # fail to connect. One namespace per attempt, as torch's env:// used to do; with a
+            # single agent every worker has the same restart count. (Several agents may count
+            # differently: there TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives a store per attempt.)
+            store = dist.PrefixStore(
+                f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']),
+                              world_size, is_master=False))
+            dist.init_process_group(backend=backend, store=store, world_size=world_size,
+                                    rank=rank)
+        else:
+            dist.init_process_group(backend=backend, init_method='env://',
+                                    world_size=world_size, rank=rank)
+            if (shared_store and rank == 0
+                    and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', '0')) > 0):
+                sys.stderr.write('warning: torchrun keeps one store across restarts of this '
+                                 'several-node group, where a restarted worker may fail to '
+                                 'connect; launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 '
+                                 '(README: Long runs on a cluster)\n')
     return DistInfo(rank, world_size, local_rank, device, distributed)
 
 
@@ -140,11 +198,78 @@ def _all_reduce_sum(t):
 
 
 # ----------------------------------------------------------------------------------------------
+# Valid ranges of the numeric flags, checked in one place before anything is written
+
+class Limit(NamedTuple):
+    """The interval a numeric flag must lie in (None: unbounded; an open end is excluded).
+    NaN and infinities never pass."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def admits(self, value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or value < self.high or (not self.high_open
+                                                            and value == self.high)
+
+    def __str__(self):
+        def number(x):
+            return str(int(x)) if float(x).is_integer() else f'{x:g}'
+        if self.high is None:
+            if self.low == 0 and self.low_open:
+                return 'positive'
+            return f"{'>' if self.low_open else '>='} {number(self.low)}"
+        return (f"in {'(' if self.low_open else '['}{number(self.low)}, {number(self.high)}"
+                f"{')' if self.high_open else ']'}")
+
+
+POSITIVE = Limit(0, low_open=True)
+NON_NEGATIVE = Limit(0)
+# Seeds feed torch.Generator.manual_seed(seed + epoch), which takes at most a signed 64-bit value;
+# 32 bits are the range every seeding API accepts.
+SEED = Limit(0, 2 ** 32 - 1)
+
+# Every int / float flag of train.py (test_rope.py checks that none is missing).
+TRAIN_LIMITS = {
+    'epochs': POSITIVE, 'batch_size': POSITIVE, 'lr': POSITIVE, 'min_lr': NON_NEGATIVE,
+    'warmup_lr': NON_NEGATIVE, 'warmup_epochs': NON_NEGATIVE, 'opt_eps': POSITIVE,
+    'weight_decay': NON_NEGATIVE, 'clip_grad': NON_NEGATIVE,
+    'smoothing': Limit(0, 1, high_open=True),        # 1 would leave no signal in the targets
+    'color_jitter': NON_NEGATIVE, 'repeated_aug': Limit(1), 'reprob': Limit(0, 1),
+    'mixup': NON_NEGATIVE, 'cutmix': NON_NEGATIVE,
+    'drop_path': Limit(0, 1, high_open=True),        # 1 would drop every residual branch
+    'img_size': POSITIVE, 'patch_size': POSITIVE, 'embed_dim': POSITIVE, 'depth': POSITIVE,
+    'num_heads': POSITIVE, 'eval_crop_ratio': Limit(0, 1, low_open=True),
+    'eval_resolutions': POSITIVE, 'eval_batch_size': POSITIVE, 'shapes_train': POSITIVE,
+    'shapes_val': POSITIVE, 'shapes_seed': SEED, 'seed': SEED, 'num_workers': NON_NEGATIVE,
+    'print_freq': POSITIVE, 'save_every_steps': NON_NEGATIVE,
+}
+
+
+def check_limits(values, limits):
+    """UserError naming the first flag whose value lies outside its Limit. `values` maps argparse
+    destinations to values (vars(args) or a resolved configuration); None means "not given" and
+    passes; a list is checked item by item."""
+    for key, limit in limits.items():
+        value = values.get(key)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None and not limit.admits(item):
+                raise UserError(f'--{key.replace("_", "-")} must be {limit}, got {item}')
+
+
+# ----------------------------------------------------------------------------------------------
 # Recipes: the values the paper's runs used. None in the parser means "take the recipe's".
 
 _VIT_SIZES = ('vit_tiny', 'vit_small', 'vit_base', 'vit_large')
 _SWIN_SIZES = ('swin_tiny', 'swin_small', 'swin_base')
 
+# save_every_steps, recovery checkpoints inside an epoch: 500 steps are 5-10 minutes of an 8-GPU
+# ImageNet run at 0.6-1.2 s per step (an epoch is 625 steps for deit3, 1251 for swin), for one
+# checkpoint write of seconds (< 1 % of the time); the demo's 20-second epochs need none.
 RECIPES = {
     # DeiT-III (official ViT-S command of the paper; Touvron et al. 2022 for the rest).
     'deit3': dict(
@@ -155,14 +280,15 @@ RECIPES = {
         clip_grad=1.0, eval_crop_ratio=1.0, batch_size=256, img_size=224, num_workers=8,
         drop_path={'tiny': 0.0, 'small': 0.0, 'base': 0.1, 'large': 0.4},
         # B and L pretrain at 192, then fine-tune 20 epochs at 224 (--finetune ... --img-size 224).
-        img_size_by_size={'base': 192, 'large': 192}),
+        img_size_by_size={'base': 192, 'large': 192}, save_every_steps=500),
     # Swin Transformer (Liu et al. 2021), as the paper trained its Swin models.
     'swin': dict(
         opt='adamw', lr=1e-3, lr_ref_batch=1024, weight_decay=0.05, epochs=300, warmup_epochs=20,
         warmup_lr=1e-6, min_lr=1e-5, loss='ce', smoothing=0.1, aug='randaug', color_jitter=0.0,
         repeated_aug=1, reprob=0.25, mixup=0.8, cutmix=1.0, clip_grad=5.0,
         eval_crop_ratio=224 / 256, batch_size=128, img_size=224, num_workers=8,
-        drop_path={'tiny': 0.2, 'small': 0.3, 'base': 0.5}, img_size_by_size={}),
+        drop_path={'tiny': 0.2, 'small': 0.3, 'base': 0.5}, img_size_by_size={},
+        save_every_steps=500),
     # Built-in `shapes` data on a laptop: a small ViT, a short schedule, no augmentation (a flip
     # or crop would change the directions that are the labels).
     'demo': dict(
@@ -170,13 +296,13 @@ RECIPES = {
         warmup_lr=1e-6, min_lr=1e-5, loss='ce', smoothing=0.0, aug='none', color_jitter=0.0,
         repeated_aug=1, reprob=0.0, mixup=0.0, cutmix=0.0, clip_grad=1.0,
         eval_crop_ratio=1.0, batch_size=64, img_size=32, num_workers=0,
-        drop_path={}, img_size_by_size={},
+        drop_path={}, img_size_by_size={}, save_every_steps=0,
         vit_overrides=dict(patch_size=4, embed_dim=96, depth=4, num_heads=3, init_scale=0.1),
         shapes_train=8000, shapes_val=1000),
 }
 _RECIPE_KEYS = ('opt', 'weight_decay', 'epochs', 'warmup_epochs', 'warmup_lr', 'min_lr', 'loss',
                 'smoothing', 'aug', 'color_jitter', 'repeated_aug', 'reprob', 'mixup', 'cutmix',
-                'clip_grad', 'eval_crop_ratio', 'batch_size', 'num_workers')
+                'clip_grad', 'eval_crop_ratio', 'batch_size', 'num_workers', 'save_every_steps')
 
 
 def _size_of(model_name):
@@ -226,18 +352,7 @@ def resolve_config(args, world_size):
             raise UserError(f"--aug {cfg['aug']} would change the directions the shapes labels "
                             "describe; use --aug none with the built-in data")
 
-    for key in ('epochs', 'batch_size'):
-        if cfg[key] <= 0:
-            raise UserError(f'--{key.replace("_", "-")} must be positive, got {cfg[key]}')
-    for key in ('img_size', 'repeated_aug', 'shapes_train', 'shapes_val', 'print_freq'):
-        if cfg.get(key) is not None and cfg[key] <= 0:
-            raise UserError(f'--{key.replace("_", "-")} must be positive, got {cfg[key]}')
-    for key in ('seed', 'shapes_seed', 'warmup_epochs', 'num_workers', 'weight_decay', 'mixup',
-                'cutmix', 'reprob', 'smoothing', 'color_jitter', 'min_lr', 'warmup_lr'):
-        if cfg[key] < 0:
-            raise UserError(f'--{key.replace("_", "-")} must be >= 0, got {cfg[key]}')
-    if cfg['eval_crop_ratio'] <= 0 or cfg['eval_crop_ratio'] > 1:
-        raise UserError(f"--eval-crop-ratio must be in (0, 1], got {cfg['eval_crop_ratio']}")
+    check_limits(cfg, TRAIN_LIMITS)   # the user's values and the recipe's alike
 
     total_batch = cfg['batch_size'] * world_size
     cfg['world_size'] = world_size
@@ -517,6 +632,57 @@ class RepeatedAugSampler(torch.utils.data.Sampler):
         return iter(mine[:self.num_selected])
 
 
+def _derived_seed(*keys):
+    """A 64-bit seed that is a pure function of the integers `keys` (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """One rank's training order, resumable inside an epoch, with a seed for every sample.
+
+    Wraps a DistributedSampler or RepeatedAugSampler. set_epoch(epoch, start) makes the next
+    pass begin at position `start` of the epoch's order: the samples before it are neither loaded
+    nor drawn. It yields (index, seed) pairs for SeededSamples; the seed is a function of (seed,
+    epoch, rank, position), so a sample's augmentation does not depend on which loader worker
+    draws it, how many workers there are, or where a run was resumed.
+    """
+
+    def __init__(self, sampler, seed, rank):
+        self.sampler, self.seed, self.rank = sampler, seed, rank
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.sampler.set_epoch(epoch)
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return len(self.sampler) - self.start
+
+    def __iter__(self):
+        seeds = np.random.SeedSequence([self.seed, self.epoch, self.rank, 1]).generate_state(
+            len(self.sampler), np.uint64) >> 1   # >> 1: torch.manual_seed takes int64
+        pairs = zip(iter(self.sampler), seeds.tolist())
+        return itertools.islice(pairs, self.start, None)
+
+
+class SeededSamples(Dataset):
+    """dataset[(index, seed)] = dataset[index] drawn with torch's RNG seeded by `seed`; the
+    caller's RNG is left as it was (in the main process it also drives drop path and mixup).
+    torchvision's v2 transforms draw from torch's RNG only."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
 # ----------------------------------------------------------------------------------------------
 # Model, optimizer, schedule
 
@@ -593,8 +759,11 @@ def build_optimizer(model, cfg):
     return torch.optim.AdamW(groups, lr=cfg['lr'], eps=cfg['opt_eps'])
 
 
-def build_scheduler(optimizer, cfg, steps_per_epoch):
-    """Per step: linear warm-up from warmup_lr to lr, then cosine down to min_lr."""
+def build_scheduler(optimizer, cfg, steps_per_epoch, done_steps=0):
+    """Per step: linear warm-up from warmup_lr to lr, then cosine down to min_lr.
+
+    done_steps > 0 starts the schedule there, from cfg['lr'] (a resume on another total batch,
+    where the checkpoint's step count and learning rate do not apply)."""
     total = cfg['epochs'] * steps_per_epoch
     warmup = min(cfg['warmup_epochs'] * steps_per_epoch, total)
     lr, warmup_lr, min_lr = cfg['lr'], cfg['warmup_lr'], cfg['min_lr']
@@ -604,7 +773,11 @@ def build_scheduler(optimizer, cfg, steps_per_epoch):
             return (warmup_lr + (lr - warmup_lr) * step / warmup) / lr
         progress = (step - warmup) / max(1, total - warmup)
         return (min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))) / lr
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if done_steps:
+        for group in optimizer.param_groups:
+            group['initial_lr'] = lr
+    # LambdaLR counts its own construction as a step: last_epoch = done_steps - 1 lands on it.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=done_steps - 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,6 +800,28 @@ def read_checkpoint(path):
         raise UserError(f'cannot read checkpoint {path}: {first_line}') from None
 
 
+def _digest_matches(checkpoint):
+    """False when a checkpoint of ours no longer matches the digest it was written with (damaged
+    bytes, or edited and saved again); True otherwise, and for files without one."""
+    if not (isinstance(checkpoint, dict) and 'digest' in checkpoint):
+        return True
+    return state_digest({k: v for k, v in checkpoint.items() if k != 'digest'}) \
+        == checkpoint['digest']
+
+
+def _read_training_state(path):
+    """A sound training checkpoint of train.py from `path`, or ValueError with a short reason."""
+    try:
+        state = read_checkpoint(path)
+    except UserError as e:
+        raise ValueError(str(e).split(': ', 1)[-1]) from None
+    if not isinstance(state, dict) or any(k not in state for k in _TRAINING_KEYS):
+        raise ValueError('not a training checkpoint of train.py')
+    if not _digest_matches(state):
+        raise ValueError('its content does not match its digest: damaged bytes')
+    return state
+
+
 def unwrap_state_dict(checkpoint):
     """The state dict inside `{'model': sd}` (published files, our checkpoints) or
     `{'state_dict': sd}`; a bare state dict is returned as it is."""
@@ -636,20 +831,111 @@ def unwrap_state_dict(checkpoint):
     return checkpoint
 
 
-def _save_atomic(obj, path):
-    """Write to a temporary name, then rename: a crash leaves the old file or the new one."""
+def state_digest(obj, crc=0):
+    """CRC-32 of a checkpoint's content: every tensor's dtype, shape and bytes, every other value's
+    repr, in order. torch.load accepts a file whose tensor bytes were overwritten; a digest
+    stored with the file tells such a file from a sound one."""
+    if isinstance(obj, torch.Tensor):
+        flat = obj.detach().cpu().contiguous().reshape(-1)
+        crc = zlib.crc32(f'{flat.dtype}{tuple(obj.shape)}'.encode(), crc)
+        return zlib.crc32(flat.view(torch.uint8).numpy(), crc)
+    if isinstance(obj, dict):
+        crc = zlib.crc32(f'{{{len(obj)}'.encode(), crc)
+        for key, value in obj.items():
+            crc = state_digest(value, state_digest(key, crc))
+        return crc
+    if isinstance(obj, (list, tuple)):
+        crc = zlib.crc32(f'[{len(obj)}'.encode(), crc)
+        for value in obj:
+            crc = state_digest(value, crc)
+        return crc
+    return zlib.crc32(repr(obj).encode(), crc)
+
+
+def _fsync_dir(path):
+    """Make a rename in path's folder durable: after a node crash the folder may otherwise
+    still list the old file, or none."""
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass   # some file systems cannot sync a folder; the rename is atomic all the same
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _write_temporary(obj, path):
+    """Write obj to path + '.tmp' and fsync it; returns that name. On failure nothing is left
+    behind and the OSError names `path`.
+
+    .json: obj as JSON; .jsonl: a list of records, one per line; anything else: torch.save.
+    """
     tmp = f'{path}.tmp'
-    if path.endswith('.json'):
-        with open(tmp, 'w') as f:
-            json.dump(obj, f, indent=2)
+    try:
+        with open(tmp, 'w' if path.endswith(('.json', '.jsonl')) else 'wb') as f:
+            if path.endswith('.jsonl'):
+                f.writelines(json.dumps(record) + '\n' for record in obj)
+            elif path.endswith('.json'):
+                json.dump(obj, f, indent=2)
+            else:
+                torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-    else:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    except BaseException as e:
+        _remove_quietly(tmp)
+        # torch.save's zip writer answers a failed write (ENOSPC, EFBIG) with a RuntimeError
+        # of its own while closing; the OSError is in the exception's context.
+        while e is not None and not isinstance(e, OSError):
+            e = e.__cause__ or e.__context__
+        if e is None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), path) from e
+    return tmp
+
+
+def _commit(tmp, path):
+    """Rename a written temporary file onto `path` (atomic) and make the rename durable."""
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise OSError(e.errno, e.strerror or str(e), path) from e
+    _fsync_dir(path)
+
+
+def _save_atomic(obj, path):
+    """Write to a temporary name, fsync, rename: a crash or a failed write (disk full, read-only
+    folder) leaves the old file or the new one, never a part, and no temporary file behind."""
+    _commit(_write_temporary(obj, path), path)
+
+
+def _publish(source, path):
+    """Make `path` the same file as `source`, atomically: a hard link, which costs no second
+    write, or a copy on file systems without links."""
+    tmp = f'{path}.tmp'
+    try:
+        _remove_quietly(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+            with open(tmp, 'rb+') as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise OSError(e.errno, e.strerror or str(e), path) from e
+    _fsync_dir(path)
 
 
 def _rng_state():
@@ -688,13 +974,231 @@ def _seed_everything(seed, epoch, rank):
     random.seed(s)
 
 
-def _gather_rng_states():
-    mine = _rng_state()
+def _gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a one-item list without a group)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return [mine]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, mine)
-    return states
+        return [obj]
+    objects = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def _max_over_ranks(values, device):
+    """Element-wise maximum of a list of numbers over the ranks: the same decision everywhere."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Recovery: checkpoints inside an epoch, resume from the newest sound one, stop on a signal
+
+_RECOVERY_NAME = re.compile(r'recovery_e(\d+)_i(\d+)\.pth')
+
+
+def recovery_name(epochs_done, images):
+    """The recovery checkpoint of the state after `epochs_done` whole epochs and `images` images
+    (all ranks together) of the next: recovery_e0003_i000000640.pth. Images rather than steps,
+    so that names keep their order when a run is resumed on another world size."""
+    return f'recovery_e{epochs_done:04d}_i{images:09d}.pth'
+
+
+def recovery_files(output_dir):
+    """Paths of the recovery checkpoints in output_dir, newest position first."""
+    try:
+        names = os.listdir(output_dir)
+    except OSError:
+        return []
+    found = [(int(m[1]), int(m[2]), os.path.join(output_dir, name)) for name in names
+             if (m := _RECOVERY_NAME.fullmatch(name))]
+    return [path for _, _, path in sorted(found, reverse=True)]
+
+
+def _resume_candidates(output_dir):
+    """What --resume auto may continue from, newest first: the recovery checkpoints, then
+    checkpoint.pth when it is not a link to one of them (folders of earlier versions)."""
+    found = recovery_files(output_dir)
+    epoch_end = os.path.join(output_dir, 'checkpoint.pth')
+    if os.path.isfile(epoch_end) and not any(os.path.samefile(epoch_end, p) for p in found):
+        found.append(epoch_end)
+    return found
+
+
+def _folder_config(output_dir):
+    """The config.json of the run that last started in output_dir, or None."""
+    try:
+        with open(os.path.join(output_dir, 'config.json')) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+class Resume(NamedTuple):
+    path: str | None    # None: a fresh start
+    state: dict | None
+    damaged: list       # [(path, reason)]: newer candidates that could not be read
+    others: list        # sound checkpoints of an earlier run in the same folder, not used
+    restart: bool       # auto implied by a torchrun restart
+    run_id: str | None  # the run this one continues (its checkpoints are the ones auto takes)
+    continues: bool     # False: a new run_id (a fresh start, or --resume PATH: a new branch)
+
+
+_TRAINING_KEYS = ('model', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'args')
+
+
+def find_resume(cfg):
+    """The checkpoint this run continues from: a Resume, whose path is None for a fresh start.
+
+    --resume PATH reads PATH. --resume auto takes the newest sound checkpoint of the output
+    folder that belongs to the run config.json names (its run_id: a run started afresh or from a
+    PATH in a used folder does not pick up the checkpoints of the one before), skipping damaged
+    files. After a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) of a run this same torchrun
+    started, auto is implied: the workers continue from what they saved before the restart.
+    """
+    torchrun_id = os.environ.get('TORCHELASTIC_RUN_ID')
+    config = _folder_config(cfg['output_dir'])
+    restart = (int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')) > 0
+               and cfg['resume'] != 'auto' and torchrun_id is not None
+               and config is not None and config.get('torchrun_id') == torchrun_id)
+    if cfg['resume'] != 'auto' and not restart:
+        state = read_checkpoint(cfg['resume']) if cfg['resume'] is not None else None
+        if state is not None and not _digest_matches(state) and _rank_from_env() == 0:
+            sys.stderr.write(f"warning: {cfg['resume']} does not match the digest train.py "
+                             'wrote with it (edited since, or damaged bytes)\n')
+        others = [p for p in recovery_files(cfg['output_dir'])
+                  if state is None or not os.path.samefile(p, cfg['resume'])]
+        return Resume(cfg['resume'], state, [], others, False, None, False)
+    damaged, others = [], []
+    for path in _resume_candidates(cfg['output_dir']):
+        try:
+            state = _read_training_state(path)
+        except ValueError as e:
+            damaged.append((path, str(e)))
+            continue
+        if config is not None and state['args'].get('run_id') != config.get('run_id'):
+            others.append(path)
+            continue
+        return Resume(path, state, damaged, others, restart, state['args'].get('run_id'), True)
+    if damaged:
+        raise UserError(f"--resume auto: no sound checkpoint in {cfg['output_dir']}; "
+                        + '; '.join(f'{p} is damaged ({why})' for p, why in damaged))
+    if restart:   # nothing saved since the start: begin again as the first attempt did
+        state = read_checkpoint(cfg['resume']) if cfg['resume'] is not None else None
+        return Resume(cfg['resume'], state, [], others, True, config.get('run_id'), True)
+    return Resume(None, None, [], others, False, None, False)
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (a scheduler's preemption and its time-limit warning) only record
+    their number; the training loop reads it at step boundaries, where all ranks agree, and
+    stops after writing a recovery checkpoint. The handler never raises, so a second signal
+    cannot break into that write. Forked data-loader workers inherit the handler and so ignore
+    the signals (torchrun sends them to each worker's whole process group)."""
+
+    SIGNALS = ('SIGTERM', 'SIGUSR1')
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def _record(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        return False
+
+
+def _on_rank0(action, device):
+    """Run action() on rank 0 only. Returns None on every rank when it worked, else the one-line
+    reason of its OSError (a generic one on the other ranks): all ranks decide alike. Any other
+    exception is raised again on rank 0 after the others were told, so that none waits forever."""
+    error, crash = None, None
+    if is_main_process():
+        try:
+            action()
+        except OSError as e:
+            error = f'cannot write {e.filename}: {e.strerror}' if e.filename else str(e)
+        except BaseException as e:
+            error, crash = f'{type(e).__name__} while writing', e
+    failed = torch.tensor([float(error is not None)], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(failed, src=0)
+    if crash is not None:
+        raise crash
+    if failed.item() and error is None:
+        error = 'rank 0 could not write to the output folder'
+    return error
+
+
+class Checkpointer:
+    """Writes the training state into the output folder (rank 0) and keeps it consistent.
+
+    Every save, inside an epoch or at its end, is a recovery checkpoint (recovery_name). The
+    newest two of this run are kept; the others, including those of an earlier run in the same
+    folder, are removed only after a newer one is on disk. At an epoch end checkpoint.pth, and
+    best.pth when the accuracy improved, become links to it and log.jsonl gets the epoch's
+    record. A failed write leaves the previous files as they were; with --on-save-error stop it
+    raises SaveFailed on every rank, with warn rank 0 prints one line and training goes on.
+    """
+
+    def __init__(self, cfg, device, previous, records):
+        self.cfg, self.device = cfg, device
+        self.previous = previous      # the newest recovery checkpoint of this run, if any
+        self.records = records        # log.jsonl, one record per finished epoch
+
+    def save(self, state, epoch_end=False, improved=False, record=None):
+        """Write `state` (+ its digest); returns its path, or None after a failure in warn mode."""
+        out = self.cfg['output_dir']
+        path = os.path.join(out, recovery_name(state['epoch'] + 1, state['images']))
+        if record is not None:
+            self.records.append(record)
+
+        def write():
+            tmp = _write_temporary(dict(state, digest=state_digest(state)), path)
+            try:
+                if epoch_end:
+                    # The epoch's other files first, its recovery checkpoint last: a kill in
+                    # between resumes from the one before and redoes the epoch identically
+                    # (log records of epochs not in the checkpoint are dropped at resume).
+                    if improved:
+                        _publish(tmp, os.path.join(out, 'best.pth'))
+                    _save_atomic(self.records, os.path.join(out, 'log.jsonl'))
+                    _publish(tmp, os.path.join(out, 'checkpoint.pth'))
+                _commit(tmp, path)
+            except BaseException:
+                _remove_quietly(tmp)
+                raise
+            keep = {path, self.previous}
+            for old in recovery_files(out):
+                if old not in keep:
+                    _remove_quietly(old)
+        error = _on_rank0(write, self.device)
+        if error is None:
+            self.previous = path
+            return path
+        self.failed(error)
+        return None
+
+    def failed(self, error):
+        """A write failed (every rank calls this): SaveFailed, or a warning with 'warn'."""
+        if self.cfg['on_save_error'] == 'stop':
+            raise SaveFailed(f'{error}; the files written before are kept (--on-save-error '
+                             'warn reports such a failure and trains on)')
+        if is_main_process():
+            sys.stderr.write(f'warning: {error}; training goes on (--on-save-error warn)\n')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -732,14 +1236,23 @@ def _mixup_cutmix(cfg, num_classes):
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, device, amp_dtype,
-                    num_classes, mix):
-    """One epoch; returns dict(loss, skipped, images, seconds). Raises TrainingDiverged."""
+                    num_classes, mix, start_step=0, sums=None, seconds=0.0, stop=None,
+                    after_step=None):
+    """One epoch; returns dict(loss, skipped, images, seconds). Raises TrainingDiverged.
+
+    A resumed epoch starts at `start_step` (the loader yields the rest) with the loss `sums` and
+    `seconds` of the steps before. `stop` (a StopSignals) is read at every step, where the ranks
+    agree on it together with the divergence check (one collective); after each step
+    after_step(steps_done, signum, sums, seconds) may save a checkpoint or end the run.
+    """
     model.train()
-    steps = len(loader)
-    loss_sum = torch.zeros(3, dtype=torch.float64, device=device)   # loss * n, n, skipped
+    steps = start_step + len(loader)
+    # loss * n, n, skipped: this rank's sums over the epoch
+    loss_sum = (sums.to(device) if sums is not None
+                else torch.zeros(3, dtype=torch.float64, device=device))
     window_loss, window_n, window_start = 0.0, 0, time.time()
-    epoch_start = time.time()
-    for step, (images, targets) in enumerate(loader):
+    epoch_start = time.time() - seconds
+    for step, (images, targets) in enumerate(loader, start=start_step):
         images, targets = images.to(device, non_blocking=True), targets.to(device)
         good = targets >= 0
         skipped = int((~good).sum())
@@ -753,10 +1266,14 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, dev
             logits = model(images)
         loss = _loss(logits, soft, cfg) * (0.0 if targets is None else 1.0)
 
-        finite = torch.isfinite(loss.detach()).float()
+        # Every rank stops together: on a non-finite loss anywhere, or on a signal anywhere.
+        flags = torch.stack([(~torch.isfinite(loss.detach())).double(),
+                             torch.tensor(float(stop.signum if stop else 0), dtype=torch.float64,
+                                          device=device)])
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)   # every rank stops together
-        if finite.item() == 0:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        diverged, signum = flags.tolist()
+        if diverged:
             raise TrainingDiverged(
                 f'loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}/{steps}; stopped. '
                 f"The last good checkpoint is {os.path.join(cfg['output_dir'], 'checkpoint.pth')} "
@@ -777,14 +1294,16 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, dev
         window_n += n
         if (step + 1) % cfg['print_freq'] == 0 or step + 1 == steps:
             elapsed = time.time() - window_start
-            done = (step + 1) / steps
+            done = (step + 1 - start_step) / (steps - start_step)
             rate = window_n * cfg['world_size'] / max(elapsed, 1e-9)
-            eta = (time.time() - epoch_start) / done * (1 - done)
+            eta = (time.time() - epoch_start - seconds) / done * (1 - done)
             _log(f"epoch {epoch + 1}/{cfg['epochs']}  step {step + 1}/{steps}  "
                  f"loss {window_loss / max(window_n, 1):.4f}  "
                  f"lr {optimizer.param_groups[0]['lr']:.3e}  {rate:.0f} img/s  "
                  f"ETA {datetime.timedelta(seconds=round(eta))}")
             window_loss, window_n, window_start = 0.0, 0, time.time()
+        if after_step is not None:
+            after_step(step + 1, int(signum), loss_sum, time.time() - epoch_start)
     _all_reduce_sum(loss_sum)
     return dict(loss=(loss_sum[0] / loss_sum[1].clamp(min=1)).item(), images=int(loss_sum[1]),
                 skipped=int(loss_sum[2]), seconds=time.time() - epoch_start)
@@ -890,7 +1409,16 @@ def get_args_parser():
                    help='built-in data: fixed validation scenes (default 1000)')
     p.add_argument('--shapes-seed', type=int, default=0, help='built-in data: scene seed')
     p.add_argument('--resume', default=None,
-                   help='auto (OUTPUT_DIR/checkpoint.pth if present) or a checkpoint path')
+                   help='auto: the newest sound checkpoint of this run in --output-dir (mid-epoch '
+                        'or epoch end; damaged files are skipped with a warning; nothing there: '
+                        'a fresh start), or a checkpoint path. After a torchrun restart auto '
+                        'is implied')
+    p.add_argument('--save-every-steps', type=int, default=None,
+                   help='a recovery checkpoint every N training steps, 0 = at epoch ends only '
+                        '(default: the recipe\'s; 500 for deit3 and swin, 0 for demo)')
+    p.add_argument('--on-save-error', default='stop', choices=('stop', 'warn'),
+                   help='a checkpoint or log that cannot be written (disk full, read-only '
+                        'folder): stop (exit status 74) or warn and train on')
     p.add_argument('--finetune', default=None,
                    help='start from these weights (published or ours); the head is dropped '
                         'when the class count differs, APE / RPB are resized')
@@ -937,13 +1465,51 @@ def _load_finetune(model, cfg):
     return dropped
 
 
-def _find_resume(cfg):
-    if cfg['resume'] is None:
-        return None
-    if cfg['resume'] == 'auto':
-        path = os.path.join(cfg['output_dir'], 'checkpoint.pth')
-        return path if os.path.isfile(path) else None
-    return cfg['resume']
+def _log_records(output_dir, epochs_done):
+    """The records of log.jsonl for the first `epochs_done` epochs: those of epochs a resume
+    redoes are dropped, and so are lines an interrupted write of an older version left."""
+    records = []
+    try:
+        with open(os.path.join(output_dir, 'log.jsonl')) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get('epoch', math.inf) <= epochs_done:
+                    records.append(record)
+    except OSError:
+        pass
+    return records
+
+
+def _prepare_output_dir(cfg, resume, records):
+    """Rank 0, before training: the folder, its configuration and log; damaged recovery
+    checkpoints set aside as *.damaged; temporary files of an interrupted save removed."""
+    out = cfg['output_dir']
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(out):
+        if name.endswith('.tmp') and (_RECOVERY_NAME.fullmatch(name[:-4]) or name[:-4] in (
+                'config.json', 'checkpoint.pth', 'best.pth', 'log.jsonl', 'resolutions.json')):
+            _remove_quietly(os.path.join(out, name))
+    for path, _ in resume.damaged:
+        if _RECOVERY_NAME.fullmatch(os.path.basename(path)):
+            os.replace(path, f'{path}.damaged')
+    _save_atomic(cfg, os.path.join(out, 'config.json'))
+    log_path = os.path.join(out, 'log.jsonl')
+    if resume.state is not None:
+        _save_atomic(records, log_path)
+    elif os.path.isfile(log_path):
+        os.remove(log_path)   # a fresh run in a used folder starts a fresh log
+
+
+def _stop_message(signum, epoch, steps_done, steps_per_epoch, cfg, path):
+    where = (f"after epoch {epoch + 1}/{cfg['epochs']}" if steps_done == steps_per_epoch else
+             f"at epoch {epoch + 1}/{cfg['epochs']}, step {steps_done}/{steps_per_epoch}")
+    saved = (f'saved {path}' if path else
+             'its recovery checkpoint could not be written (see the warning above)')
+    return (f'stopped by {signal.Signals(signum).name} {where}: {saved}; run the same command '
+            f'with --resume auto to continue (exit status {EXIT_STOPPED})')
 
 
 def main(args):
@@ -976,13 +1542,13 @@ def main(args):
         cfg['eval_batch_size'] = 2 * cfg['batch_size']
     if cfg['amp'] is None:
         cfg['amp'] = 'bf16' if torch.cuda.is_available() else 'none'
-    resume_path = _find_resume(cfg)
-    resume = read_checkpoint(resume_path) if resume_path else None
-    if resume is not None:
-        stored = resume.get('args', {})
+    resume = find_resume(cfg)
+    state = resume.state
+    if state is not None:
+        stored = state.get('args', {})
         for key in ('model', 'model_kwargs', 'dataset'):
             if stored.get(key) != cfg[key]:
-                raise UserError(f'--resume {resume_path}: its {key} {stored.get(key)!r} differs '
+                raise UserError(f'--resume {resume.path}: its {key} {stored.get(key)!r} differs '
                                 f'from this run\'s {cfg[key]!r}')
     elif cfg['finetune']:
         dropped = _load_finetune(model, cfg)
@@ -991,14 +1557,34 @@ def main(args):
     info = init_distributed()
     device = info.device
     amp_dtype = _amp_dtype(cfg['amp'])
-    if is_main_process():
-        os.makedirs(cfg['output_dir'], exist_ok=True)
-        _save_atomic(cfg, os.path.join(cfg['output_dir'], 'config.json'))
+    position = (state['epoch'], state.get('images', 0)) if state is not None else None
+    chosen = _gather((resume.path, position))
+    if any(c != chosen[0] for c in chosen):
+        raise UserError('the processes would resume from different checkpoints ('
+                        + ', '.join(f'rank {r}: {c[0] or "none"}' for r, c in enumerate(chosen))
+                        + '); every node must see the same --output-dir')
+    new_run_id = _gather(uuid.uuid4().hex)[0]
+    cfg['run_id'] = resume.run_id if resume.continues else new_run_id
+    cfg['torchrun_id'] = os.environ.get('TORCHELASTIC_RUN_ID')
+    records = _log_records(cfg['output_dir'], state['epoch'] + 1) if state is not None else []
+    error = _on_rank0(lambda: _prepare_output_dir(cfg, resume, records), device)
+    if error:
+        raise SaveFailed(error)
     _log('configuration:\n' + '\n'.join(f'  {k}: {v}' for k, v in sorted(cfg.items())))
     _log(cfg['lr_rule'])
-    if cfg['finetune'] and resume is None:
+    if cfg['finetune'] and state is None:
         _log(f"fine-tuning from {cfg['finetune']}"
              + (f" (dropped {', '.join(dropped)}: class count differs)" if dropped else ''))
+    if is_main_process():
+        for path, reason in resume.damaged:
+            sys.stderr.write(f'warning: {path} is damaged ({reason}); resuming from '
+                             f'{resume.path} instead (the damaged file is kept as '
+                             f'{os.path.basename(path)}.damaged)\n')
+    if resume.others:
+        _log(f"note: {len(resume.others)} checkpoint(s) of an earlier run in "
+             f"{cfg['output_dir']} are not continued, and this run's saves replace them "
+             f"({', '.join(map(os.path.basename, resume.others))}); --resume PATH continues "
+             'from one of them')
 
     # 3. Model, optimizer, data.
     model.to(device)
@@ -1011,92 +1597,147 @@ def main(args):
         model = torch.compile(model)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg['amp'] == 'fp16')
     if cfg['repeated_aug'] > 1:
-        sampler = RepeatedAugSampler(train_set, info.world_size, info.rank, cfg['repeated_aug'],
-                                     seed=cfg['seed'])
+        order = RepeatedAugSampler(train_set, info.world_size, info.rank, cfg['repeated_aug'],
+                                   seed=cfg['seed'])
     else:
-        sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank,
-                                     shuffle=True, seed=cfg['seed'], drop_last=True)
-    train_loader = DataLoader(train_set, batch_size=cfg['batch_size'], sampler=sampler,
-                              num_workers=cfg['num_workers'], drop_last=True,
-                              pin_memory=device.type == 'cuda')
+        order = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank,
+                                   shuffle=True, seed=cfg['seed'], drop_last=True)
+    sampler = EpochSampler(order, cfg['seed'], info.rank)
+    # Its own generator: creating the loader's iterator then draws nothing from torch's global
+    # RNG, which a mid-epoch checkpoint restores as the interrupted run left it.
+    loader_generator = torch.Generator()
+    train_loader = DataLoader(SeededSamples(train_set), batch_size=cfg['batch_size'],
+                              sampler=sampler, num_workers=cfg['num_workers'], drop_last=True,
+                              pin_memory=device.type == 'cuda', generator=loader_generator)
+    steps_per_epoch = len(order) // cfg['batch_size']
     eval_loader = build_eval_loader(eval_set, cfg['eval_batch_size'], cfg['num_workers'])
-    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     mix = _mixup_cutmix(cfg, cfg['num_classes'])
     _log(f"{cfg['model']} ({model_without_ddp.pe}): "
          f'{sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.2f} M parameters; '
          f"{len(train_set)} training / {len(eval_set)} validation images; "
-         f"{info.world_size} process(es) on {device.type}; {len(train_loader)} steps per epoch")
+         f"{info.world_size} process(es) on {device.type}; {steps_per_epoch} steps per epoch")
 
-    start_epoch, best_top1 = 0, -1.0
-    log_path = os.path.join(cfg['output_dir'], 'log.jsonl')
-    if resume is not None:
-        model_without_ddp.load_state_dict(resume['model'])
-        optimizer.load_state_dict(resume['optimizer'])
-        scheduler.load_state_dict(resume['lr_scheduler'])
-        scaler.load_state_dict(resume['scaler'])
-        start_epoch, best_top1 = resume['epoch'] + 1, resume.get('best_top1', -1.0)
-        rng = resume.get('rng', [])
-        if len(rng) == info.world_size:
-            _set_rng_state(rng[info.rank])
+    start_epoch, start_step, best_top1 = 0, 0, -1.0
+    sums, seconds, rng = None, 0.0, None
+    if state is not None:
+        model_without_ddp.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        scaler.load_state_dict(state['scaler'])
+        start_epoch, best_top1 = state['epoch'] + 1, state.get('best_top1', -1.0)
+        stored = state['args']
+        same_layout = (stored.get('world_size') == info.world_size
+                       and stored.get('batch_size') == cfg['batch_size']
+                       and state.get('steps_per_epoch', steps_per_epoch) == steps_per_epoch)
+        # `images` counts all ranks' samples, so another world size resumes at the same point.
+        start_step = min(state.get('images', 0) // cfg['total_batch'], steps_per_epoch - 1)
+        if same_layout:
+            scheduler.load_state_dict(state['lr_scheduler'])
+            rng = state['rng'][info.rank]
+            if start_step:
+                sums = state['epoch_sums'][info.rank]
+                seconds = state.get('epoch_seconds', 0.0)
         else:
-            _log(f'note: the checkpoint was written by {len(rng)} process(es), this run has '
-                 f'{info.world_size}: random states not restored (the result will differ)')
-        _log(f'resumed from {resume_path}: next epoch {start_epoch + 1}/{cfg["epochs"]}')
-        if is_main_process() and os.path.isfile(log_path):   # drop records of unsaved epochs
-            with open(log_path) as f:
-                kept = [line for line in f if line.strip()
-                        and json.loads(line)['epoch'] <= resume['epoch'] + 1]
-            with open(log_path, 'w') as f:
-                f.writelines(kept)
-    else:
-        if cfg['resume'] == 'auto':
-            _log(f"--resume auto: no checkpoint in {cfg['output_dir']}, starting from scratch")
-        if is_main_process() and os.path.isfile(log_path):
-            os.remove(log_path)   # a fresh run in a used folder starts a fresh log
+            done = start_epoch * steps_per_epoch + start_step
+            scheduler = build_scheduler(optimizer, cfg, steps_per_epoch, done_steps=done)
+            _log(f"note: the checkpoint was written by {stored.get('world_size')} process(es) x "
+                 f"batch {stored.get('batch_size')}, this run has {info.world_size} x "
+                 f"{cfg['batch_size']}: the schedule goes on from step {done} of "
+                 f"{cfg['epochs'] * steps_per_epoch} at lr {cfg['lr']:.4g}; random states are "
+                 'drawn afresh (the result differs from an uninterrupted run)')
+        how = ('after a torchrun restart (auto implied)' if resume.restart
+               else f"(--resume {cfg['resume']})")
+        _log(f'resumed from {resume.path} {how}: epoch {start_epoch + 1}/{cfg["epochs"]}, '
+             f'step {start_step}/{steps_per_epoch}')
+    elif cfg['resume'] == 'auto' or resume.restart:
+        _log(f"--resume auto: no checkpoint of this run in {cfg['output_dir']}, starting from "
+             'scratch')
+    # The checkpoint resumed from stays as the second newest until a second save.
+    ours = [p for p in recovery_files(cfg['output_dir'])
+            if resume.path and os.path.samefile(p, resume.path)]
+    checkpointer = Checkpointer(cfg, device, ours[0] if ours else None, records)
+
+    def state_at(epoch, steps_done, sums=None, seconds=0.0, val=None):
+        """The training state after `steps_done` steps of `epoch` (all of them: its end)."""
+        complete = steps_done == steps_per_epoch
+        per_rank = _gather({'rng': _rng_state(),
+                            'sums': None if sums is None else sums.detach().cpu().clone()})
+        state = {'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
+                 'lr_scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
+                 'epoch': epoch if complete else epoch - 1,   # the last complete epoch
+                 'images': 0 if complete else steps_done * cfg['total_batch'],
+                 'steps_per_epoch': steps_per_epoch, 'args': cfg, 'best_top1': best_top1,
+                 'rng': [r['rng'] for r in per_rank]}
+        if complete:
+            state['val'] = val
+        else:
+            state['epoch_sums'] = [r['sums'] for r in per_rank]
+            state['epoch_seconds'] = seconds
+        return state
 
     # 4. Train.
     run_start = time.time()
-    for epoch in range(start_epoch, cfg['epochs']):
-        _seed_everything(cfg['seed'], epoch, info.rank)
-        sampler.set_epoch(epoch)
-        if hasattr(train_set, 'set_epoch'):
-            train_set.set_epoch(epoch)
-        train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, cfg,
-                                      epoch, device, amp_dtype, cfg['num_classes'], mix)
-        val = evaluate(model_without_ddp, eval_loader, device, amp_dtype)
-        improved = val['top1'] > best_top1
-        best_top1 = max(best_top1, val['top1'])
-        checkpoint = {'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
-                      'lr_scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
-                      'epoch': epoch, 'args': cfg, 'best_top1': best_top1, 'val': val,
-                      'rng': _gather_rng_states()}
-        skipped = train_stats['skipped'] + val['skipped']
-        _log(f"epoch {epoch + 1}/{cfg['epochs']} done in {train_stats['seconds']:.0f}s: "
-             f"train loss {train_stats['loss']:.4f}  val top-1 {val['top1']:.2f}  "
-             f"top-5 {val['top5']:.2f}  loss {val['loss']:.4f}  (best {best_top1:.2f})"
-             + (f'  skipped {skipped} undecodable images' if skipped else ''))
-        if is_main_process():
-            # Best first: a kill between the two saves redoes this epoch identically.
-            if improved:
-                _save_atomic(checkpoint, os.path.join(cfg['output_dir'], 'best.pth'))
-            _save_atomic(checkpoint, os.path.join(cfg['output_dir'], 'checkpoint.pth'))
+    with StopSignals() as stop:
+        for epoch in range(start_epoch, cfg['epochs']):
+            first_step = start_step if epoch == start_epoch else 0
+            _seed_everything(cfg['seed'], epoch, info.rank)
+            if first_step and rng is not None:
+                _set_rng_state(rng)   # where the interrupted run was inside this epoch
+            loader_generator.manual_seed(_derived_seed(cfg['seed'], epoch, info.rank, 2))
+            sampler.set_epoch(epoch, first_step * cfg['batch_size'])
+            if hasattr(train_set, 'set_epoch'):
+                train_set.set_epoch(epoch)
+
+            def after_step(steps_done, signum, sums, seconds, epoch=epoch):
+                if steps_done == steps_per_epoch:
+                    return   # the epoch's own checkpoint follows its evaluation
+                every = cfg['save_every_steps']
+                if signum or (every and (epoch * steps_per_epoch + steps_done) % every == 0):
+                    start = time.time()
+                    path = checkpointer.save(state_at(epoch, steps_done, sums, seconds))
+                    if path:
+                        _log(f'saved {os.path.basename(path)} ({time.time() - start:.1f} s)')
+                    if signum:
+                        raise Stopped(_stop_message(signum, epoch, steps_done, steps_per_epoch,
+                                                    cfg, path))
+
+            train_stats = train_one_epoch(
+                model, train_loader, optimizer, scheduler, scaler, cfg, epoch, device, amp_dtype,
+                cfg['num_classes'], mix, start_step=first_step, sums=sums, seconds=seconds,
+                stop=stop, after_step=after_step)
+            sums, seconds = None, 0.0
+            val = evaluate(model_without_ddp, eval_loader, device, amp_dtype)
+            improved = val['top1'] > best_top1
+            best_top1 = max(best_top1, val['top1'])
+            skipped = train_stats['skipped'] + val['skipped']
+            _log(f"epoch {epoch + 1}/{cfg['epochs']} done in {train_stats['seconds']:.0f}s: "
+                 f"train loss {train_stats['loss']:.4f}  val top-1 {val['top1']:.2f}  "
+                 f"top-5 {val['top5']:.2f}  loss {val['loss']:.4f}  (best {best_top1:.2f})"
+                 + (f'  skipped {skipped} undecodable images' if skipped else ''))
             record = dict(epoch=epoch + 1, train_loss=train_stats['loss'],
                           lr=optimizer.param_groups[0]['lr'], val_top1=val['top1'],
                           val_top5=val['top5'], val_loss=val['loss'],
                           seconds=train_stats['seconds'], skipped=skipped)
-            with open(log_path, 'a') as f:
-                f.write(json.dumps(record) + '\n')
+            signum = int(_max_over_ranks([stop.signum], device)[0])
+            path = checkpointer.save(state_at(epoch, steps_per_epoch, val=val), epoch_end=True,
+                                     improved=improved, record=record)
+            if signum:
+                raise Stopped(_stop_message(signum, epoch, steps_per_epoch, steps_per_epoch,
+                                            cfg, path))
     _log(f'training took {datetime.timedelta(seconds=round(time.time() - run_start))}')
 
-    # 5. The paper's experiment: accuracy across test resolutions.
+    # 5. The paper's experiment: accuracy across test resolutions. A signal from here on ends
+    # the process at once; --resume auto redoes only this part.
     rows = eval_multires.evaluate_resolutions(
         model_without_ddp, cfg, cfg['eval_resolutions'], cfg['eval_batch_size'], device,
         amp_dtype=amp_dtype, progress=is_main_process())
-    if is_main_process():
-        label = eval_multires.config_label(cfg)
-        _log(eval_multires.format_table({label: rows}, cfg['img_size']))
-        _save_atomic({'label': label, 'train_resolution': cfg['img_size'], 'results': rows},
-                     os.path.join(cfg['output_dir'], 'resolutions.json'))
+    label = eval_multires.config_label(cfg)
+    _log(eval_multires.format_table({label: rows}, cfg['img_size']))
+    error = _on_rank0(lambda: _save_atomic(
+        {'label': label, 'train_resolution': cfg['img_size'], 'results': rows},
+        os.path.join(cfg['output_dir'], 'resolutions.json')), device)
+    if error:
+        checkpointer.failed(error)
 
 
 if __name__ == '__main__':
