@@ -255,12 +255,12 @@ def _take_indices(count: int, indices) -> List[int]:
         return list(range(count))
     if isinstance(indices, int) and not isinstance(indices, bool):
         if not 0 < indices <= count:
-            raise ValueError(f'indices={indices}: the last n blocks/stages needs 1 <= n <= {count}')
+            raise ValueError(f'indices={indices}: the last n blocks needs 1 <= n <= {count}')
         return list(range(count - indices, count))
     taken = []
     for i in indices:
         if isinstance(i, bool) or not isinstance(i, int) or not -count <= i < count:
-            raise ValueError(f'index {i!r} is out of range for {count} blocks/stages')
+            raise ValueError(f'block index {i!r} is out of range for {count} blocks')
         taken.append(i % count)
     if not taken:
         raise ValueError('indices is empty')
@@ -686,7 +686,7 @@ def read_checkpoint_file(path) -> dict:
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # corrupt, truncated, or pickles arbitrary objects
-        raise ValueError(f'cannot read checkpoint {path}: {e}') from None
+        raise ValueError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from None
 
 
 def load_checkpoint(model: RopeViT, path_or_state_dict, strict: bool = True) -> LoadResult:

@@ -784,20 +784,14 @@ def build_scheduler(optimizer, cfg, steps_per_epoch, done_steps=0):
 # Checkpoints and random states
 
 def read_checkpoint(path):
-    """torch.load(path, weights_only=True) on CPU, or the tensors of a .safetensors file (timm's
-    hub copies); UserError for a missing / corrupt file."""
+    """The model file's reader (torch.load(weights_only=True) on CPU, or the tensors of a
+    .safetensors file such as timm's hub copies); UserError for a missing / corrupt file."""
     if not os.path.isfile(path):
         raise UserError(f'checkpoint {path} does not exist')
-    if rope_vit.is_safetensors(path):
-        try:
-            return rope_vit.read_safetensors(path)
-        except ValueError as e:
-            raise UserError(str(e)) from None
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:   # pickle, zip and unpickler errors all mean "not a usable file"
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f'cannot read checkpoint {path}: {first_line}') from None
+        return rope_vit.read_checkpoint_file(path)
+    except ValueError as e:   # pickle, zip, unpickler and safetensors errors: not a usable file
+        raise UserError(str(e).strip().splitlines()[0]) from None
 
 
 def _digest_matches(checkpoint):
