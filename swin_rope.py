@@ -693,6 +693,15 @@ def _short_list(names, limit=10):
     return text + (f' ... (+{len(names) - limit} more)' if len(names) > limit else '')
 
 
+def _unwrap_state_dict(ckpt: dict) -> dict:
+    """The state dict inside {'model': sd} (published files, training checkpoints) or
+    {'state_dict': sd}; a bare state dict as it is."""
+    for wrapper in ('model', 'state_dict'):
+        if isinstance(ckpt.get(wrapper), dict):
+            return ckpt[wrapper]
+    return ckpt
+
+
 _SAFETENSORS_DTYPES = {
     'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
     'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8,
@@ -787,11 +796,7 @@ def load_checkpoint(model: SwinTransformer, path_or_state_dict, strict: bool = T
         path, ckpt = '<state dict>', path_or_state_dict
     if not isinstance(ckpt, dict):
         raise ValueError(f'cannot read checkpoint {path}: expected a dict, got {type(ckpt).__name__}')
-    for wrapper in ('model', 'state_dict'):
-        if isinstance(ckpt.get(wrapper), dict):
-            ckpt = ckpt[wrapper]
-            break
-    sd = {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
+    sd = {k: v for k, v in _unwrap_state_dict(ckpt).items() if isinstance(v, torch.Tensor)}
     if sd and all(k.startswith('module.') for k in sd):  # saved from a DDP wrapper
         sd = {k[len('module.'):]: v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if not any(f in k for f in DERIVED_KEY_FRAGMENTS)}
@@ -892,11 +897,7 @@ def load_pretrained(model: SwinTransformer, name: str, progress: bool = True) ->
                                f'without network, save that file as {cached}') from None
         raise ValueError(f'cannot read the cached {name} weights {cached} ({type(e).__name__}: {e}); '
                          'delete the file to download it again') from None
-    state_dict = ckpt
-    for wrapper in ('model', 'state_dict'):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-            break
+    state_dict = _unwrap_state_dict(ckpt)
     own = model.state_dict()
     if not any(k.startswith('head.') and (k not in own or own[k].shape != v.shape) for k, v in state_dict.items()):
         return load_checkpoint(model, state_dict, strict=True)
