@@ -346,6 +346,19 @@ def _offline_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, 'download_url_to_file', no_network)
 
 
+def _published_with_drawn_weights(module, name, seed=0):
+    """The published architecture `name` with every parameter and buffer drawn N(0, 0.05)
+    (built on meta first, so the slow initialisation is skipped)."""
+    with torch.device('meta'):
+        model = module.create_model(name)
+    model.to_empty(device='cpu')
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for t in model.state_dict().values():  # Swin-Axial's rope_freqs is a persistent buffer
+            t.normal_(0, 0.05)
+    return model
+
+
 def _place_in_hub_cache(module, name, state_dict):
     path = module.pretrained_cache_path(name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -356,13 +369,7 @@ def _place_in_hub_cache(module, name, state_dict):
 def test_vit_pretrained_loads_the_cached_file_strictly_without_network(tmp_path, monkeypatch):
     _offline_hub(monkeypatch, tmp_path)
     name = 'rope_mixed_ape_deit_small_patch16_LS'
-    with torch.device('meta'):
-        published = rope_vit.create_model(name)
-    published.to_empty(device='cpu')
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in published.parameters():
-            p.normal_(0, 0.05)
+    published = _published_with_drawn_weights(rope_vit, name)
     path = _place_in_hub_cache(rope_vit, name, _vit_official_state_dict(published))  # official layout
     assert path == str(tmp_path / 'torch_home' / 'hub' / 'checkpoints' / f'{name}.pth')
     assert rope_vit.PRETRAINED_URLS[name] == f'https://huggingface.co/naver-ai/{name}/resolve/main/pytorch_model.bin'
@@ -1204,15 +1211,7 @@ def test_swin_invalid_sizes_and_names():
 def test_swin_pretrained_loads_the_cached_file_strictly_without_network(tmp_path, monkeypatch):
     _offline_hub(monkeypatch, tmp_path)
     name = 'swin_rope_axial_tiny_patch4_window7_224'
-    with torch.device('meta'):
-        published = swin_rope.create_model(name)
-    published.to_empty(device='cpu')
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in published.parameters():
-            p.normal_(0, 0.05)
-        for b in published.buffers():  # the axial frequencies: a persistent buffer, loaded too
-            b.normal_(0, 0.05)
+    published = _published_with_drawn_weights(swin_rope, name)
     sd = _swin_official_layout(published)  # with the derived tensors the official files hold
     _place_in_hub_cache(swin_rope, name, sd)
     expected = published.state_dict()
@@ -2546,12 +2545,7 @@ def test_hubconf_entry_points_build_and_load_pretrained(tmp_path, monkeypatch):
     swin = torch.hub.load(root, 'swin_rope_mixed_rpb_tiny_patch4_window7_224', source='local', num_classes=3)
     assert isinstance(swin, swin_rope.SwinTransformer) and swin.pe == 'rope_mixed_rpb' and swin.num_classes == 3
     name = 'rope_axial_deit_small_patch16_LS'
-    with torch.device('meta'):
-        published = rope_vit.create_model(name)
-    published.to_empty(device='cpu')
-    with torch.no_grad():
-        for p in published.parameters():
-            p.normal_(0, 0.05)
+    published = _published_with_drawn_weights(rope_vit, name)
     _place_in_hub_cache(rope_vit, name, published.state_dict())
     model = torch.hub.load(root, name, source='local', pretrained=True)
     assert all(torch.equal(v, published.state_dict()[k]) for k, v in model.state_dict().items())
@@ -2597,12 +2591,7 @@ def test_readme_published_weights_example_runs_offline(tmp_path, monkeypatch, ca
     _offline_hub(monkeypatch, tmp_path)
     for module, name in ((rope_vit, 'rope_mixed_deit_small_patch16_LS'),
                          (swin_rope, 'swin_rope_mixed_tiny_patch4_window7_224')):
-        with torch.device('meta'):
-            model = module.create_model(name)
-        model.to_empty(device='cpu')
-        with torch.no_grad():
-            for t in model.state_dict().values():
-                t.normal_(0, 0.02)
+        model = _published_with_drawn_weights(module, name)
         _place_in_hub_cache(module, name, model.state_dict())
         if module is rope_vit:  # timm's layout of the same weights
             timm_sd = dict(model.state_dict())
