@@ -112,14 +112,17 @@ def patch_grid_positions(grid_h: int, grid_w: int, device=None) -> Tuple[torch.T
     return x.flatten(), y.flatten()  # (N,), (N,)
 
 
-def axial_angles(t_x: torch.Tensor, t_y: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+def axial_angles(t_x: torch.Tensor, t_y: torch.Tensor, head_dim: int, theta: float,
+                 scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Eq. 12: RoPE-Axial angles, float32 (N, D/2).
 
     Released layout: complex pairs ``0 .. D/4-1`` rotate with ``p^x`` and pairs
     ``D/4 .. D/2-1`` with ``p^y`` (the paper interleaves x/y; the weights use halves).
+    scale (2, D/4): a position policy's factors for the x and y magnitudes (None: 1).
     """
     mag = rope_magnitudes(head_dim, theta, device=t_x.device).to(t_x.dtype)  # (D/4,)
-    return torch.cat([t_x[:, None] * mag, t_y[:, None] * mag], dim=-1)  # (N, D/2)
+    mag_x, mag_y = (mag, mag) if scale is None else (mag * scale.to(mag.dtype)).unbind(0)
+    return torch.cat([t_x[:, None] * mag_x, t_y[:, None] * mag_y], dim=-1)  # (N, D/2)
 
 
 def mixed_angles(t_x: torch.Tensor, t_y: torch.Tensor, freqs: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -151,6 +154,89 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     real, imag = xf.unflatten(-1, (-1, 2)).unbind(-1)  # (..., T, D/2) each: channels 2j, 2j+1
     rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)  # (..., T, D/2, 2)
     return rotated.flatten(-2).to(x.dtype)  # (..., T, D)
+
+
+# ---------------------------------------------------------------------------------------
+# Resolution change (section 3.3): how RoPE positions follow the patch grid
+# ---------------------------------------------------------------------------------------
+# The paper extrapolates: a larger image uses the integer positions of its larger grid. The
+# other policies change every angle theta_j p (one axis, frequency j, position p) into
+# (c_j theta_j) p, c_j depending on s = current grid / training grid along that axis. All are
+# the identity at the training grid (s = 1), so they never change training.
+
+ROPE_POSITIONS = ('extrapolate', 'interpolate', 'ntk', 'yarn')
+
+
+def rope_position_scale(policy: str, freqs: torch.Tensor, train_len: int, grid_len: int, theta: float,
+                        pairs: int, yarn_alpha: float, yarn_beta: float) -> Optional[torch.Tensor]:
+    """Factor c per frequency (freqs' shape) for one axis, or None where c = 1 everywhere.
+
+    freqs: the frequencies' components along the axis (any shape; Axial: Eq. 13's magnitudes,
+    Mixed: theta^x or theta^y of Eq. 14); s = grid_len / train_len; pairs = D/4, the complex
+    pairs of one axis in Eq. 13. The factors are constants (no gradient flows through them).
+
+    * ``extrapolate`` (the paper, section 3.3): c = 1, integer positions on the new grid.
+    * ``interpolate`` (position interpolation; EVA-02's ``ref_feat_shape``): c = 1 / s, i.e.
+      positions p / s that span the training grid's range.
+    * ``ntk`` (NTK-aware base scaling per axis; FiT's "VisionNTK"): Axial uses the base
+      ``theta' = theta * s^(d / (d - 2))``, d = 2 * pairs the rotary dims of the axis, which is
+      c_j = s^(-j / (pairs - 1)) for the magnitude theta^(-j / pairs) of Eq. 13. Ours, for any
+      (learned) frequency f: c = s^(-gamma), gamma = clamp(ln|f| / ln f_min, 0, 1) with
+      f_min = theta^(-(pairs - 1) / pairs) the lowest magnitude of Eq. 13. On Eq. 13's spectrum
+      gamma = j / (pairs - 1): NTK exactly. Highest frequencies extrapolate, the lowest interpolate.
+    * ``yarn`` (YaRN's "NTK-by-parts", Peng et al. 2023; FiT): r = train_len |f| / (2 pi) turns
+      over the training grid, ramp = clamp((r - alpha) / (beta - alpha), 0, 1),
+      c = ramp + (1 - ramp) / s. Defaults alpha = 1/4, beta = 1 (turns): a frequency that turns
+      at least once over the training grid was trained at every angle and extrapolates; one that
+      turned less than a quarter turn saw only a short arc and interpolates. (YaRN's LLM values
+      alpha = 1, beta = 32 would interpolate nearly every frequency of a 14-patch grid, whose
+      fastest one turns 14 / (2 pi) = 2.2 times.) Plus the temperature of yarn_attention_scale.
+    """
+    if policy == 'extrapolate' or grid_len == train_len:
+        return None
+    s = grid_len / train_len
+    if policy == 'interpolate':
+        return torch.full_like(freqs, 1.0 / s)
+    magnitude = freqs.detach().abs()
+    if policy == 'ntk':
+        if pairs < 2:
+            return None  # one frequency per axis: theta^0 = 1 whatever the base
+        lowest = math.log(theta) * (pairs - 1) / pairs  # -ln f_min
+        gamma = (-torch.log(magnitude.clamp_min(1e-30)) / lowest).clamp(0, 1)
+        return torch.exp(-gamma * math.log(s))  # s^(-gamma)
+    if policy == 'yarn':
+        turns = train_len * magnitude / (2 * math.pi)
+        ramp = ((turns - yarn_alpha) / (yarn_beta - yarn_alpha)).clamp(0, 1)
+        return ramp + (1 - ramp) / s
+    raise ValueError(f"unknown rope_positions {policy!r}; valid values: {', '.join(ROPE_POSITIONS)}")
+
+
+def yarn_attention_scale(policy: str, growth: float) -> float:
+    """YaRN's attention temperature: q and k each times 1 + 0.1 ln s (logits times its square).
+
+    growth s: how much larger the grid is (ViT: sqrt of the token-count ratio (s_x s_y)^(1/2);
+    Swin: the window ratio). 1 for other policies and for s <= 1, as in YaRN.
+    """
+    return 1.0 + 0.1 * math.log(growth) if policy == 'yarn' and growth > 1 else 1.0
+
+
+def augment_positions(t: torch.Tensor, grid_len: int, shift: float, scale: float) -> torch.Tensor:
+    """Training-time coordinate augmentation (DINOv3's RoPE "shift", "jitter" and "rescale") on one axis.
+
+    DINOv3 normalises positions to u = (2p + 1 - G) / G in (-1, 1) and trains on (u + shift) * scale
+    with shift ~ U(-a, a) and a log-uniform scale. Here the same map in patch units around the grid
+    centre c = (G - 1) / 2: p' = c + (p - c + shift * G / 2) * scale. t: positions 0 .. G-1 (any shape).
+    """
+    centre = (grid_len - 1) / 2
+    return centre + (t - centre + shift * grid_len / 2) * scale
+
+
+def check_rope_positions(policy: str, yarn_alpha: float, yarn_beta: float) -> None:
+    """Raise ValueError for an unknown policy or an empty YaRN ramp."""
+    if policy not in ROPE_POSITIONS:
+        raise ValueError(f"unknown rope_positions {policy!r}; valid values: {', '.join(ROPE_POSITIONS)}")
+    if not 0 <= yarn_alpha < yarn_beta:
+        raise ValueError(f'yarn needs 0 <= yarn_alpha < yarn_beta (turns), got {yarn_alpha} and {yarn_beta}')
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,6 +372,12 @@ class ViTConfig:
     # patches in every block but global_blocks (indices, negative from the end). None: all global.
     window_size: Optional[int] = None
     global_blocks: Tuple[int, ...] = ()
+    # How RoPE follows a change of resolution (rope_position_scale): one of ROPE_POSITIONS, from the
+    # training grid rope_train_grid (Hp, Wp) (None: img_size / patch_size); yarn's ramp in turns.
+    rope_positions: str = 'extrapolate'
+    rope_train_grid: Optional[Tuple[int, int]] = None
+    yarn_alpha: float = 0.25
+    yarn_beta: float = 1.0
 
 
 class PatchEmbed(nn.Module):
@@ -418,7 +510,15 @@ class RopeViT(nn.Module):
         img_h, img_w = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
         self.check_img_size(img_h, img_w)
         self.grid_size = (img_h // cfg.patch_size, img_w // cfg.patch_size)  # the stored APE grid (Hp, Wp)
+        if cfg.rope_train_grid is None:
+            cfg.rope_train_grid = self.grid_size
+        cfg.rope_train_grid = tuple(int(g) for g in cfg.rope_train_grid)
+        if len(cfg.rope_train_grid) != 2 or min(cfg.rope_train_grid) < 1:
+            raise ValueError(f'rope_train_grid must be (Hp, Wp) of positive sizes, got {cfg.rope_train_grid}')
+        check_rope_positions(cfg.rope_positions, cfg.yarn_alpha, cfg.yarn_beta)
         self.block_windows = self._block_windows(cfg)  # per block: window side in patches, or None (global)
+        # (shift_x, shift_y, scale_x, scale_y) of augment_positions, set per batch by a training loop; None: off
+        self.rope_coord_augment: Optional[Tuple[float, float, float, float]] = None
 
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
@@ -475,6 +575,49 @@ class RopeViT(nn.Module):
             global_blocks.add(index % cfg.depth)
         return [None if i in global_blocks else cfg.window_size for i in range(cfg.depth)]
 
+    @property
+    def rope_positions(self) -> str:
+        """The position policy (ROPE_POSITIONS); assign to change it between forwards."""
+        return self.cfg.rope_positions
+
+    @rope_positions.setter
+    def rope_positions(self, policy: str) -> None:
+        check_rope_positions(policy, self.cfg.yarn_alpha, self.cfg.yarn_beta)
+        self.cfg.rope_positions = policy
+
+    def rope_policy(self, grid_h: int, grid_w: int, device) -> Tuple[Optional[torch.Tensor], float]:
+        """The position policy on a (grid_h, grid_w) grid: (frequency factors, attention scale).
+
+        Factors (rope_position_scale) shaped as the frequencies: (2, D/4) for Axial's x and y
+        magnitudes, (2, L, heads * D/2) for Mixed's (theta^x, theta^y); None when all are 1.
+        """
+        cfg = self.cfg
+        if cfg.rope_positions == 'extrapolate':  # before any arithmetic on the grid: export keeps it symbolic
+            return None, 1.0
+        train_h, train_w = cfg.rope_train_grid
+        head_dim = self.embed_dim // self.num_heads
+        real = torch.float64 if self.cls_token.dtype == torch.float64 else torch.float32
+        if self.rope_kind == 'axial':
+            mag = rope_magnitudes(head_dim, self.rope_theta, device).to(real)  # (D/4,)
+            freqs = (mag, mag)
+        else:
+            freqs = self.freqs.detach().to(real).unbind(0)  # theta^x, theta^y: (L, heads * D/2) each
+        scales = [rope_position_scale(cfg.rope_positions, f, train, now, self.rope_theta, head_dim // 4,
+                                      cfg.yarn_alpha, cfg.yarn_beta)
+                  for f, train, now in zip(freqs, (train_w, train_h), (grid_w, grid_h))]
+        growth = math.sqrt(grid_h * grid_w / (train_h * train_w))
+        attention_scale = yarn_attention_scale(cfg.rope_positions, growth)
+        if all(c is None for c in scales):
+            return None, attention_scale
+        return torch.stack([torch.ones_like(f) if c is None else c for f, c in zip(freqs, scales)]), attention_scale
+
+    def rope_grid_positions(self, t_x: torch.Tensor, t_y: torch.Tensor, grid_h: int, grid_w: int):
+        """Patch positions (p^x, p^y) after the training-time augmentation rope_coord_augment, if set."""
+        if self.rope_coord_augment is None:
+            return t_x, t_y
+        shift_x, shift_y, scale_x, scale_y = self.rope_coord_augment
+        return augment_positions(t_x, grid_w, shift_x, scale_x), augment_positions(t_y, grid_h, shift_y, scale_y)
+
     def check_img_size(self, H: int, W: int) -> None:
         """Raise ValueError unless H and W are positive multiples of the patch size."""
         p = self.patch_size
@@ -492,9 +635,10 @@ class RopeViT(nn.Module):
         """Eq. 10 tables (cos, sin) of every block for a (grid_h, grid_w) patch grid, built once per forward.
 
         The class token gets angle 0, i.e. the identity rotation: it is not rotated (official),
-        and the blocks need no slicing or concatenation. Returns L pairs of float32 (float64
-        for a float64 model) tensors, (T, D/2) for Axial (shared by all blocks) or
-        (heads, T, D/2) for Mixed; None without RoPE.
+        and the blocks need no slicing or concatenation. The position policy (rope_policy)
+        scales the frequencies; YaRN's temperature scales cos and sin. Returns L pairs of
+        float32 (float64 for a float64 model) tensors, (T, D/2) for Axial (shared by all
+        blocks) or (heads, T, D/2) for Mixed; None without RoPE.
         """
         if self.rope_kind is None:
             return None
@@ -502,12 +646,20 @@ class RopeViT(nn.Module):
         # would be off by up to 0.06 rad, and more at larger positions.
         with torch.autocast(device_type=device.type, enabled=False):
             real = torch.float64 if self.cls_token.dtype == torch.float64 else torch.float32
-            t_x, t_y = (F.pad(t, (1, 0)).to(real) for t in patch_grid_positions(grid_h, grid_w, device))  # (T,): class token at 0
+            t_x, t_y = self.rope_grid_positions(*patch_grid_positions(grid_h, grid_w, device), grid_h, grid_w)  # (N,) each
+            t_x, t_y = F.pad(t_x, (1, 0)).to(real), F.pad(t_y, (1, 0)).to(real)  # (T,): class token at 0
             head_dim = self.embed_dim // self.num_heads
+            scale, attention_scale = self.rope_policy(grid_h, grid_w, device)
             if self.rope_kind == 'axial':
-                return [rope_cos_sin(axial_angles(t_x, t_y, head_dim, self.rope_theta))] * self.depth  # (T, D/2)
-            cos, sin = rope_cos_sin(mixed_angles(t_x, t_y, self.freqs, self.num_heads))  # (L, heads, T, D/2)
-            return list(zip(cos.unbind(0), sin.unbind(0)))
+                cos, sin = rope_cos_sin(axial_angles(t_x, t_y, head_dim, self.rope_theta, scale))  # (T, D/2)
+                tables = [(cos, sin)] * self.depth
+            else:
+                freqs = self.freqs if scale is None else self.freqs * scale  # (2, L, heads * D/2)
+                cos, sin = rope_cos_sin(mixed_angles(t_x, t_y, freqs, self.num_heads))  # (L, heads, T, D/2)
+                tables = list(zip(cos.unbind(0), sin.unbind(0)))
+            if attention_scale != 1:
+                tables = [(c * attention_scale, s * attention_scale) for c, s in tables]
+            return tables
 
     def _embed(self, x: torch.Tensor, need_weights: bool):
         """Patch tokens with APE and the class token, plus what every block needs.
@@ -906,24 +1058,32 @@ def fused_rotations(model: 'RopeViT', grid_h: int, grid_w: int, device) -> List[
     """
     real = torch.float64 if model.cls_token.dtype == torch.float64 else torch.float32
     head_dim, heads = model.embed_dim // model.num_heads, model.num_heads
-    cols = torch.arange(grid_w, device=device, dtype=real)  # p^x of the grid's columns (Wp,)
-    rows = torch.arange(grid_h, device=device, dtype=real)  # p^y of its rows (Hp,)
+    cols, rows = model.rope_grid_positions(torch.arange(grid_w, device=device, dtype=real),
+                                           torch.arange(grid_h, device=device, dtype=real), grid_h, grid_w)
+    # cols (Wp,): p^x of the grid's columns, rows (Hp,): p^y of its rows
     with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+        scale, attention_scale = model.rope_policy(grid_h, grid_w, device)
         if model.rope_kind == 'axial':  # Eq. 12: x on the first D/4 pairs, y on the rest
             mag = rope_magnitudes(head_dim, model.rope_theta, device).to(real)  # (D/4,)
-            along_x = torch.complex(*rope_cos_sin(cols[:, None] * mag))  # (Wp, D/4)
-            along_y = torch.complex(*rope_cos_sin(rows[:, None] * mag))  # (Hp, D/4)
+            mag_x, mag_y = (mag, mag) if scale is None else (mag * scale).unbind(0)
+            along_x = torch.complex(*rope_cos_sin(cols[:, None] * mag_x))  # (Wp, D/4)
+            along_y = torch.complex(*rope_cos_sin(rows[:, None] * mag_y))  # (Hp, D/4)
             rot = torch.cat([along_x.expand(grid_h, -1, -1), along_y[:, None].expand(-1, grid_w, -1)],
                             dim=-1)  # (Hp, Wp, D/2)
             rot = torch.cat([torch.ones_like(rot[:1, 0]), rot.flatten(0, 1)])  # (T, D/2)
+            if attention_scale != 1:
+                rot = rot * attention_scale
             return [rot] * model.depth
-        fx, fy = model.freqs.to(real).unflatten(-1, (heads, -1)).unbind(0)  # (L, heads, D/2) each
+        freqs = model.freqs.to(real) if scale is None else model.freqs.to(real) * scale  # (2, L, heads * D/2)
+        fx, fy = freqs.unflatten(-1, (heads, -1)).unbind(0)  # (L, heads, D/2) each
         along_x = torch.complex(*rope_cos_sin(fx[..., None, :] * cols[:, None]))  # (L, heads, Wp, D/2)
         along_y = torch.complex(*rope_cos_sin(fy[..., None, :] * rows[:, None]))  # (L, heads, Hp, D/2)
         rot = along_x.new_empty(model.depth, heads, 1 + grid_h * grid_w, head_dim // 2)  # (L, heads, T, D/2)
         rot[:, :, 0] = 1  # class token: identity
         torch.mul(along_y[:, :, :, None], along_x[:, :, None],
                   out=rot[:, :, 1:].unflatten(2, (grid_h, grid_w)))  # (L, heads, Hp, Wp, D/2)
+        if attention_scale != 1:
+            rot *= attention_scale
         return list(rot.unbind(0))
 
 
@@ -940,11 +1100,15 @@ def fused_block_ropes(model: 'RopeViT', grid_h: int, grid_w: int, device) -> Lis
     freqs = getattr(model, 'freqs', None)  # Mixed only; Axial tables depend on the grid alone
     with torch.profiler.record_function('rope'):
         if freqs is not None and freqs.requires_grad and torch.is_grad_enabled():
-            t_x, t_y = patch_grid_positions(grid_h, grid_w, device)  # (N,), (N,)
+            t_x, t_y = model.rope_grid_positions(*patch_grid_positions(grid_h, grid_w, device), grid_h, grid_w)  # (N,) each
             positions = F.pad(torch.stack([t_x, t_y], dim=-1), (0, 0, 1, 0))  # (T, 2): class token at 0
             tables = fused_rotations(model, grid_h, grid_w, device)
-            return [FusedRope(rot, freqs[:, layer], positions) for layer, rot in enumerate(tables)]
-        key = (grid_h, grid_w, torch.device(device), model.cls_token.dtype, torch.is_inference_mode_enabled())
+            scale = model.rope_policy(grid_h, grid_w, device)[0]  # the gradient reaches freqs through it
+            rotated = freqs if scale is None else freqs * scale.to(freqs.dtype)  # (2, L, heads * D/2)
+            return [FusedRope(rot, rotated[:, layer], positions) for layer, rot in enumerate(tables)]
+        cfg = model.cfg
+        key = (grid_h, grid_w, torch.device(device), model.cls_token.dtype, torch.is_inference_mode_enabled(),
+               cfg.rope_positions, cfg.rope_train_grid, cfg.yarn_alpha, cfg.yarn_beta, model.rope_coord_augment)
         if freqs is not None:
             key += (freqs.data_ptr(), freqs._version, freqs.dtype)
         cache = model.__dict__.setdefault('_rope_cache', {})  # plain attribute: not in the state dict
@@ -973,8 +1137,9 @@ class RotateQK(torch.autograd.Function):
     * memory: autograd of the plain formula writes the rotated q and k to a new tensor (2/3 of
       qkv per block, ~8 % of ViT-S's training memory) and also keeps the unrotated ones for the
       gradient of R. Here the projection's output, which nothing else saves, is rotated in
-      place; since |R| = 1 the input is recoverable from the output (x = x' conj(R)), so only
-      the rotated qkv, which attention saves anyway, and R are kept for backward.
+      place; the input is recoverable from the output (x = x' conj(R) / |R|^2, |R| = 1 but under
+      YaRN's temperature), so only the rotated qkv, which attention saves anyway, and R are kept
+      for backward.
     * time: the backward writes the gradient of qkv straight from the gradients of q, k, v in
       one pass, rotating q's and k's back on the way; this replaces the stack and the layout
       copy that autograd runs for the head split of any ViT (the APE model's too).
@@ -1027,7 +1192,7 @@ class RotateQK(torch.autograd.Function):
         grad_rot = grad_freqs = None
         needs_freqs = len(ctx.needs_input_grad) > 4 and ctx.needs_input_grad[4]  # freqs given and trained
         if ctx.needs_input_grad[1] or needs_freqs:
-            # d(x R)/dR = conj(x) = conj(x' conj(R)) = conj(x') R; S sums g conj(x') over batch, q|k
+            # d(x R)/dR = conj(x) = conj(x') R / |R|^2; S sums g conj(x') over batch, q|k
             rotated = _split_heads(rotated_qkv, ctx.num_heads, ctx.batch)[:2]
             summed = sum((g * _complex_pairs(y.to(real_dtype)).conj()).sum(0)
                          for g, y in zip(grad_pairs, rotated))  # S (heads, T, D/2)
@@ -1038,7 +1203,7 @@ class RotateQK(torch.autograd.Function):
                     summed = summed.sum(0)
                 elif rot.shape[0] == 1:
                     summed = summed.sum(0, keepdim=True)
-                grad_rot = summed * rot
+                grad_rot = summed * rot / rot.abs().square()
         return (grad_qkv, grad_rot, None, None, grad_freqs, None)[:len(ctx.needs_input_grad)]
 
 

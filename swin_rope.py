@@ -153,6 +153,88 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ----------------------------------------------------------------------------------------------
+# Resolution change (section 3.3): how window-local RoPE positions follow the window
+# ----------------------------------------------------------------------------------------------
+# The paper extrapolates: a larger window uses the integer positions 0 .. w-1 of its larger
+# window. The other policies change every angle theta_j p (one axis, frequency j, position p)
+# into (c_j theta_j) p, c_j depending on s = current window / training window (the window the
+# block was built for). All are the identity at the training window, so they never change
+# training. (The same helpers as in rope_vit.py, where a grid plays the window's part.)
+
+ROPE_POSITIONS = ('extrapolate', 'interpolate', 'ntk', 'yarn')
+
+
+def rope_position_scale(policy: str, freqs: torch.Tensor, train_len: int, grid_len: int, theta: float,
+                        pairs: int, yarn_alpha: float, yarn_beta: float) -> Optional[torch.Tensor]:
+    """Factor c per frequency (freqs' shape) for one axis, or None where c = 1 everywhere.
+
+    freqs: the frequencies' components along the axis (any shape: theta^x or theta^y of Eq. 14);
+    s = grid_len / train_len (window sides); pairs = d/4, the complex pairs of one axis in Eq. 13. The factors are constants (no gradient flows through them).
+
+    * ``extrapolate`` (the paper, section 3.3): c = 1, integer positions on the new grid.
+    * ``interpolate`` (position interpolation; EVA-02's ``ref_feat_shape``): c = 1 / s, i.e.
+      positions p / s that span the training grid's range.
+    * ``ntk`` (NTK-aware base scaling per axis; FiT's "VisionNTK"): Axial uses the base
+      ``theta' = theta * s^(d / (d - 2))``, d = 2 * pairs the rotary dims of the axis, which is
+      c_j = s^(-j / (pairs - 1)) for the magnitude theta^(-j / pairs) of Eq. 13. Ours, for any
+      (learned) frequency f: c = s^(-gamma), gamma = clamp(ln|f| / ln f_min, 0, 1) with
+      f_min = theta^(-(pairs - 1) / pairs) the lowest magnitude of Eq. 13. On Eq. 13's spectrum
+      gamma = j / (pairs - 1): NTK exactly. Highest frequencies extrapolate, the lowest interpolate.
+    * ``yarn`` (YaRN's "NTK-by-parts", Peng et al. 2023; FiT): r = train_len |f| / (2 pi) turns
+      over the training grid, ramp = clamp((r - alpha) / (beta - alpha), 0, 1),
+      c = ramp + (1 - ramp) / s. Defaults alpha = 1/4, beta = 1 (turns): a frequency that turns
+      at least once over the training grid was trained at every angle and extrapolates; one that
+      turned less than a quarter turn saw only a short arc and interpolates. (YaRN's LLM values
+      alpha = 1, beta = 32 would interpolate nearly every frequency of a 14-patch grid, whose
+      fastest one turns 14 / (2 pi) = 2.2 times.) Plus the temperature of yarn_attention_scale.
+    """
+    if policy == 'extrapolate' or grid_len == train_len:
+        return None
+    s = grid_len / train_len
+    if policy == 'interpolate':
+        return torch.full_like(freqs, 1.0 / s)
+    magnitude = freqs.detach().abs()
+    if policy == 'ntk':
+        if pairs < 2:
+            return None  # one frequency per axis: theta^0 = 1 whatever the base
+        lowest = math.log(theta) * (pairs - 1) / pairs  # -ln f_min
+        gamma = (-torch.log(magnitude.clamp_min(1e-30)) / lowest).clamp(0, 1)
+        return torch.exp(-gamma * math.log(s))  # s^(-gamma)
+    if policy == 'yarn':
+        turns = train_len * magnitude / (2 * math.pi)
+        ramp = ((turns - yarn_alpha) / (yarn_beta - yarn_alpha)).clamp(0, 1)
+        return ramp + (1 - ramp) / s
+    raise ValueError(f"unknown rope_positions {policy!r}; valid values: {', '.join(ROPE_POSITIONS)}")
+
+
+def yarn_attention_scale(policy: str, growth: float) -> float:
+    """YaRN's attention temperature: q and k each times 1 + 0.1 ln s (logits times its square).
+
+    growth s: how much larger the window is (its side ratio; rope_vit.py uses the grid's). 1 for other policies and for s <= 1, as in YaRN.
+    """
+    return 1.0 + 0.1 * math.log(growth) if policy == 'yarn' and growth > 1 else 1.0
+
+
+def augment_positions(t: torch.Tensor, grid_len: int, shift: float, scale: float) -> torch.Tensor:
+    """Training-time coordinate augmentation (DINOv3's RoPE "shift", "jitter" and "rescale") on one axis.
+
+    DINOv3 normalises positions to u = (2p + 1 - G) / G in (-1, 1) and trains on (u + shift) * scale
+    with shift ~ U(-a, a) and a log-uniform scale. Here the same map in patch units around the window
+    centre c = (G - 1) / 2 (G: the window side): p' = c + (p - c + shift * G / 2) * scale.
+    """
+    centre = (grid_len - 1) / 2
+    return centre + (t - centre + shift * grid_len / 2) * scale
+
+
+def check_rope_positions(policy: str, yarn_alpha: float, yarn_beta: float) -> None:
+    """Raise ValueError for an unknown policy or an empty YaRN ramp."""
+    if policy not in ROPE_POSITIONS:
+        raise ValueError(f"unknown rope_positions {policy!r}; valid values: {', '.join(ROPE_POSITIONS)}")
+    if not 0 <= yarn_alpha < yarn_beta:
+        raise ValueError(f'yarn needs 0 <= yarn_alpha < yarn_beta (turns), got {yarn_alpha} and {yarn_beta}')
+
+
+# ----------------------------------------------------------------------------------------------
 # Windows, relative position bias, shift mask
 # ----------------------------------------------------------------------------------------------
 
@@ -276,6 +358,9 @@ class WindowAttention(nn.Module):
         self.window_size = window_size
         self.use_rpb = use_rpb
         self.rope = rope  # None, 'axial' or 'mixed'
+        self.rope_theta = rope_theta
+        self.rope_positions = ('extrapolate', 0.25, 1.0)  # (policy, yarn_alpha, yarn_beta): set by the model
+        self.rope_coord_augment = None  # (shift_x, shift_y, scale_x, scale_y): set by the model
         self.rpb_resize = rpb_resize
         self.return_attn = False  # forward_with_attention switches on the explicit softmax path
         self.last_attn = None
@@ -293,13 +378,27 @@ class WindowAttention(nn.Module):
 
     def rope_tables(self, window: int) -> tuple:
         """Eq. 10 (cos, sin) for the run-time window, each (2, 1, nH, N, d/2): [0] rotates q
-        (the scale folded in), [1] rotates k."""
+        (the scale folded in), [1] rotates k. The position policy scales the frequencies per
+        axis (rope_position_scale, from the block's built window) and YaRN's temperature both."""
         def build():
             t_x, t_y = window_positions(window, self.rope_freqs.device)
-            cos, sin = rope_cos_sin(rope_angles(self.rope_freqs, t_x, t_y))  # (nH, N, d/2) each
-            scales = torch.tensor([self.scale, 1.0], device=cos.device)[:, None, None, None, None]  # (2, 1, 1, 1, 1)
+            if self.rope_coord_augment is not None:
+                shift_x, shift_y, scale_x, scale_y = self.rope_coord_augment
+                t_x, t_y = augment_positions(t_x, window, shift_x, scale_x), augment_positions(t_y, window, shift_y, scale_y)
+            policy, yarn_alpha, yarn_beta = self.rope_positions
+            scale = [rope_position_scale(policy, f, self.window_size, window, self.rope_theta,
+                                         self.head_dim // 4, yarn_alpha, yarn_beta)
+                     for f in self.rope_freqs.detach().float().unbind(0)]  # theta^x, theta^y factors
+            freqs = self.rope_freqs
+            if any(c is not None for c in scale):
+                freqs = freqs * torch.stack([torch.ones_like(f) if c is None else c
+                                             for f, c in zip(freqs.detach().float(), scale)])  # (2, nH, d/2)
+            cos, sin = rope_cos_sin(rope_angles(freqs, t_x, t_y))  # (nH, N, d/2) each
+            temperature = yarn_attention_scale(policy, window / self.window_size)
+            scales = torch.tensor([self.scale * temperature, temperature],
+                                  device=cos.device)[:, None, None, None, None]  # (2, 1, 1, 1, 1)
             return cos * scales, sin * scales  # (2, 1, nH, N, d/2) each
-        return cached(self._cache, ('rope', window), self.rope_freqs, build)
+        return cached(self._cache, ('rope', window, self.rope_positions, self.rope_coord_augment), self.rope_freqs, build)
 
     def position_bias(self, window: int) -> torch.Tensor:
         """Eq. 5-6 bias for the run-time window: (nH, N, N), table resized if w differs."""
@@ -445,6 +544,11 @@ class SwinConfig:
     drop_path_rate: float = 0.2
     rope_theta: Optional[float] = None  # None: 50 for axial, 10 for mixed (published configs)
     rpb_resize: str = 'bicubic'
+    # How RoPE follows a change of window (rope_position_scale): one of ROPE_POSITIONS, scaled from
+    # each block's built window (window_size, or its stage grid where that is smaller); yarn's ramp in turns.
+    rope_positions: str = 'extrapolate'
+    yarn_alpha: float = 0.25
+    yarn_beta: float = 1.0
 
 
 class SwinTransformer(nn.Module):
@@ -500,6 +604,33 @@ class SwinTransformer(nn.Module):
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self._mask_cache = {}
         self.apply(self._init_weights)
+        self.rope_positions = cfg.rope_positions  # validates and hands it to every block
+        self.rope_coord_augment = None
+
+    @property
+    def rope_positions(self) -> str:
+        """The position policy (ROPE_POSITIONS); assign to change it between forwards."""
+        return self.cfg.rope_positions
+
+    @rope_positions.setter
+    def rope_positions(self, policy: str) -> None:
+        check_rope_positions(policy, self.cfg.yarn_alpha, self.cfg.yarn_beta)
+        self.cfg.rope_positions = policy
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                module.rope_positions = (policy, self.cfg.yarn_alpha, self.cfg.yarn_beta)
+
+    @property
+    def rope_coord_augment(self) -> Optional[tuple]:
+        """(shift_x, shift_y, scale_x, scale_y) of augment_positions, set per batch by a training loop; None: off."""
+        return self._rope_coord_augment
+
+    @rope_coord_augment.setter
+    def rope_coord_augment(self, value: Optional[tuple]) -> None:
+        self._rope_coord_augment = None if value is None else tuple(float(v) for v in value)
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                module.rope_coord_augment = self._rope_coord_augment
 
     @staticmethod
     def _init_weights(m):
@@ -984,7 +1115,7 @@ def rotate_fused(qk: torch.Tensor, attn: WindowAttention, window: int) -> torch.
     qk (2, B_, nH, N, d): q and k. Returns (2, B_, nH, N, d) in qk's dtype.
     """
     with torch.profiler.record_function('rope'):  # lets a profiler count the RoPE share
-        factors = cached(attn._cache, ('rope_complex', window), attn.rope_freqs,
+        factors = cached(attn._cache, ('rope_complex', window, attn.rope_positions, attn.rope_coord_augment), attn.rope_freqs,
                          lambda: torch.complex(*attn.rope_tables(window)))  # (2, 1, nH, N, d/2)
         pairs = qk.float().unflatten(-1, (-1, 2))  # (2, B_, nH, N, d/2, 2), a view for float32 input
         if pairs.stride(-1) != 1 or any(st % 2 for st in pairs.stride()[:-1]):
