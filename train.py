@@ -235,6 +235,7 @@ SEED = Limit(0, 2 ** 32 - 1)
 
 # Every int / float flag of train.py (test_rope.py checks that none is missing).
 TRAIN_LIMITS = {
+    'rope_coord_shift': NON_NEGATIVE, 'rope_coord_jitter': Limit(1), 'rope_coord_rescale': Limit(1),
     'epochs': POSITIVE, 'batch_size': POSITIVE, 'lr': POSITIVE, 'min_lr': NON_NEGATIVE,
     'warmup_lr': NON_NEGATIVE, 'warmup_epochs': NON_NEGATIVE, 'opt_eps': POSITIVE,
     'weight_decay': NON_NEGATIVE, 'clip_grad': NON_NEGATIVE,
@@ -1229,6 +1230,24 @@ def _mixup_cutmix(cfg, num_classes):
     return v2.RandomChoice(choices) if choices else None   # one of them per batch, p = 1/2 each
 
 
+def rope_coord_augment(cfg, epoch, step, rank):
+    """The RoPE coordinate augmentation of one training step, or None when it is off.
+
+    (shift_x, shift_y, scale_x, scale_y) for the model's rope_coord_augment (augment_positions):
+    shift ~ U(-a, a) per axis, scale = jitter per axis x one shared rescale, each log-uniform in
+    [1/f, f] (DINOv3's RoPE shift / jitter / rescale). A pure function of (seed, epoch, step,
+    rank): a resumed run draws the same values.
+    """
+    shift, jitter, rescale = cfg['rope_coord_shift'], cfg['rope_coord_jitter'], cfg['rope_coord_rescale']
+    if shift == 0 and jitter == 1 and rescale == 1:
+        return None
+    gen = np.random.default_rng(_derived_seed(cfg['seed'], 0x60DE, epoch, step, rank))
+    shifts = gen.uniform(-shift, shift, size=2)
+    scales = np.exp(gen.uniform(-math.log(jitter), math.log(jitter), size=2)
+                    + gen.uniform(-math.log(rescale), math.log(rescale)))
+    return (float(shifts[0]), float(shifts[1]), float(scales[0]), float(scales[1]))
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, device, amp_dtype,
                     num_classes, mix, start_step=0, sums=None, seconds=0.0, stop=None,
                     after_step=None):
@@ -1240,6 +1259,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, dev
     after_step(steps_done, signum, sums, seconds) may save a checkpoint or end the run.
     """
     model.train()
+    model_without_ddp = getattr(model, '_orig_mod', model)   # torch.compile's wrapper
+    model_without_ddp = getattr(model_without_ddp, 'module', model_without_ddp)   # DDP's
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     steps = start_step + len(loader)
     # loss * n, n, skipped: this rank's sums over the epoch
     loss_sum = (sums.to(device) if sums is not None
@@ -1256,8 +1278,15 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, dev
                 else torch.zeros(1, num_classes, device=device))
         if mix is not None and targets is not None:
             images, soft = mix(images, targets)
-        with _autocast(device, amp_dtype):
-            logits = model(images)
+        augment = rope_coord_augment(cfg, epoch, step, rank)
+        if augment is not None:
+            model_without_ddp.rope_coord_augment = augment
+        try:
+            with _autocast(device, amp_dtype):
+                logits = model(images)
+        finally:
+            if augment is not None:   # never left on for evaluation
+                model_without_ddp.rope_coord_augment = None
         loss = _loss(logits, soft, cfg) * (0.0 if targets is None else 1.0)
 
         # Every rank stops together: on a non-finite loss anywhere, or on a signal anywhere.
@@ -1419,6 +1448,14 @@ def get_args_parser():
     p.add_argument('--amp', default=None, choices=('none', 'bf16', 'fp16'),
                    help='autocast dtype (default: bf16 on CUDA, none on CPU)')
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--rope-coord-shift', type=float, default=0.0,
+                   help='RoPE coordinate augmentation (DINOv3), per batch in training: shift '
+                        'positions by U(-a, a) per axis, in units of half the grid; 0 = off')
+    p.add_argument('--rope-coord-jitter', type=float, default=1.0,
+                   help='... scale each axis by its own log-uniform factor in [1/f, f]; 1 = off')
+    p.add_argument('--rope-coord-rescale', type=float, default=1.0,
+                   help='... scale both axes by one log-uniform factor in [1/f, f] (DINOv3 '
+                        'ViT-7B: 2); 1 = off')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--num-workers', type=int, default=None, help=f'loader workers {R}')
     p.add_argument('--print-freq', type=int, default=20, help='log a line every N steps')
@@ -1528,6 +1565,9 @@ def main(args):
     model = build_model(cfg)
     cfg['pe'] = model.pe
     _check_resolution(model, cfg['img_size'], '--img-size')
+    if rope_coord_augment(cfg, 0, 0, 0) is not None and 'rope' not in model.pe:
+        raise UserError(f"--rope-coord-shift / -jitter / -rescale move RoPE positions; the {model.pe} "
+                        'model has none')
     if cfg['eval_resolutions'] is None:
         cfg['eval_resolutions'] = list(eval_multires.default_resolutions(cfg))
     for r in cfg['eval_resolutions']:
