@@ -2276,27 +2276,27 @@ def test_eval_metrics_per_layer_list_and_bad_shape():
 def test_eval_default_resolutions_paper_lists_and_scaling():
     vit = {'model': 'vit_small', 'img_size': 224, 'model_kwargs': {}}
     swin = {'model': 'swin_tiny', 'img_size': 224, 'model_kwargs': {}}
-    assert eval_multires.default_resolutions(vit) == [96, 144, 192, 224, 256, 320, 384, 512]
-    assert eval_multires.default_resolutions(swin) == [96, 128, 160, 192, 224, 256, 320, 384]
+    assert train.default_resolutions(vit) == [96, 144, 192, 224, 256, 320, 384, 512]
+    assert train.default_resolutions(swin) == [96, 128, 160, 192, 224, 256, 320, 384]
     small = {'model': 'vit_tiny', 'img_size': 64, 'model_kwargs': {'patch_size': 8}}
     # Independent: the multiple of 8 nearest to r * 64 / 224, found by search.
     expected = [min(range(8, 1024, 8), key=lambda s: abs(s - r * 64 / 224))
                 for r in (96, 144, 192, 224, 256, 320, 384, 512)]
-    assert eval_multires.default_resolutions(small) == expected
+    assert train.default_resolutions(small) == expected
     assert 64 in expected and len(set(expected)) == len(expected)
     swin_small = {'model': 'swin_tiny', 'img_size': 128, 'model_kwargs': {}}
-    out = eval_multires.default_resolutions(swin_small)
+    out = train.default_resolutions(swin_small)
     assert 128 in out and all(r % 32 == 0 and r > 0 for r in out)
 
 
 def test_eval_config_labels():
-    assert eval_multires.config_label({'model': 'vit_small', 'pe': 'rope_mixed'}) == 'ViT-S RoPE-Mixed'
-    assert eval_multires.config_label({'model': 'rope_axial_ape_deit_base_patch16_LS',
-                                       'pe': 'rope_axial_ape'}) == 'ViT-B APE + RoPE-Axial'
-    assert eval_multires.config_label({'model': 'swin_tiny_patch4_window7_224',
-                                       'pe': 'rpb'}) == 'Swin-T RPB'
+    assert train.config_label({'model': 'vit_small', 'pe': 'rope_mixed'}) == 'ViT-S RoPE-Mixed'
+    assert train.config_label({'model': 'rope_axial_ape_deit_base_patch16_LS',
+                               'pe': 'rope_axial_ape'}) == 'ViT-B APE + RoPE-Axial'
+    assert train.config_label({'model': 'swin_tiny_patch4_window7_224',
+                               'pe': 'rpb'}) == 'Swin-T RPB'
     custom = {'model': 'vit_tiny', 'pe': 'ape', 'model_kwargs': dict(patch_size=4, embed_dim=96, depth=4)}
-    assert eval_multires.config_label(custom) == 'ViT (96 dim, 4 layers, 4 px patches) APE'
+    assert train.config_label(custom) == 'ViT (96 dim, 4 layers, 4 px patches) APE'
 
 
 def test_eval_format_table_layout():
@@ -2306,14 +2306,14 @@ def test_eval_format_table_layout():
         'ViT-S RoPE-Mixed': [{'resolution': r, 'top1': v, 'top5': 99.0, 'n': 10}
                              for r, v in ((96, 55.7), (224, 80.9))],
     }
-    lines = eval_multires.format_table(results, 224).splitlines()
+    lines = train.format_table(results, 224).splitlines()
     header = [c.strip() for c in lines[0].strip('|').split('|')]
     assert header == ['model', '96', '224*', '512']
     ape = [c.strip() for c in lines[2].strip('|').split('|')]
     mixed = [c.strip() for c in lines[3].strip('|').split('|')]
     assert ape == ['ViT-S APE', '35.4', '80.4', '75.4']
     assert mixed == ['ViT-S RoPE-Mixed', '55.7', '80.9', '-']
-    per_row = eval_multires.format_table(results, {'ViT-S APE': 96, 'ViT-S RoPE-Mixed': 224})
+    per_row = train.format_table(results, {'ViT-S APE': 96, 'ViT-S RoPE-Mixed': 224})
     assert '35.4*' in per_row and '80.9*' in per_row and '224*' not in per_row
 
 

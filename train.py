@@ -1338,6 +1338,193 @@ def evaluate(model, loader, device, amp_dtype=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# Evaluation across test resolutions (the paper's experiment; eval_multires.py builds on it)
+
+# The paper's test resolutions (Tables 0.A.1-0.A.3 for ViT, 0.A.4-0.A.6 for Swin), trained at 224.
+PAPER_RESOLUTIONS = {
+    'vit': (96, 144, 192, 224, 256, 320, 384, 512),
+    'swin': (96, 128, 160, 192, 224, 256, 320, 384),
+}
+PAPER_TRAIN_RESOLUTION = 224
+
+_SIZE_LABELS = {'tiny': 'Ti', 'small': 'S', 'base': 'B', 'large': 'L'}
+_SWIN_SIZE_LABELS = {'tiny': 'T', 'small': 'S', 'base': 'B'}
+_PE_LABELS = {
+    'ape': 'APE', 'rpb': 'RPB', 'none': 'no PE',
+    'rope_axial': 'RoPE-Axial', 'rope_mixed': 'RoPE-Mixed',
+    'rope_axial_ape': 'APE + RoPE-Axial', 'rope_mixed_ape': 'APE + RoPE-Mixed',
+    'rope_axial_rpb': 'RPB + RoPE-Axial', 'rope_mixed_rpb': 'RPB + RoPE-Mixed',
+}
+
+
+def model_family(name):
+    """'swin' or 'vit' for a size name or a published name."""
+    return 'swin' if 'swin' in name.lower() else 'vit'
+
+
+def _train_resolution(cfg):
+    """Training resolution as one int (the height for a non-square (H, W))."""
+    size = cfg['img_size']
+    return int(size[0]) if isinstance(size, (list, tuple)) else int(size)
+
+
+def _size_step(cfg):
+    """Granularity of allowed sizes: the patch size (ViT) or patch * 2^(stages-1) (Swin: 32)."""
+    kwargs = cfg.get('model_kwargs') or {}
+    if model_family(cfg['model']) == 'swin':
+        patch = int(kwargs.get('patch_size', 4))
+        stages = len(kwargs.get('depths', (2, 2, 6, 2)))
+        return patch * 2 ** (stages - 1)
+    patch = kwargs.get('patch_size', 16)
+    return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
+
+
+def _scaled(cfg, paper_resolutions):
+    """paper_resolutions x train_res / 224, each rounded to the nearest multiple of the size step
+    (at least one step), duplicates dropped, in order."""
+    train_res = _train_resolution(cfg)
+    step = _size_step(cfg)
+    out = []
+    for r in paper_resolutions:
+        s = max(step, int(round(r * train_res / PAPER_TRAIN_RESOLUTION / step)) * step)
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def default_resolutions(cfg):
+    """The paper's test resolutions for the model family, scaled to the training resolution.
+
+    At a training resolution of 224 this is exactly the paper's list. Otherwise every entry is
+    multiplied by train_res / 224 and rounded to the nearest multiple of the size step (patch size
+    for ViT, 32 for Swin), at least one step; duplicates are dropped. The training resolution
+    itself is always in the list (224 maps onto it).
+    """
+    out = _scaled(cfg, PAPER_RESOLUTIONS[model_family(cfg['model'])])
+    return sorted(set(out) | {_train_resolution(cfg)})
+
+
+def config_label(cfg):
+    """Human label from a configuration, e.g. 'ViT-S RoPE-Mixed' or 'Swin-T RPB'."""
+    name = cfg['model'].lower()
+    family = model_family(name)
+    sizes = _SWIN_SIZE_LABELS if family == 'swin' else _SIZE_LABELS
+    size = next((short for word, short in sizes.items() if word in name), None)
+    arch = ('Swin' if family == 'swin' else 'ViT') + (f'-{size}' if size else f' ({cfg["model"]})')
+    kwargs = cfg.get('model_kwargs') or {}
+    if family != 'swin' and any(k in kwargs for k in ('embed_dim', 'depth', 'num_heads')):
+        # A size name with its architecture overridden (e.g. the demo model) is not that size.
+        shape = [f'{kwargs[k]} {word}' for k, word in (('embed_dim', 'dim'), ('depth', 'layers'),
+                                                        ('patch_size', 'px patches')) if k in kwargs]
+        arch = f"ViT ({', '.join(shape)})"
+    pe = cfg.get('pe')
+    return f'{arch} {_PE_LABELS.get(pe, pe)}' if pe else arch
+
+
+class _Progress:
+    """Iterates a loader and reports images done / total and ETA on stderr (main process only).
+
+    Counts are this process's batches times the world size (every rank holds an equal shard, to
+    within one image), capped at the total.
+    """
+
+    def __init__(self, loader, total, desc, world_size=1, enabled=True, interval_s=5.0):
+        self.loader, self.total, self.desc = loader, total, desc
+        self.world_size, self.enabled, self.interval_s = world_size, enabled, interval_s
+        self.dataset = getattr(loader, 'dataset', None)
+        self.batch_size = getattr(loader, 'batch_size', None)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def _report(self, done, start):
+        elapsed = time.perf_counter() - start
+        eta = elapsed / done * (self.total - done) if done else float('nan')
+        print(f'{self.desc}: {done}/{self.total} images ({100.0 * done / max(self.total, 1):.0f}%), '
+              f'{elapsed:.1f}s elapsed, ETA {eta:.1f}s', file=sys.stderr, flush=True)
+
+    def __iter__(self):
+        start = last = time.perf_counter()
+        done = 0
+        for batch in self.loader:
+            yield batch  # the consumer processes the batch before asking for the next one
+            done = min(self.total, done + len(batch[0]) * self.world_size)
+            now = time.perf_counter()
+            if self.enabled and now - last >= self.interval_s and done < self.total:
+                self._report(done, start)
+                last = now
+        if self.enabled:
+            self._report(self.total, start)
+
+
+def _world():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def evaluate_resolutions(model, cfg, resolutions, batch_size, device, amp_dtype=None,
+                         data_path=None, crop_ratio=None, progress=True, num_workers=0,
+                         label=None):
+    """Top-1 / top-5 of `model` at each test resolution, with the protocol of DESIGN.md.
+
+    The validation split of `cfg`'s data (or the folder `data_path`) is rendered / resized at
+    each resolution by build_eval_dataset and scored by evaluate (exact under torchrun: sums are
+    all-reduced, every image counted once). The model is not rebuilt.
+    Returns [dict(resolution, top1, top5, loss, n)] in the order of `resolutions` (top-1/top-5 in
+    %, loss = mean cross-entropy).
+    """
+    _, world_size = _world()
+    rows = []
+    model.eval()
+    desc_base = label or config_label(cfg)
+    for resolution in resolutions:
+        model.check_img_size(resolution, resolution)
+        dataset = build_eval_dataset(cfg, resolution, data_path=data_path, crop_ratio=crop_ratio)
+        loader = _Progress(build_eval_loader(dataset, batch_size, num_workers), len(dataset),
+                           f'{desc_base} @ {resolution}', world_size,
+                           enabled=progress and is_main_process())
+        stats = evaluate(model, loader, device, amp_dtype=amp_dtype)
+        rows.append({'resolution': int(resolution), 'top1': float(stats['top1']),
+                     'top5': float(stats['top5']), 'loss': float(stats['loss']),
+                     'n': int(stats['n'])})
+    return rows
+
+
+def format_table(results, train_res):
+    """The paper's layout: rows = checkpoints, columns = test resolutions, top-1 (%).
+
+    results: {label: [dict(resolution, top1, ...)]}. train_res: the training resolution (int,
+    its column header is marked with '*'), or {label: int} when checkpoints differ (then that
+    row's cell is marked), or None. A resolution missing from a row prints as '-'.
+    """
+    columns = sorted({row['resolution'] for rows in results.values() for row in rows})
+    per_label = isinstance(train_res, dict)
+    header = ['model'] + [f'{r}*' if (not per_label and r == train_res) else str(r)
+                          for r in columns]
+    lines = [header]
+    for label, rows in results.items():
+        by_res = {row['resolution']: row['top1'] for row in rows}
+        own = train_res.get(label) if per_label else None
+        cells = [label]
+        for r in columns:
+            value = by_res.get(r)
+            cells.append('-' if value is None else f'{value:.1f}' + ('*' if r == own else ''))
+        lines.append(cells)
+    return _markdown_table(lines, 'top-1 accuracy (%); * = training resolution')
+
+
+def _markdown_table(lines, caption):
+    """Rows of cells (the first row is the header) -> an aligned Markdown table and a caption."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    text = ['| ' + ' | '.join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+                              for i, cell in enumerate(line)) + ' |' for line in lines]
+    text.insert(1, '|' + '|'.join('-' * (w + 2) for w in widths) + '|')
+    text.append(caption)
+    return '\n'.join(text)
+
+
+# ----------------------------------------------------------------------------------------------
 # The script
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -1507,8 +1694,6 @@ def _stop_message(signum, epoch, steps_done, steps_per_epoch, cfg, path):
 
 
 def main(args):
-    import eval_multires   # here, not at the top: eval_multires imports this module
-
     # 1. Validate everything before touching the disk or the process group.
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     cfg = resolve_config(args, world_size)
@@ -1529,7 +1714,7 @@ def main(args):
     cfg['pe'] = model.pe
     _check_resolution(model, cfg['img_size'], '--img-size')
     if cfg['eval_resolutions'] is None:
-        cfg['eval_resolutions'] = list(eval_multires.default_resolutions(cfg))
+        cfg['eval_resolutions'] = list(default_resolutions(cfg))
     for r in cfg['eval_resolutions']:
         _check_resolution(model, r, '--eval-resolutions')
     if cfg['eval_batch_size'] is None:
@@ -1722,11 +1907,11 @@ def main(args):
 
     # 5. The paper's experiment: accuracy across test resolutions. A signal from here on ends
     # the process at once; --resume auto redoes only this part.
-    rows = eval_multires.evaluate_resolutions(
+    rows = evaluate_resolutions(
         model_without_ddp, cfg, cfg['eval_resolutions'], cfg['eval_batch_size'], device,
         amp_dtype=amp_dtype, progress=is_main_process())
-    label = eval_multires.config_label(cfg)
-    _log(eval_multires.format_table({label: rows}, cfg['img_size']))
+    label = config_label(cfg)
+    _log(format_table({label: rows}, cfg['img_size']))
     error = _on_rank0(lambda: _save_atomic(
         {'label': label, 'train_resolution': cfg['img_size'], 'results': rows},
         os.path.join(cfg['output_dir'], 'resolutions.json')), device)
