@@ -43,7 +43,6 @@ import io
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.distributed
@@ -53,91 +52,8 @@ import swin_rope
 import train
 from train import UserError
 
-# The paper's test resolutions (Tables 0.A.1-0.A.3 for ViT, 0.A.4-0.A.6 for Swin), trained at 224.
-PAPER_RESOLUTIONS = {
-    'vit': (96, 144, 192, 224, 256, 320, 384, 512),
-    'swin': (96, 128, 160, 192, 224, 256, 320, 384),
-}
-PAPER_TRAIN_RESOLUTION = 224
 # Attention analysis resolutions when --attention-resolutions is not given (scaled like the sweep).
 DEFAULT_ATTENTION_RESOLUTIONS = (224, 320, 512)
-
-_SIZE_LABELS = {'tiny': 'Ti', 'small': 'S', 'base': 'B', 'large': 'L'}
-_SWIN_SIZE_LABELS = {'tiny': 'T', 'small': 'S', 'base': 'B'}
-_PE_LABELS = {
-    'ape': 'APE', 'rpb': 'RPB', 'none': 'no PE',
-    'rope_axial': 'RoPE-Axial', 'rope_mixed': 'RoPE-Mixed',
-    'rope_axial_ape': 'APE + RoPE-Axial', 'rope_mixed_ape': 'APE + RoPE-Mixed',
-    'rope_axial_rpb': 'RPB + RoPE-Axial', 'rope_mixed_rpb': 'RPB + RoPE-Mixed',
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration helpers
-# ----------------------------------------------------------------------------------------------
-
-def model_family(name):
-    """'swin' or 'vit' for a size name or a published name."""
-    return 'swin' if 'swin' in name.lower() else 'vit'
-
-
-def _train_resolution(cfg):
-    """Training resolution as one int (the height for a non-square (H, W))."""
-    size = cfg['img_size']
-    return int(size[0]) if isinstance(size, (list, tuple)) else int(size)
-
-
-def _size_step(cfg):
-    """Granularity of allowed sizes: the patch size (ViT) or patch * 2^(stages-1) (Swin: 32)."""
-    kwargs = cfg.get('model_kwargs') or {}
-    if model_family(cfg['model']) == 'swin':
-        patch = int(kwargs.get('patch_size', 4))
-        stages = len(kwargs.get('depths', (2, 2, 6, 2)))
-        return patch * 2 ** (stages - 1)
-    patch = kwargs.get('patch_size', 16)
-    return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
-
-
-def _scaled(cfg, paper_resolutions):
-    """paper_resolutions x train_res / 224, each rounded to the nearest multiple of the size step
-    (at least one step), duplicates dropped, in order."""
-    train_res = _train_resolution(cfg)
-    step = _size_step(cfg)
-    out = []
-    for r in paper_resolutions:
-        s = max(step, int(round(r * train_res / PAPER_TRAIN_RESOLUTION / step)) * step)
-        if s not in out:
-            out.append(s)
-    return out
-
-
-def default_resolutions(cfg):
-    """The paper's test resolutions for the model family, scaled to the training resolution.
-
-    At a training resolution of 224 this is exactly the paper's list. Otherwise every entry is
-    multiplied by train_res / 224 and rounded to the nearest multiple of the size step (patch size
-    for ViT, 32 for Swin), at least one step; duplicates are dropped. The training resolution
-    itself is always in the list (224 maps onto it).
-    """
-    out = _scaled(cfg, PAPER_RESOLUTIONS[model_family(cfg['model'])])
-    return sorted(set(out) | {_train_resolution(cfg)})
-
-
-def config_label(cfg):
-    """Human label from a configuration, e.g. 'ViT-S RoPE-Mixed' or 'Swin-T RPB'."""
-    name = cfg['model'].lower()
-    family = model_family(name)
-    sizes = _SWIN_SIZE_LABELS if family == 'swin' else _SIZE_LABELS
-    size = next((short for word, short in sizes.items() if word in name), None)
-    arch = ('Swin' if family == 'swin' else 'ViT') + (f'-{size}' if size else f' ({cfg["model"]})')
-    kwargs = cfg.get('model_kwargs') or {}
-    if family != 'swin' and any(k in kwargs for k in ('embed_dim', 'depth', 'num_heads')):
-        # A size name with its architecture overridden (e.g. the demo model) is not that size.
-        shape = [f'{kwargs[k]} {word}' for k, word in (('embed_dim', 'dim'), ('depth', 'layers'),
-                                                        ('patch_size', 'px patches')) if k in kwargs]
-        arch = f"ViT ({', '.join(shape)})"
-    pe = cfg.get('pe')
-    return f'{arch} {_PE_LABELS.get(pe, pe)}' if pe else arch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,77 +146,6 @@ def _attention_layers(model, images):
 # Evaluation
 # ----------------------------------------------------------------------------------------------
 
-class _Progress:
-    """Iterates a loader and reports images done / total and ETA on stderr (main process only).
-
-    Counts are this process's batches times the world size (every rank holds an equal shard, to
-    within one image), capped at the total.
-    """
-
-    def __init__(self, loader, total, desc, world_size=1, enabled=True, interval_s=5.0):
-        self.loader, self.total, self.desc = loader, total, desc
-        self.world_size, self.enabled, self.interval_s = world_size, enabled, interval_s
-        self.dataset = getattr(loader, 'dataset', None)
-        self.batch_size = getattr(loader, 'batch_size', None)
-
-    def __len__(self):
-        return len(self.loader)
-
-    def _report(self, done, start):
-        elapsed = time.perf_counter() - start
-        eta = elapsed / done * (self.total - done) if done else float('nan')
-        print(f'{self.desc}: {done}/{self.total} images ({100.0 * done / max(self.total, 1):.0f}%), '
-              f'{elapsed:.1f}s elapsed, ETA {eta:.1f}s', file=sys.stderr, flush=True)
-
-    def __iter__(self):
-        start = last = time.perf_counter()
-        done = 0
-        for batch in self.loader:
-            yield batch  # the consumer processes the batch before asking for the next one
-            done = min(self.total, done + len(batch[0]) * self.world_size)
-            now = time.perf_counter()
-            if self.enabled and now - last >= self.interval_s and done < self.total:
-                self._report(done, start)
-                last = now
-        if self.enabled:
-            self._report(self.total, start)
-
-
-def _world():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def evaluate_resolutions(model, cfg, resolutions, batch_size, device, amp_dtype=None,
-                         data_path=None, crop_ratio=None, progress=True, num_workers=0,
-                         label=None):
-    """Top-1 / top-5 of `model` at each test resolution, with the protocol of DESIGN.md.
-
-    The validation split of `cfg`'s data (or the folder `data_path`) is rendered / resized at
-    each resolution by train.build_eval_dataset and scored by train.evaluate (exact under
-    torchrun: sums are all-reduced, every image counted once). The model is not rebuilt.
-    Returns [dict(resolution, top1, top5, loss, n)] in the order of `resolutions` (top-1/top-5 in
-    %, loss = mean cross-entropy).
-    """
-    _, world_size = _world()
-    rows = []
-    model.eval()
-    desc_base = label or config_label(cfg)
-    for resolution in resolutions:
-        model.check_img_size(resolution, resolution)
-        dataset = train.build_eval_dataset(cfg, resolution, data_path=data_path,
-                                           crop_ratio=crop_ratio)
-        loader = _Progress(train.build_eval_loader(dataset, batch_size, num_workers), len(dataset),
-                           f'{desc_base} @ {resolution}', world_size,
-                           enabled=progress and train.is_main_process())
-        stats = train.evaluate(model, loader, device, amp_dtype=amp_dtype)
-        rows.append({'resolution': int(resolution), 'top1': float(stats['top1']),
-                     'top5': float(stats['top5']), 'loss': float(stats['loss']),
-                     'n': int(stats['n'])})
-    return rows
-
-
 def analyze_attention(model, cfg, resolutions, num_images, batch_size, device, amp_dtype=None,
                       data_path=None, crop_ratio=None, progress=True, label=None):
     """Mean attention distance and entropy per layer over the first `num_images` validation images.
@@ -308,9 +153,9 @@ def analyze_attention(model, cfg, resolutions, num_images, batch_size, device, a
     Returns {resolution: {'layers': [name], 'distance': [float], 'entropy': [float], 'n': int}}.
     Under torchrun the images are sharded over processes and the sums all-reduced.
     """
-    _, world_size = _world()
+    _, world_size = train._world()
     model.eval()
-    desc_base = label or config_label(cfg)
+    desc_base = label or train.config_label(cfg)
     out = {}
     for resolution in resolutions:
         model.check_img_size(resolution, resolution)
@@ -318,9 +163,9 @@ def analyze_attention(model, cfg, resolutions, num_images, batch_size, device, a
                                            crop_ratio=crop_ratio)
         count = min(num_images, len(dataset))
         first = torch.utils.data.Subset(dataset, range(count))
-        loader = _Progress(train.build_eval_loader(first, batch_size), count,
-                           f'{desc_base} attention @ {resolution}', world_size,
-                           enabled=progress and train.is_main_process())
+        loader = train._Progress(train.build_eval_loader(first, batch_size), count,
+                                 f'{desc_base} attention @ {resolution}', world_size,
+                                 enabled=progress and train.is_main_process())
         names, sums, seen = None, None, 0
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                              enabled=amp_dtype is not None):
@@ -359,29 +204,6 @@ def analyze_attention(model, cfg, resolutions, num_images, batch_size, device, a
 # Tables, files and plots
 # ----------------------------------------------------------------------------------------------
 
-def format_table(results, train_res):
-    """The paper's layout: rows = checkpoints, columns = test resolutions, top-1 (%).
-
-    results: {label: [dict(resolution, top1, ...)]}. train_res: the training resolution (int,
-    its column header is marked with '*'), or {label: int} when checkpoints differ (then that
-    row's cell is marked), or None. A resolution missing from a row prints as '-'.
-    """
-    columns = sorted({row['resolution'] for rows in results.values() for row in rows})
-    per_label = isinstance(train_res, dict)
-    header = ['model'] + [f'{r}*' if (not per_label and r == train_res) else str(r)
-                          for r in columns]
-    lines = [header]
-    for label, rows in results.items():
-        by_res = {row['resolution']: row['top1'] for row in rows}
-        own = train_res.get(label) if per_label else None
-        cells = [label]
-        for r in columns:
-            value = by_res.get(r)
-            cells.append('-' if value is None else f'{value:.1f}' + ('*' if r == own else ''))
-        lines.append(cells)
-    return _markdown_table(lines, 'top-1 accuracy (%); * = training resolution')
-
-
 def format_attention_table(analysis, metric):
     """Rows = (checkpoint, resolution), columns = layers; `metric` is 'distance' or 'entropy'."""
     lines = []
@@ -392,17 +214,7 @@ def format_attention_table(analysis, metric):
     header = [f'{metric} \\ layer'] + [str(i + 1) for i in range(num_layers)]
     lines = [header] + [line + [''] * (num_layers + 1 - len(line)) for line in lines]
     unit = 'patches' if metric == 'distance' else 'nats'
-    return _markdown_table(lines, f'mean attention {metric} ({unit}) per layer')
-
-
-def _markdown_table(lines, caption):
-    """Rows of cells (the first row is the header) -> an aligned Markdown table and a caption."""
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    text = ['| ' + ' | '.join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
-                              for i, cell in enumerate(line)) + ' |' for line in lines]
-    text.insert(1, '|' + '|'.join('-' * (w + 2) for w in widths) + '|')
-    text.append(caption)
-    return '\n'.join(text)
+    return train._markdown_table(lines, f'mean attention {metric} ({unit}) per layer')
 
 
 class _AtomicFiles:
@@ -529,10 +341,10 @@ def _published_config(name, checkpoint, args):
     state_dict = train.unwrap_state_dict(checkpoint)
     head = state_dict.get('head.weight')
     num_classes = int(head.shape[0]) if isinstance(head, torch.Tensor) and head.dim() == 2 else 1000
-    family = model_family(name)
+    family = train.model_family(name)
     return {
         'model': name, 'pe': None, 'model_kwargs': {'num_classes': num_classes},
-        'img_size': PAPER_TRAIN_RESOLUTION, 'num_classes': num_classes,
+        'img_size': train.PAPER_TRAIN_RESOLUTION, 'num_classes': num_classes,
         'dataset': 'folder', 'data_path': args.data_path,
         'eval_crop_ratio': 224 / 256 if family == 'swin' else 1.0,
         'recipe': 'swin' if family == 'swin' else 'deit3',
@@ -559,7 +371,7 @@ def _load_entry(path, model_name, args):
                         f'weights name the architecture with --model (one of: '
                         f'{", ".join(rope_vit.list_models() + swin_rope.list_models())})')
     if args.rpb_resize is not None:
-        if model_family(cfg['model']) != 'swin':
+        if train.model_family(cfg['model']) != 'swin':
             raise UserError('--rpb-resize applies to Swin models only')
         cfg['model_kwargs'] = dict(cfg.get('model_kwargs') or {}, rpb_resize=args.rpb_resize)
     model = train.build_model(cfg)
@@ -574,7 +386,7 @@ def _load_entry(path, model_name, args):
                         '--data-path (the ImageNet-style folder with val/)')
     crop_ratio = args.crop_ratio if args.crop_ratio is not None else cfg.get('eval_crop_ratio')
     return {'checkpoint': path, 'cfg': cfg, 'model': model, 'model_name': cfg['model'],
-            'label': config_label(cfg), 'train_resolution': _train_resolution(cfg),
+            'label': train.config_label(cfg), 'train_resolution': train._train_resolution(cfg),
             'crop_ratio': crop_ratio}
 
 
@@ -731,14 +543,14 @@ def main(args):
             entry['resolutions'] = sorted(set(args.resolutions))
             _check_resolutions(entry, entry['resolutions'], 'resolution')
         else:
-            entry['resolutions'] = _allowed(entry, default_resolutions(entry['cfg']))
+            entry['resolutions'] = _allowed(entry, train.default_resolutions(entry['cfg']))
         if args.analyze_attention:
             if args.attention_resolutions:
                 entry['attention_resolutions'] = sorted(set(args.attention_resolutions))
                 _check_resolutions(entry, entry['attention_resolutions'], 'attention resolution')
             else:
                 entry['attention_resolutions'] = _allowed(
-                    entry, _scaled(entry['cfg'], DEFAULT_ATTENTION_RESOLUTIONS))
+                    entry, train._scaled(entry['cfg'], DEFAULT_ATTENTION_RESOLUTIONS))
             if not hasattr(entry['model'], 'forward_with_attention'):
                 raise UserError(f'{entry["model_name"]} has no forward_with_attention: '
                                 'attention analysis is not available for it')
@@ -761,7 +573,7 @@ def main(args):
         for entry in entries:
             model = entry['model'].to(device)
             if not args.attention_only:
-                results[entry['label']] = evaluate_resolutions(
+                results[entry['label']] = train.evaluate_resolutions(
                     model, entry['cfg'], entry['resolutions'], entry['batch_size'], device,
                     amp_dtype=amp_dtype, data_path=args.data_path, crop_ratio=entry['crop_ratio'],
                     progress=not args.quiet, num_workers=entry['num_workers'], label=entry['label'])
@@ -785,7 +597,7 @@ def _report(entries, results, analysis, output_dir):
     train_res = {entry['label']: entry['train_resolution'] for entry in entries}
     shared = set(train_res.values())
     if results:
-        print(format_table(results, shared.pop() if len(shared) == 1 else train_res))
+        print(train.format_table(results, shared.pop() if len(shared) == 1 else train_res))
     for metric in ('distance', 'entropy'):
         if analysis:
             print()

@@ -1277,7 +1277,7 @@ def test_swin_published_mixed_tiny_runs_at_96_224_384():
 
 
 # ==============================================================================================
-# train.py: torchrun, exact resume, folder and shapes data, LAMB, bad input
+# train.py: torchrun, exact resume, folder and built-in data, LAMB, bad input
 # ==============================================================================================
 
 _TRAIN_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -1314,8 +1314,8 @@ def _train_state(path):
 
 # Every fault test runs this configuration and compares with one uninterrupted run of it:
 # 4 epochs of 12 steps at 2 processes, a recovery checkpoint every 5 steps.
-_TRAIN_FAULT_ARGS = _TRAIN_TINY + ['--batch-size', '8', '--shapes-train', '192',
-                                   '--shapes-val', '20', '--epochs', '4', '--lr', '2e-3',
+_TRAIN_FAULT_ARGS = _TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '192',
+                                   '--builtin-val', '20', '--epochs', '4', '--lr', '2e-3',
                                    '--save-every-steps', '5']
 _TRAIN_TIMEOUT = 240   # seconds for one tiny run, far above its ~10 s: a hang fails, never stalls
 
@@ -1427,10 +1427,10 @@ def test_train_torchrun_two_processes_outputs_and_recovery_rotation(_train_refer
     ckpt = _train_state(full / 'checkpoint.pth')
     assert ckpt['epoch'] == 3 and len(ckpt['rng']) == 2 and ckpt['steps_per_epoch'] == 12
     for key in ('model', 'pe', 'model_kwargs', 'img_size', 'num_classes', 'dataset', 'data_path',
-                'shapes_val', 'shapes_seed', 'eval_crop_ratio', 'recipe', 'lr', 'batch_size',
+                'builtin_val', 'builtin_seed', 'eval_crop_ratio', 'recipe', 'lr', 'batch_size',
                 'run_id'):
         assert key in ckpt['args'], key
-    assert ckpt['args']['recipe'] == 'demo' and ckpt['args']['dataset'] == 'shapes'
+    assert ckpt['args']['recipe'] == 'demo' and ckpt['args']['dataset'] == 'glyphs'
     assert json.loads((full / 'config.json').read_text()) == ckpt['args']
     assert (full / 'best.pth').is_file() and (full / 'resolutions.json').is_file()
     model = train.build_model(ckpt['args'])
@@ -1667,7 +1667,7 @@ def test_train_image_folder_deit3_recipe_skips_corrupt_images(tmp_path, capsys):
 
 def test_train_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch):
     out = tmp_path / 'out'
-    base = _TRAIN_TINY + ['--batch-size', '8', '--shapes-train', '16', '--shapes-val', '8',
+    base = _TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '16', '--builtin-val', '8',
                           '--output-dir', str(out)]
     assert _train_cli(base + ['--epochs', '1']) == 0
     before = (out / 'checkpoint.pth').read_bytes()
@@ -1715,6 +1715,134 @@ def test_train_shapes_deterministic_and_resolution_independent():
     # Same index, two resolutions: same label, same normalisation.
     hi = train.ShapesDataset('val', 50, 64, seed=3)
     assert [hi[i][1] for i in range(10)] == [a[i][1] for i in range(10)]
+
+
+def test_train_glyphs_deterministic_per_split_index_seed():
+    a = train.GlyphsDataset('val', 40, 24, seed=3)
+    b = train.GlyphsDataset('val', 40, 24, seed=3)
+    for i in (0, 17, 39):
+        torch.testing.assert_close(a[i][0], b[i][0], atol=0, rtol=0)
+        assert a[i][1] == b[i][1]
+        assert train.make_glyph_scene('val', i, 3) == train.make_glyph_scene('val', i, 3)
+    assert not torch.equal(a[0][0], train.GlyphsDataset('val', 40, 24, seed=4)[0][0])
+    assert not torch.equal(a[0][0], train.GlyphsDataset('train', 40, 24, seed=3)[0][0])
+    # A training set shows fresh scenes every epoch: epoch 2 starts at scene 2 x 40.
+    fresh = train.GlyphsDataset('train', 40, 24, seed=3)
+    fresh.set_epoch(2)
+    scene = train.make_glyph_scene('train', 80, 3)
+    image = (torch.from_numpy(train.render_glyph_scene(scene, 24)) - fresh.mean) / fresh.std
+    torch.testing.assert_close(fresh[0][0], image, atol=0, rtol=0)
+    assert fresh[0][1] == scene['label']
+    # Validation scenes show the whole unit square; every class is drawn about equally often.
+    assert all(train.make_glyph_scene('val', i, 0)['window'] == [0.0, 0.0, 1.0] for i in range(20))
+    labels = [train.make_glyph_scene('val', i, 0)['label'] for i in range(500)]
+    assert set(labels) == set(range(10)) and min(np.bincount(labels)) > 30
+
+
+def test_train_glyphs_resolution_independent():
+    # The coverage ramp clip(0.5 - d / pixel, 0, 1) is a pixel's area inside a straight edge; it
+    # errs where a pixel holds a round stroke end or a stroke or ring thinner than a pixel: there
+    # by up to about a quarter of the contrast (measured <= 0.22 over 80 scenes at 24 px), over
+    # a few pixels (99th percentile <= 0.065), and by < 0.004 on average over an image.
+    for split in ('val', 'train'):
+        for i in range(12):
+            scene = train.make_glyph_scene(split, i, 0)
+            small = torch.from_numpy(train.render_glyph_scene(scene, 24))
+            down = F.avg_pool2d(torch.from_numpy(train.render_glyph_scene(scene, 96))[None], 4)[0]
+            error = (down - small).abs()
+            assert error.mean() < 0.01 and error.max() < 0.3, (split, i)
+            assert torch.quantile(error.flatten(), 0.99) < 0.1, (split, i)
+    # The same validation scenes at two resolutions: same labels (the sweep's premise).
+    lo, hi = train.GlyphsDataset('val', 10, 16, seed=1), train.GlyphsDataset('val', 10, 72, seed=1)
+    assert [lo[i][1] for i in range(10)] == [hi[i][1] for i in range(10)]
+
+
+def test_train_glyphs_training_windows_hold_the_glyph():
+    sides = []
+    for i in range(300):
+        scene = train.make_glyph_scene('train', i, 0)
+        x0, y0, side = scene['window']
+        box = train.glyph_box(scene['glyph'])
+        assert 0 <= x0 and 0 <= y0 and x0 + side <= 1 and y0 + side <= 1   # inside the scene
+        assert side ** 2 >= 0.08                                            # RandomResizedCrop
+        assert x0 < box[0] and y0 < box[1] and box[2] < x0 + side and box[3] < y0 + side
+        sides.append(side)
+    # Zoomed-in and whole-scene views both occur (area fractions from about 0.25 to 1).
+    assert min(sides) < 0.55 and max(sides) > 0.97
+    # A window is rendered from the scene, not resampled: the window (8, 16, 32) / 64 at 32 px
+    # is the crop [16:48, 8:40] of the whole scene at 64 px, pixel for pixel.
+    scene = dict(train.make_glyph_scene('val', 5, 0), window=[8 / 64, 16 / 64, 0.5])
+    whole = dict(scene, window=[0.0, 0.0, 1.0])
+    torch.testing.assert_close(torch.from_numpy(train.render_glyph_scene(scene, 32)),
+                               torch.from_numpy(train.render_glyph_scene(whole, 64))[:, 16:48, 8:40],
+                               atol=1e-6, rtol=0)
+
+
+def test_train_glyph_classes_differ_only_in_arrangement():
+    """Every class is the same seven strokes, some lit: with the scene's style, colours,
+    background and distractors fixed, only where ink lies changes between classes."""
+    scene = train.make_glyph_scene('val', 3, 0)
+    scene['glyph'].update(slant=0.2, rotation=0.1)   # an italic, turned glyph: no symmetry helps
+    scene['window'] = [0.25, 0.2, 0.6]                # the glyph large in a 96 px view
+    r, (x0, y0, side) = 96, scene['window']
+    centres = (np.arange(r) + 0.5) * side / r
+    x, y = x0 + centres[None, :], y0 + centres[:, None]
+
+    def coverage(label, segments=None):
+        return train.glyph_coverage(dict(scene, label=label), x, y, side / r, segments)
+
+    strokes = {name: coverage(0, name) for name in train.GLYPH_SEGMENTS}
+    assert len(strokes) == 7 and len(train.GLYPH_DIGITS) == len(train.GLYPH_CLASSES) == 10
+    ink, images = {}, {}
+    for digit, lit in enumerate(train.GLYPH_DIGITS):
+        assert set(lit) <= set(train.GLYPH_SEGMENTS) and lit not in train.GLYPH_DIGITS[:digit]
+        # A class's ink is the union of its lit strokes, each exactly the shared primitive.
+        np.testing.assert_array_equal(coverage(digit),
+                                      np.max([strokes[name] for name in lit], axis=0))
+        ink[digit] = coverage(digit)
+        images[digit] = train.render_glyph_scene(dict(scene, label=digit), r)
+        # Background and distractors are the same for every class: pixels no stroke touches
+        # are equal.
+        untouched = (ink[digit] == 0) & (ink[0] == 0)
+        np.testing.assert_array_equal(images[digit][:, untouched], images[0][:, untouched])
+    # 2 / 5 are mirror images and 6 / 9 half-turns of each other: the same number of strokes and
+    # the same ink area (equal in the plane; measured within 0.03 % on the 96 px grid), but in
+    # other places.
+    for p, q in ((2, 5), (6, 9)):
+        assert len(train.GLYPH_DIGITS[p]) == len(train.GLYPH_DIGITS[q])
+        assert abs(ink[p].sum() - ink[q].sum()) < 0.005 * ink[p].sum(), (p, q)
+        # Ink moved: at least a stroke's worth (6 and 9 differ in one stroke each: 24 %).
+        assert np.abs(ink[p] - ink[q]).sum() > 0.15 * ink[p].sum(), (p, q)
+        assert np.abs(images[p] - images[q]).max() > 0.3
+
+
+def test_train_data_flag_and_builtin_checkpoints_evaluate_without_flags(tmp_path, capsys):
+    base = _TRAIN_TINY + ['--batch-size', '8', '--builtin-val', '12', '--epochs', '1']
+    # glyphs is the default; shapes, the counter-example, is chosen by name (its old flag
+    # names still work).
+    assert _train_cli(base + ['--builtin-train', '16', '--output-dir', str(tmp_path / 'g')]) == 0
+    assert _train_cli(base + ['--data', 'shapes', '--shapes-train', '16',
+                              '--output-dir', str(tmp_path / 's')]) == 0
+    glyphs = _train_state(tmp_path / 'g' / 'checkpoint.pth')
+    shapes = _train_state(tmp_path / 's' / 'checkpoint.pth')
+    assert (glyphs['args']['dataset'], glyphs['args']['num_classes']) == ('glyphs', 10)
+    assert (shapes['args']['dataset'], shapes['args']['num_classes']) == ('shapes', 8)
+    assert shapes['args']['builtin_train'] == 16 and glyphs['args']['builtin_val'] == 12
+    # A checkpoint written before glyphs existed: shapes_* settings, no --data.
+    legacy = dict(shapes, args={re.sub('^builtin_', 'shapes_', k): v
+                                for k, v in shapes['args'].items() if k != 'data'})
+    torch.save(legacy, tmp_path / 'legacy.pth')
+    capsys.readouterr()
+    results, _ = eval_multires.main(eval_multires.get_args_parser().parse_args([
+        '--checkpoint', str(tmp_path / 'g' / 'checkpoint.pth'), str(tmp_path / 'legacy.pth'),
+        '--labels', 'glyphs', 'legacy shapes', '--resolutions', '16', '24', '--quiet',
+        '--output-dir', str(tmp_path / 'eval')]))
+    # Each is scored on the validation scenes it was trained with, train.py's own numbers at 16.
+    for label, run in (('glyphs', 'g'), ('legacy shapes', 's')):
+        last = json.loads((tmp_path / run / 'log.jsonl').read_text().splitlines()[-1])
+        at_16 = results[label][0]
+        assert at_16['n'] == 12 and at_16['top1'] == last['val_top1'], label
+        assert math.isclose(at_16['loss'], last['val_loss'], rel_tol=1e-9)
 
 
 def test_train_lamb_step_matches_hand_computation():
@@ -1776,7 +1904,11 @@ def test_train_weight_decay_groups():
     (['--data-path', '{tmp}/empty'], 'no images'),
     (['--epochs', '0'], '--epochs must be positive'),
     (['--batch-size', '-1'], '--batch-size must be positive'),
-    (['--batch-size', '64', '--shapes-train', '32'], 'fewer than one total batch'),
+    (['--batch-size', '64', '--builtin-train', '32'], 'fewer than one total batch'),
+    (['--data', 'shapes', '--data-path', '{tmp}'], 'give one of them'),
+    (['--data', 'imagenet'], 'invalid choice'),
+    (['--aug', 'three'], 'a flip would turn 2 into 5'),
+    (['--data', 'shapes', '--aug', 'randaug'], 'would change the directions'),
     (['--img-size', '18'], 'multiples of the patch size 4'),
     (['--eval-resolutions', '16', '30'], '--eval-resolutions 30'),
     (['--resume', '{tmp}/missing.pth'], 'does not exist'),
@@ -1943,7 +2075,7 @@ def test_train_mid_epoch_stop_by_signal_resumes_bit_identical_with_augmentation_
 
 
 # One process, 2 epochs of 4 steps, a recovery checkpoint at every step.
-_TRAIN_SMALL = _TRAIN_TINY + ['--batch-size', '8', '--shapes-train', '32', '--shapes-val', '8',
+_TRAIN_SMALL = _TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '32', '--builtin-val', '8',
                               '--epochs', '2', '--save-every-steps', '1']
 
 
@@ -2277,27 +2409,27 @@ def test_eval_metrics_per_layer_list_and_bad_shape():
 def test_eval_default_resolutions_paper_lists_and_scaling():
     vit = {'model': 'vit_small', 'img_size': 224, 'model_kwargs': {}}
     swin = {'model': 'swin_tiny', 'img_size': 224, 'model_kwargs': {}}
-    assert eval_multires.default_resolutions(vit) == [96, 144, 192, 224, 256, 320, 384, 512]
-    assert eval_multires.default_resolutions(swin) == [96, 128, 160, 192, 224, 256, 320, 384]
+    assert train.default_resolutions(vit) == [96, 144, 192, 224, 256, 320, 384, 512]
+    assert train.default_resolutions(swin) == [96, 128, 160, 192, 224, 256, 320, 384]
     small = {'model': 'vit_tiny', 'img_size': 64, 'model_kwargs': {'patch_size': 8}}
     # Independent: the multiple of 8 nearest to r * 64 / 224, found by search.
     expected = [min(range(8, 1024, 8), key=lambda s: abs(s - r * 64 / 224))
                 for r in (96, 144, 192, 224, 256, 320, 384, 512)]
-    assert eval_multires.default_resolutions(small) == expected
+    assert train.default_resolutions(small) == expected
     assert 64 in expected and len(set(expected)) == len(expected)
     swin_small = {'model': 'swin_tiny', 'img_size': 128, 'model_kwargs': {}}
-    out = eval_multires.default_resolutions(swin_small)
+    out = train.default_resolutions(swin_small)
     assert 128 in out and all(r % 32 == 0 and r > 0 for r in out)
 
 
 def test_eval_config_labels():
-    assert eval_multires.config_label({'model': 'vit_small', 'pe': 'rope_mixed'}) == 'ViT-S RoPE-Mixed'
-    assert eval_multires.config_label({'model': 'rope_axial_ape_deit_base_patch16_LS',
-                                       'pe': 'rope_axial_ape'}) == 'ViT-B APE + RoPE-Axial'
-    assert eval_multires.config_label({'model': 'swin_tiny_patch4_window7_224',
-                                       'pe': 'rpb'}) == 'Swin-T RPB'
+    assert train.config_label({'model': 'vit_small', 'pe': 'rope_mixed'}) == 'ViT-S RoPE-Mixed'
+    assert train.config_label({'model': 'rope_axial_ape_deit_base_patch16_LS',
+                               'pe': 'rope_axial_ape'}) == 'ViT-B APE + RoPE-Axial'
+    assert train.config_label({'model': 'swin_tiny_patch4_window7_224',
+                               'pe': 'rpb'}) == 'Swin-T RPB'
     custom = {'model': 'vit_tiny', 'pe': 'ape', 'model_kwargs': dict(patch_size=4, embed_dim=96, depth=4)}
-    assert eval_multires.config_label(custom) == 'ViT (96 dim, 4 layers, 4 px patches) APE'
+    assert train.config_label(custom) == 'ViT (96 dim, 4 layers, 4 px patches) APE'
 
 
 def test_eval_format_table_layout():
@@ -2307,14 +2439,14 @@ def test_eval_format_table_layout():
         'ViT-S RoPE-Mixed': [{'resolution': r, 'top1': v, 'top5': 99.0, 'n': 10}
                              for r, v in ((96, 55.7), (224, 80.9))],
     }
-    lines = eval_multires.format_table(results, 224).splitlines()
+    lines = train.format_table(results, 224).splitlines()
     header = [c.strip() for c in lines[0].strip('|').split('|')]
     assert header == ['model', '96', '224*', '512']
     ape = [c.strip() for c in lines[2].strip('|').split('|')]
     mixed = [c.strip() for c in lines[3].strip('|').split('|')]
     assert ape == ['ViT-S APE', '35.4', '80.4', '75.4']
     assert mixed == ['ViT-S RoPE-Mixed', '55.7', '80.9', '-']
-    per_row = eval_multires.format_table(results, {'ViT-S APE': 96, 'ViT-S RoPE-Mixed': 224})
+    per_row = train.format_table(results, {'ViT-S APE': 96, 'ViT-S RoPE-Mixed': 224})
     assert '35.4*' in per_row and '80.9*' in per_row and '224*' not in per_row
 
 
@@ -2327,11 +2459,11 @@ _eval_train_res = 32
 
 @pytest.fixture(scope='session')
 def _eval_tiny_run(tmp_path_factory):
-    """One epoch of train.py on a few `shapes` images: (output folder, checkpoint path)."""
+    """One epoch of train.py on a few built-in `glyphs` images: (output folder, checkpoint)."""
     out = tmp_path_factory.mktemp('eval_tiny_run')
     args = train.get_args_parser().parse_args([
-        '--model', 'vit_tiny', '--pe', 'rope_mixed', '--epochs', '1', '--shapes-train', '32',
-        '--shapes-val', '21', '--batch-size', '16', '--embed-dim', '48', '--depth', '3',
+        '--model', 'vit_tiny', '--pe', 'rope_mixed', '--epochs', '1', '--builtin-train', '32',
+        '--builtin-val', '21', '--batch-size', '16', '--embed-dim', '48', '--depth', '3',
         '--num-heads', '2', '--img-size', str(_eval_train_res), '--output-dir', str(out / 'run'),
         '--eval-resolutions', str(_eval_train_res), '16', '--seed', '0'])
     torch.manual_seed(0)

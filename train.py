@@ -245,8 +245,8 @@ TRAIN_LIMITS = {
     'drop_path': Limit(0, 1, high_open=True),        # 1 would drop every residual branch
     'img_size': POSITIVE, 'patch_size': POSITIVE, 'embed_dim': POSITIVE, 'depth': POSITIVE,
     'num_heads': POSITIVE, 'eval_crop_ratio': Limit(0, 1, low_open=True),
-    'eval_resolutions': POSITIVE, 'eval_batch_size': POSITIVE, 'shapes_train': POSITIVE,
-    'shapes_val': POSITIVE, 'shapes_seed': SEED, 'seed': SEED, 'num_workers': NON_NEGATIVE,
+    'eval_resolutions': POSITIVE, 'eval_batch_size': POSITIVE, 'builtin_train': POSITIVE,
+    'builtin_val': POSITIVE, 'builtin_seed': SEED, 'seed': SEED, 'num_workers': NON_NEGATIVE,
     'print_freq': POSITIVE, 'save_every_steps': NON_NEGATIVE,
 }
 
@@ -299,7 +299,7 @@ RECIPES = {
         eval_crop_ratio=1.0, batch_size=64, img_size=32, num_workers=0,
         drop_path={}, img_size_by_size={}, save_every_steps=0,
         vit_overrides=dict(patch_size=4, embed_dim=96, depth=4, num_heads=3, init_scale=0.1),
-        shapes_train=8000, shapes_val=1000),
+        builtin_train=8000, builtin_val=1000),
 }
 _RECIPE_KEYS = ('opt', 'weight_decay', 'epochs', 'warmup_epochs', 'warmup_lr', 'min_lr', 'loss',
                 'smoothing', 'aug', 'color_jitter', 'repeated_aug', 'reprob', 'mixup', 'cutmix',
@@ -344,14 +344,23 @@ def resolve_config(args, world_size):
         cfg['drop_path'] = recipe['drop_path'].get(size, 0.0)
     if cfg['img_size'] is None:
         cfg['img_size'] = recipe['img_size_by_size'].get(size, recipe['img_size'])
-    cfg['dataset'] = 'shapes' if args.data_path is None else 'folder'
-    if cfg['dataset'] == 'shapes':
-        for key in ('shapes_train', 'shapes_val'):
+    if args.data_path is None:
+        cfg['dataset'] = args.data or next(iter(BUILTIN_DATASETS))
+    elif args.data is not None:
+        raise UserError(f'--data {args.data} names built-in data and --data-path '
+                        f'{args.data_path} a folder: give one of them')
+    else:
+        cfg['dataset'] = 'folder'
+    if cfg['dataset'] in BUILTIN_DATASETS:
+        for key in ('builtin_train', 'builtin_val'):
             if cfg[key] is None:
                 cfg[key] = RECIPES['demo'][key]
         if cfg['aug'] != 'none':
-            raise UserError(f"--aug {cfg['aug']} would change the directions the shapes labels "
-                            "describe; use --aug none with the built-in data")
+            why = ('would change the directions the shapes labels describe' if
+                   cfg['dataset'] == 'shapes' else 'does not apply to glyphs, whose training '
+                   'views are random windows rendered with each scene (a flip would turn 2 into '
+                   '5)')
+            raise UserError(f"--aug {cfg['aug']} {why}; use --aug none with the built-in data")
 
     check_limits(cfg, TRAIN_LIMITS)   # the user's values and the recipe's alike
 
@@ -462,18 +471,180 @@ def render_scene(scene, resolution):
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
-class ShapesDataset(Dataset):
-    """`num_scenes` scenes of one split rendered at `resolution`, ImageNet-normalised.
+# ----------------------------------------------------------------------------------------------
+# Built-in data: `glyphs` (the default), a miniature ImageNet. A scene is a seven-segment digit
+# 0-9 (the label) drawn over a shaded, textured background among small blobs and rings; the
+# class is the arrangement of strokes only (2 and 5, 6 and 9 are made of the same parts in
+# other places), never their colour, size or position. Validation shows the whole scene, the
+# glyph at a moderate scale near the centre; training shows a random square window of it, like
+# ImageNet's RandomResizedCrop (area 8-100 %, aspect 1) but always holding the whole glyph.
+# Every view is rendered directly from the continuous description, so the same scene can be
+# drawn at any resolution.
+
+GLYPH_CLASSES = tuple(str(d) for d in range(10))
+# The seven segments as line segments in the glyph's own frame: u in [-1, 1] left to right, v in
+# [-1, 1] top to bottom (a = top, b / c = upper / lower right, d = bottom, e / f = lower / upper
+# left, g = middle).
+GLYPH_SEGMENTS = {'a': (-1, -1, 1, -1), 'b': (1, -1, 1, 0), 'c': (1, 0, 1, 1),
+                  'd': (-1, 1, 1, 1), 'e': (-1, 0, -1, 1), 'f': (-1, -1, -1, 0),
+                  'g': (-1, 0, 1, 0)}
+GLYPH_DIGITS = ('abcdef', 'bc', 'abdeg', 'abcdg', 'bcfg', 'acdfg', 'acdefg', 'abc', 'abcdefg',
+                'abcdfg')
+_GLYPH_SPLITS = {'train': 0, 'val': 1}
+_GLYPH_MIN_AREA = 0.08   # RandomResizedCrop's smallest area fraction
+
+
+def _contrasting_colour(rng, against, contrast=0.3):
+    """A random RGB colour whose mean (brightness) differs from `against`'s by at least about
+    `contrast`: lighter or darker, whichever leaves room (either, at random, when both do)."""
+    level = float(np.mean(against))
+    lighter = (rng.uniform() < 0.5 if 0.02 + contrast <= level <= 0.98 - contrast
+               else level < 0.5)
+    target = (rng.uniform(level + contrast, 0.98) if lighter
+              else rng.uniform(0.02, level - contrast))
+    tint = rng.uniform(-0.2, 0.2, size=3)
+    return np.clip(target + tint - tint.mean(), 0.0, 1.0)
+
+
+def glyph_outline(glyph):
+    """The seven segments of `glyph` (a scene's 'glyph' entry) in scene coordinates: (7, 4) rows
+    x0, y0, x1, y1 in the order of GLYPH_SEGMENTS. Width, height, slant (x shifts by -slant * v,
+    an italic), then rotation, then the centre."""
+    ends = np.array(list(GLYPH_SEGMENTS.values()), dtype=np.float64).reshape(7, 2, 2)
+    u, v = ends[..., 0] * glyph['half_width'], ends[..., 1] * glyph['half_height']
+    u = u - glyph['slant'] * v
+    cos, sin = math.cos(glyph['rotation']), math.sin(glyph['rotation'])
+    x = glyph['centre'][0] + cos * u - sin * v
+    y = glyph['centre'][1] + sin * u + cos * v
+    return np.stack([x, y], axis=-1).reshape(7, 4)
+
+
+def glyph_box(glyph):
+    """(x0, y0, x1, y1): the box around all seven segments with their stroke, whatever the digit
+    (so that a window drawn around it says nothing about the class)."""
+    ends = glyph_outline(glyph).reshape(14, 2)
+    pad = glyph['stroke']
+    return (*(ends.min(axis=0) - pad), *(ends.max(axis=0) + pad))
+
+
+def make_glyph_scene(split, index, seed):
+    """The glyphs scene number `index` of `split` (a dict of floats); a pure function of its
+    arguments. Training scenes also hold their window (x0, y0, side); validation ones view the
+    whole unit square."""
+    rng = np.random.default_rng([seed, _GLYPH_SPLITS[split], index])
+    label = int(rng.integers(len(GLYPH_CLASSES)))
+    background = rng.uniform(0.15, 0.85, size=3)
+    height = rng.uniform(0.34, 0.48)
+    glyph = dict(centre=rng.uniform(0.42, 0.58, size=2).tolist(), half_height=height / 2,
+                 half_width=height / 2 * rng.uniform(0.45, 0.62),
+                 slant=rng.uniform(-0.1, 0.25), rotation=rng.uniform(-0.17, 0.17),   # +-10 deg
+                 stroke=height * rng.uniform(0.05, 0.085),                            # half width
+                 colour=_contrasting_colour(rng, background).tolist())
+    box = glyph_box(glyph)
+    distractors = []
+    for _ in range(rng.integers(3, 8)):
+        kind = 'ring' if rng.uniform() < 0.5 else 'blob'
+        radius = rng.uniform(0.025, 0.07)
+        x, y = rng.uniform(0.0, 1.0, size=2)
+        # Outside the glyph's box (with a gap): a distractor never touches or completes the digit.
+        gap = radius + 0.03
+        if box[0] - gap < x < box[2] + gap and box[1] - gap < y < box[3] + gap:
+            continue
+        distractors.append(dict(kind=kind, centre=[float(x), float(y)], radius=float(radius),
+                                width=float(rng.uniform(0.25, 0.45) * radius),
+                                colour=_contrasting_colour(rng, background).tolist()))
+    scene = dict(label=label, background=background.tolist(),
+                 gradient=rng.uniform(-0.15, 0.15, size=2).tolist(),
+                 # Low-frequency texture: a few plane waves of 0.5-2 cycles per scene.
+                 waves=[dict(frequency=(rng.uniform(0.5, 2.0) * np.array(
+                                 [math.cos(a := rng.uniform(0, 2 * math.pi)), math.sin(a)])).tolist(),
+                             phase=float(rng.uniform(0, 2 * math.pi)),
+                             amplitude=rng.uniform(-0.07, 0.07, size=3).tolist())
+                        for _ in range(3)],
+                 distractors=distractors, glyph=glyph, window=[0.0, 0.0, 1.0])
+    if split == 'train':
+        # RandomResizedCrop with aspect 1 and area U(0.08, 1), conditioned on holding the glyph
+        # (with a margin of 0.02): the area is drawn from the part of that range that can.
+        need = max(box[2] - box[0], box[3] - box[1]) + 0.04
+        side = math.sqrt(rng.uniform(max(_GLYPH_MIN_AREA, need ** 2), 1.0))
+        x0 = rng.uniform(max(0.0, box[2] + 0.02 - side), min(1.0 - side, box[0] - 0.02))
+        y0 = rng.uniform(max(0.0, box[3] + 0.02 - side), min(1.0 - side, box[1] - 0.02))
+        scene['window'] = [float(x0), float(y0), float(side)]
+    return scene
+
+
+def _capsule_distance(x, y, segments, half_width):
+    """Signed distance to strokes of half width `half_width` along `segments` (k, 4): (k, r, r)."""
+    ax, ay, bx, by = (segments[:, i, None, None] for i in range(4))
+    dx, dy = bx - ax, by - ay
+    px, py = x - ax, y - ay
+    t = np.clip((px * dx + py * dy) / (dx * dx + dy * dy), 0.0, 1.0)
+    return np.sqrt((px - t * dx) ** 2 + (py - t * dy) ** 2) - half_width
+
+
+def glyph_coverage(scene, x, y, pixel, segments=None):
+    """Coverage in [0, 1] of the glyph's lit segments (or the named `segments`) at points x, y."""
+    glyph = scene['glyph']
+    lit = GLYPH_DIGITS[scene['label']] if segments is None else segments
+    rows = [i for i, name in enumerate(GLYPH_SEGMENTS) if name in lit]
+    distance = _capsule_distance(x, y, glyph_outline(glyph)[rows], glyph['stroke']).min(axis=0)
+    return np.clip(0.5 - distance / pixel, 0.0, 1.0)
+
+
+def render_glyph_scene(scene, resolution, segments=None):
+    """Render a glyphs scene's window at `resolution` x `resolution`: float32 (3, r, r) in [0, 1].
+
+    Output pixel centres map into the window (x0, y0, side) of the unit square; each shape's
+    coverage is the one-pixel ramp clip(0.5 - d / pixel, 0, 1) of its signed distance d, as in
+    render_scene, with pixel = side / r. `segments` (e.g. 'abg') draws those segments instead of
+    the digit's.
+    """
+    x0, y0, side = scene['window']
+    pixel = side / resolution
+    centres = (np.arange(resolution, dtype=np.float64) + 0.5) * pixel
+    x, y = x0 + centres[None, :], y0 + centres[:, None]                 # (1, r), (r, 1)
+    gx, gy = scene['gradient']
+    image = (np.asarray(scene['background'])[:, None, None]
+             + (gx * (x - 0.5) + gy * (y - 0.5))[None])
+    waves = scene['waves']
+    fx = np.array([w['frequency'][0] for w in waves])[:, None, None]
+    fy = np.array([w['frequency'][1] for w in waves])[:, None, None]
+    phase = np.array([w['phase'] for w in waves])[:, None, None]
+    texture = np.sin(2 * math.pi * (fx * x + fy * y) + phase)           # (n, r, r)
+    image = image + np.tensordot(np.array([w['amplitude'] for w in waves]).T, texture, axes=1)
+    if scene['distractors']:
+        things = scene['distractors']
+        cx = np.array([d['centre'][0] for d in things])[:, None, None]
+        cy = np.array([d['centre'][1] for d in things])[:, None, None]
+        radius = np.array([d['radius'] for d in things])[:, None, None]
+        ring = np.array([d['kind'] == 'ring' for d in things])[:, None, None]
+        width = np.array([d['width'] for d in things])[:, None, None]
+        centre_distance = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
+        distance = np.where(ring, np.abs(centre_distance - radius) - width,
+                            centre_distance - radius)
+        coverage = np.clip(0.5 - distance / pixel, 0.0, 1.0)            # (k, r, r)
+        for k, thing in enumerate(things):
+            c = coverage[k][None]
+            image = image * (1 - c) + np.asarray(thing['colour'])[:, None, None] * c
+    c = glyph_coverage(scene, x, y, pixel, segments)[None]
+    image = image * (1 - c) + np.asarray(scene['glyph']['colour'])[:, None, None] * c
+    return np.clip(image, 0.0, 1.0).astype(np.float32)
+
+
+class BuiltinDataset(Dataset):
+    """`num_scenes` scenes of one split of a built-in task rendered at `resolution`,
+    ImageNet-normalised; a subclass names the task's CLASSES and its make / render functions.
 
     set_epoch(e) makes a training set show scenes e * num_scenes ... (e + 1) * num_scenes - 1,
     fresh ones every epoch; the validation split never calls it and stays fixed.
     """
+    CLASSES = ()
 
     def __init__(self, split, num_scenes, resolution, seed=0):
         self.split, self.num_scenes, self.seed = split, num_scenes, seed
         self.resolution = resolution
         self.offset = 0
-        self.classes = list(SHAPES_CLASSES)
+        self.classes = list(self.CLASSES)
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
@@ -484,9 +655,31 @@ class ShapesDataset(Dataset):
         return self.num_scenes
 
     def __getitem__(self, index):
-        scene = make_scene(self.split, self.offset + index, self.seed)
-        image = torch.from_numpy(render_scene(scene, self.resolution))
+        scene = self.make(self.split, self.offset + index, self.seed)
+        image = torch.from_numpy(self.render(scene, self.resolution))
         return (image - self.mean) / self.std, scene['label']
+
+
+class ShapesDataset(BuiltinDataset):
+    """The `shapes` task: the direction of a square from a disk (make_scene, render_scene)."""
+    CLASSES = SHAPES_CLASSES
+    make, render = staticmethod(make_scene), staticmethod(render_scene)
+
+
+class GlyphsDataset(BuiltinDataset):
+    """The `glyphs` task: seven-segment digits (make_glyph_scene, render_glyph_scene)."""
+    CLASSES = GLYPH_CLASSES
+    make, render = staticmethod(make_glyph_scene), staticmethod(render_glyph_scene)
+
+
+# --data NAME: the built-in tasks, the default first.
+BUILTIN_DATASETS = {'glyphs': GlyphsDataset, 'shapes': ShapesDataset}
+
+
+def builtin_setting(cfg, key):
+    """cfg's builtin_<key> (train, val, seed) of the built-in data; configurations written
+    before glyphs existed call it shapes_<key>."""
+    return cfg[f'builtin_{key}'] if f'builtin_{key}' in cfg else cfg[f'shapes_{key}']
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,8 +763,9 @@ def _image_folder(cfg, split, transform, out_size):
 
 
 def build_train_dataset(cfg):
-    if cfg['dataset'] == 'shapes':
-        return ShapesDataset('train', cfg['shapes_train'], cfg['img_size'], cfg['shapes_seed'])
+    if cfg['dataset'] in BUILTIN_DATASETS:
+        return BUILTIN_DATASETS[cfg['dataset']]('train', builtin_setting(cfg, 'train'),
+                                                cfg['img_size'], builtin_setting(cfg, 'seed'))
     if not os.path.isdir(cfg['data_path']):
         raise UserError(f"data folder {cfg['data_path']} does not exist")
     return _image_folder(cfg, 'train', _train_transform(cfg), cfg['img_size'])
@@ -581,11 +775,12 @@ def build_eval_dataset(cfg, resolution, data_path=None, crop_ratio=None):
     """The validation split at test resolution `resolution` (DESIGN.md protocol).
 
     Folder data: shorter side resized to r / crop_ratio (bicubic), centre crop r, ImageNet
-    mean/std; `shapes`: the same validation scenes rendered directly at r. `data_path` and
-    `crop_ratio` default to the ones in `cfg`.
+    mean/std; built-in data (`glyphs`, `shapes`): the same validation scenes rendered directly
+    at r. `data_path` and `crop_ratio` default to the ones in `cfg`.
     """
-    if cfg['dataset'] == 'shapes':
-        return ShapesDataset('val', cfg['shapes_val'], resolution, cfg['shapes_seed'])
+    if cfg['dataset'] in BUILTIN_DATASETS:
+        return BUILTIN_DATASETS[cfg['dataset']]('val', builtin_setting(cfg, 'val'), resolution,
+                                                builtin_setting(cfg, 'seed'))
     path = data_path or cfg['data_path']
     if path is None or not os.path.isdir(path):
         raise UserError(f'data folder {path} does not exist (pass --data-path)')
@@ -1367,6 +1562,193 @@ def evaluate(model, loader, device, amp_dtype=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# Evaluation across test resolutions (the paper's experiment; eval_multires.py builds on it)
+
+# The paper's test resolutions (Tables 0.A.1-0.A.3 for ViT, 0.A.4-0.A.6 for Swin), trained at 224.
+PAPER_RESOLUTIONS = {
+    'vit': (96, 144, 192, 224, 256, 320, 384, 512),
+    'swin': (96, 128, 160, 192, 224, 256, 320, 384),
+}
+PAPER_TRAIN_RESOLUTION = 224
+
+_SIZE_LABELS = {'tiny': 'Ti', 'small': 'S', 'base': 'B', 'large': 'L'}
+_SWIN_SIZE_LABELS = {'tiny': 'T', 'small': 'S', 'base': 'B'}
+_PE_LABELS = {
+    'ape': 'APE', 'rpb': 'RPB', 'none': 'no PE',
+    'rope_axial': 'RoPE-Axial', 'rope_mixed': 'RoPE-Mixed',
+    'rope_axial_ape': 'APE + RoPE-Axial', 'rope_mixed_ape': 'APE + RoPE-Mixed',
+    'rope_axial_rpb': 'RPB + RoPE-Axial', 'rope_mixed_rpb': 'RPB + RoPE-Mixed',
+}
+
+
+def model_family(name):
+    """'swin' or 'vit' for a size name or a published name."""
+    return 'swin' if 'swin' in name.lower() else 'vit'
+
+
+def _train_resolution(cfg):
+    """Training resolution as one int (the height for a non-square (H, W))."""
+    size = cfg['img_size']
+    return int(size[0]) if isinstance(size, (list, tuple)) else int(size)
+
+
+def _size_step(cfg):
+    """Granularity of allowed sizes: the patch size (ViT) or patch * 2^(stages-1) (Swin: 32)."""
+    kwargs = cfg.get('model_kwargs') or {}
+    if model_family(cfg['model']) == 'swin':
+        patch = int(kwargs.get('patch_size', 4))
+        stages = len(kwargs.get('depths', (2, 2, 6, 2)))
+        return patch * 2 ** (stages - 1)
+    patch = kwargs.get('patch_size', 16)
+    return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
+
+
+def _scaled(cfg, paper_resolutions):
+    """paper_resolutions x train_res / 224, each rounded to the nearest multiple of the size step
+    (at least one step), duplicates dropped, in order."""
+    train_res = _train_resolution(cfg)
+    step = _size_step(cfg)
+    out = []
+    for r in paper_resolutions:
+        s = max(step, int(round(r * train_res / PAPER_TRAIN_RESOLUTION / step)) * step)
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def default_resolutions(cfg):
+    """The paper's test resolutions for the model family, scaled to the training resolution.
+
+    At a training resolution of 224 this is exactly the paper's list. Otherwise every entry is
+    multiplied by train_res / 224 and rounded to the nearest multiple of the size step (patch size
+    for ViT, 32 for Swin), at least one step; duplicates are dropped. The training resolution
+    itself is always in the list (224 maps onto it).
+    """
+    out = _scaled(cfg, PAPER_RESOLUTIONS[model_family(cfg['model'])])
+    return sorted(set(out) | {_train_resolution(cfg)})
+
+
+def config_label(cfg):
+    """Human label from a configuration, e.g. 'ViT-S RoPE-Mixed' or 'Swin-T RPB'."""
+    name = cfg['model'].lower()
+    family = model_family(name)
+    sizes = _SWIN_SIZE_LABELS if family == 'swin' else _SIZE_LABELS
+    size = next((short for word, short in sizes.items() if word in name), None)
+    arch = ('Swin' if family == 'swin' else 'ViT') + (f'-{size}' if size else f' ({cfg["model"]})')
+    kwargs = cfg.get('model_kwargs') or {}
+    if family != 'swin' and any(k in kwargs for k in ('embed_dim', 'depth', 'num_heads')):
+        # A size name with its architecture overridden (e.g. the demo model) is not that size.
+        shape = [f'{kwargs[k]} {word}' for k, word in (('embed_dim', 'dim'), ('depth', 'layers'),
+                                                        ('patch_size', 'px patches')) if k in kwargs]
+        arch = f"ViT ({', '.join(shape)})"
+    pe = cfg.get('pe')
+    return f'{arch} {_PE_LABELS.get(pe, pe)}' if pe else arch
+
+
+class _Progress:
+    """Iterates a loader and reports images done / total and ETA on stderr (main process only).
+
+    Counts are this process's batches times the world size (every rank holds an equal shard, to
+    within one image), capped at the total.
+    """
+
+    def __init__(self, loader, total, desc, world_size=1, enabled=True, interval_s=5.0):
+        self.loader, self.total, self.desc = loader, total, desc
+        self.world_size, self.enabled, self.interval_s = world_size, enabled, interval_s
+        self.dataset = getattr(loader, 'dataset', None)
+        self.batch_size = getattr(loader, 'batch_size', None)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def _report(self, done, start):
+        elapsed = time.perf_counter() - start
+        eta = elapsed / done * (self.total - done) if done else float('nan')
+        print(f'{self.desc}: {done}/{self.total} images ({100.0 * done / max(self.total, 1):.0f}%), '
+              f'{elapsed:.1f}s elapsed, ETA {eta:.1f}s', file=sys.stderr, flush=True)
+
+    def __iter__(self):
+        start = last = time.perf_counter()
+        done = 0
+        for batch in self.loader:
+            yield batch  # the consumer processes the batch before asking for the next one
+            done = min(self.total, done + len(batch[0]) * self.world_size)
+            now = time.perf_counter()
+            if self.enabled and now - last >= self.interval_s and done < self.total:
+                self._report(done, start)
+                last = now
+        if self.enabled:
+            self._report(self.total, start)
+
+
+def _world():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def evaluate_resolutions(model, cfg, resolutions, batch_size, device, amp_dtype=None,
+                         data_path=None, crop_ratio=None, progress=True, num_workers=0,
+                         label=None):
+    """Top-1 / top-5 of `model` at each test resolution, with the protocol of DESIGN.md.
+
+    The validation split of `cfg`'s data (or the folder `data_path`) is rendered / resized at
+    each resolution by build_eval_dataset and scored by evaluate (exact under torchrun: sums are
+    all-reduced, every image counted once). The model is not rebuilt.
+    Returns [dict(resolution, top1, top5, loss, n)] in the order of `resolutions` (top-1/top-5 in
+    %, loss = mean cross-entropy).
+    """
+    _, world_size = _world()
+    rows = []
+    model.eval()
+    desc_base = label or config_label(cfg)
+    for resolution in resolutions:
+        model.check_img_size(resolution, resolution)
+        dataset = build_eval_dataset(cfg, resolution, data_path=data_path, crop_ratio=crop_ratio)
+        loader = _Progress(build_eval_loader(dataset, batch_size, num_workers), len(dataset),
+                           f'{desc_base} @ {resolution}', world_size,
+                           enabled=progress and is_main_process())
+        stats = evaluate(model, loader, device, amp_dtype=amp_dtype)
+        rows.append({'resolution': int(resolution), 'top1': float(stats['top1']),
+                     'top5': float(stats['top5']), 'loss': float(stats['loss']),
+                     'n': int(stats['n'])})
+    return rows
+
+
+def format_table(results, train_res):
+    """The paper's layout: rows = checkpoints, columns = test resolutions, top-1 (%).
+
+    results: {label: [dict(resolution, top1, ...)]}. train_res: the training resolution (int,
+    its column header is marked with '*'), or {label: int} when checkpoints differ (then that
+    row's cell is marked), or None. A resolution missing from a row prints as '-'.
+    """
+    columns = sorted({row['resolution'] for rows in results.values() for row in rows})
+    per_label = isinstance(train_res, dict)
+    header = ['model'] + [f'{r}*' if (not per_label and r == train_res) else str(r)
+                          for r in columns]
+    lines = [header]
+    for label, rows in results.items():
+        by_res = {row['resolution']: row['top1'] for row in rows}
+        own = train_res.get(label) if per_label else None
+        cells = [label]
+        for r in columns:
+            value = by_res.get(r)
+            cells.append('-' if value is None else f'{value:.1f}' + ('*' if r == own else ''))
+        lines.append(cells)
+    return _markdown_table(lines, 'top-1 accuracy (%); * = training resolution')
+
+
+def _markdown_table(lines, caption):
+    """Rows of cells (the first row is the header) -> an aligned Markdown table and a caption."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    text = ['| ' + ' | '.join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+                              for i, cell in enumerate(line)) + ' |' for line in lines]
+    text.insert(1, '|' + '|'.join('-' * (w + 2) for w in widths) + '|')
+    text.append(caption)
+    return '\n'.join(text)
+
+
+# ----------------------------------------------------------------------------------------------
 # The script
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -1389,7 +1771,13 @@ def get_args_parser():
                    'rope_mixed, rope_axial_ape, rope_mixed_ape, none; Swin: rpb, rope_axial, '
                    'rope_mixed, rope_axial_rpb, rope_mixed_rpb, none (default: rope_mixed)')
     p.add_argument('--data-path', default=None,
-                   help='DIR with train/<class>/* and val/<class>/*; absent: built-in shapes')
+                   help='DIR with train/<class>/* and val/<class>/*; absent: built-in data '
+                        '(--data)')
+    p.add_argument('--data', default=None, choices=tuple(BUILTIN_DATASETS),
+                   help='built-in data when there is no --data-path: glyphs (default; '
+                        'seven-segment digits on textured backgrounds, a miniature ImageNet) or '
+                        'shapes (the direction of a square from a disk: the counter-example, '
+                        'whose label is an offset that grows with the image)')
     p.add_argument('--recipe', default=None, choices=sorted(RECIPES),
                    help='default: demo without --data-path, swin for swin_*, deit3 otherwise')
     p.add_argument('--output-dir', default=None, help='default: output/<model>_<pe>')
@@ -1426,11 +1814,14 @@ def get_args_parser():
     p.add_argument('--eval-resolutions', type=int, nargs='+', default=None,
                    help='final sweep (default: the paper\'s list scaled to --img-size)')
     p.add_argument('--eval-batch-size', type=int, default=None, help='default: 2 x batch size')
-    p.add_argument('--shapes-train', type=int, default=None,
-                   help='built-in data: fresh training scenes per epoch (default 8000)')
-    p.add_argument('--shapes-val', type=int, default=None,
-                   help='built-in data: fixed validation scenes (default 1000)')
-    p.add_argument('--shapes-seed', type=int, default=0, help='built-in data: scene seed')
+    p.add_argument('--builtin-train', '--shapes-train', type=int, default=None,
+                   help=f"built-in data: fresh training scenes per epoch (default "
+                        f"{RECIPES['demo']['builtin_train']})")
+    p.add_argument('--builtin-val', '--shapes-val', type=int, default=None,
+                   help=f"built-in data: fixed validation scenes (default "
+                        f"{RECIPES['demo']['builtin_val']})")
+    p.add_argument('--builtin-seed', '--shapes-seed', type=int, default=0,
+                   help='built-in data: scene seed')
     p.add_argument('--resume', default=None,
                    help='auto: the newest sound checkpoint of this run in --output-dir (mid-epoch '
                         'or epoch end; damaged files are skipped with a warning; nothing there: '
@@ -1544,13 +1935,11 @@ def _stop_message(signum, epoch, steps_done, steps_per_epoch, cfg, path):
 
 
 def main(args):
-    import eval_multires   # here, not at the top: eval_multires imports this module
-
     # 1. Validate everything before touching the disk or the process group.
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     cfg = resolve_config(args, world_size)
-    if cfg['dataset'] == 'shapes':
-        cfg['num_classes'] = len(SHAPES_CLASSES)
+    if cfg['dataset'] in BUILTIN_DATASETS:
+        cfg['num_classes'] = len(BUILTIN_DATASETS[cfg['dataset']].CLASSES)
     train_set = build_train_dataset(cfg)
     eval_set = build_eval_dataset(cfg, cfg['img_size'])
     if cfg['dataset'] == 'folder':
@@ -1569,7 +1958,7 @@ def main(args):
         raise UserError(f"--rope-coord-shift / -jitter / -rescale move RoPE positions; the {model.pe} "
                         'model has none')
     if cfg['eval_resolutions'] is None:
-        cfg['eval_resolutions'] = list(eval_multires.default_resolutions(cfg))
+        cfg['eval_resolutions'] = list(default_resolutions(cfg))
     for r in cfg['eval_resolutions']:
         _check_resolution(model, r, '--eval-resolutions')
     if cfg['eval_batch_size'] is None:
@@ -1762,11 +2151,11 @@ def main(args):
 
     # 5. The paper's experiment: accuracy across test resolutions. A signal from here on ends
     # the process at once; --resume auto redoes only this part.
-    rows = eval_multires.evaluate_resolutions(
+    rows = evaluate_resolutions(
         model_without_ddp, cfg, cfg['eval_resolutions'], cfg['eval_batch_size'], device,
         amp_dtype=amp_dtype, progress=is_main_process())
-    label = eval_multires.config_label(cfg)
-    _log(eval_multires.format_table({label: rows}, cfg['img_size']))
+    label = config_label(cfg)
+    _log(format_table({label: rows}, cfg['img_size']))
     error = _on_rank0(lambda: _save_atomic(
         {'label': label, 'train_resolution': cfg['img_size'], 'results': rows},
         os.path.join(cfg['output_dir'], 'resolutions.json')), device)
