@@ -15,6 +15,10 @@ Published or timm weights carry no configuration: name the model and give ImageN
 Attention distance and entropy per layer (paper Figs. 1-2) at chosen resolutions:
     python eval_multires.py --checkpoint output/checkpoint.pth --analyze-attention \\
         --attention-images 100 --attention-resolutions 224 320 512
+RoPE position policies side by side on the same weights (one row per checkpoint and policy), and
+the learned RoPE-Mixed frequencies per layer (magnitudes, x/y energy ratio, angle spread):
+    python eval_multires.py --checkpoint output/checkpoint.pth \
+        --rope-positions extrapolate interpolate ntk yarn --analyze-frequencies
 Distributed evaluation over several processes (exact: every image counted once):
     torchrun --nproc_per_node=8 eval_multires.py --model ... --checkpoint ... --data-path /imagenet
 
@@ -22,12 +26,13 @@ Evaluation protocol (DESIGN.md, as the official DeiT-III and Swin code): for a t
 resize the shorter side to r / crop_ratio (bicubic), centre-crop r x r, ImageNet mean/std;
 crop_ratio 1.0 for ViT and 224/256 for Swin unless --crop-ratio says otherwise. The model is
 built once at its training resolution and run at every r (APE resized bicubically, RoPE at the
-new integer positions, Swin window r/32).
+new integer positions, Swin window r/32); --rope-positions swaps the RoPE policy per row.
 
 Outputs in --output-dir: multires.csv, multires.json (top-1 and top-5 per checkpoint and
 resolution), multires.png (top-1 vs resolution, training resolution marked); with
 --analyze-attention also attention.csv, attention.json, attention_distance.png and
-attention_entropy.png. Every file is written to a temporary name and renamed.
+attention_entropy.png; with --analyze-frequencies frequencies.csv, frequencies.json and
+frequencies.png. Every file is written to a temporary name and renamed.
 
 Attention analysis (PAPER.md 3.3), from model.forward_with_attention: per layer, the mean over
 images, heads and patch-token queries of the attention distance (sum over keys of probability x
@@ -41,6 +46,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import sys
 
@@ -253,12 +259,12 @@ class _AtomicFiles:
 def _accuracy_csv(entries, results):
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator='\n')
-    writer.writerow(['label', 'checkpoint', 'model', 'pe', 'train_resolution', 'crop_ratio',
-                     'resolution', 'top1', 'top5', 'loss', 'n'])
+    writer.writerow(['label', 'checkpoint', 'model', 'pe', 'rope_positions', 'train_resolution',
+                     'crop_ratio', 'resolution', 'top1', 'top5', 'loss', 'n'])
     for entry in entries:
         for row in results[entry['label']]:
             writer.writerow([entry['label'], entry['checkpoint'], entry['model_name'],
-                             entry['cfg'].get('pe'),
+                             entry['cfg'].get('pe'), entry['rope_positions'] or '',
                              entry['train_resolution'], entry['crop_ratio'], row['resolution'],
                              repr(row['top1']), repr(row['top5']), repr(row['loss']), row['n']])
     return buffer.getvalue()
@@ -267,7 +273,8 @@ def _accuracy_csv(entries, results):
 def _accuracy_json(entries, results):
     return json.dumps({'checkpoints': [
         {'label': entry['label'], 'checkpoint': entry['checkpoint'], 'model': entry['model_name'],
-         'pe': entry['cfg'].get('pe'), 'train_resolution': entry['train_resolution'],
+         'pe': entry['cfg'].get('pe'), 'rope_positions': entry['rope_positions'],
+         'train_resolution': entry['train_resolution'],
          'crop_ratio': entry['crop_ratio'], 'results': results[entry['label']]}
         for entry in entries]}, indent=2) + '\n'
 
@@ -325,6 +332,104 @@ def _plot_attention(analysis, metric, path):
         ax.set_ylabel(f'attention {metric} ({"patches" if metric == "distance" else "nats"})')
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    fig.savefig(path, format='png')
+
+
+# ----------------------------------------------------------------------------------------------
+# Learned RoPE-Mixed frequencies (--analyze-frequencies)
+# ----------------------------------------------------------------------------------------------
+
+def mixed_frequency_layers(model):
+    """[(layer name, (2, n) tensor of (theta^x, theta^y))] of a RoPE-Mixed model, or [] without one.
+
+    ViT: one row per block (heads x D/2 frequencies); Swin: one per block of every stage.
+    """
+    if getattr(model, 'rope_kind', None) == 'mixed':  # rope_vit: freqs (2, L, heads * D/2)
+        return [(f'block {i + 1}', f) for i, f in enumerate(model.freqs.detach().float().cpu().unbind(1))]
+    if getattr(model, 'rope', None) == 'mixed':  # swin_rope: rope_freqs (2, nH, d/2) per block
+        return [(f'stage {s + 1} block {b + 1}', blk.attn.rope_freqs.detach().float().cpu().flatten(1))
+                for s, stage in enumerate(model.layers) for b, blk in enumerate(stage.blocks)]
+    return []
+
+
+def frequency_statistics(freqs):
+    """Magnitudes and directions of one layer's frequencies f = (theta^x, theta^y) (Eq. 14), freqs (2, n).
+
+    * xy_energy_ratio = sum (theta^x)^2 / sum (theta^y)^2: exactly 1 at the paper's init (each
+      head's pairs t and D/4 + t point at a and a + 90 degrees with equal magnitude), so its
+      distance from 1 is anisotropy learned along the image axes.
+    * angle_spread = 1 - |sum |f|^2 e^{2i alpha}| / sum |f|^2 with alpha the direction of f (mod
+      180 degrees, hence the doubled angle): 1 when the energy is spread evenly over directions
+      (again exactly 1 at init), 0 when every frequency lies on one line. It is rotation-invariant:
+      2 lambda_min / (lambda_min + lambda_max) of the 2 x 2 matrix sum f f^T.
+    * principal_direction: the direction (degrees, 0 = x axis) holding the most energy.
+    """
+    fx, fy = freqs.double()
+    magnitude = torch.sqrt(fx ** 2 + fy ** 2)
+    energy = (magnitude ** 2).sum()
+    doubled = torch.complex(fx, fy) ** 2  # |f|^2 e^{2i alpha}
+    resultant = doubled.sum()
+    return {'count': int(fx.numel()),
+            'magnitude_mean': magnitude.mean().item(), 'magnitude_min': magnitude.min().item(),
+            'magnitude_max': magnitude.max().item(),
+            'xy_energy_ratio': ((fx ** 2).sum() / (fy ** 2).sum()).item(),
+            'angle_spread': (1 - resultant.abs() / energy).item(),
+            'principal_direction': (math.degrees(torch.angle(resultant).item() / 2) % 180
+                                    if resultant.abs() > 1e-6 * energy else None)}  # none when isotropic
+
+
+def analyze_frequencies(model):
+    """[dict(layer, name, **frequency_statistics)] per layer of a RoPE-Mixed model ([] otherwise)."""
+    return [dict(layer=i + 1, name=name, **frequency_statistics(f))
+            for i, (name, f) in enumerate(mixed_frequency_layers(model))]
+
+
+def format_frequency_table(analysis):
+    """analysis {label: {'checkpoint', 'layers': analyze_frequencies(model)}} -> one row per layer."""
+    lines = [['model / layer', 'n', '|f| mean', '|f| min', '|f| max', 'x/y energy', 'angle spread',
+              'main dir (deg)']]
+    for label, found in analysis.items():
+        for row in found['layers']:
+            lines.append([f"{label} / {row['name']}", str(row['count']), f"{row['magnitude_mean']:.3f}",
+                          f"{row['magnitude_min']:.3f}", f"{row['magnitude_max']:.3f}",
+                          f"{row['xy_energy_ratio']:.3f}", f"{row['angle_spread']:.3f}",
+                          '-' if row['principal_direction'] is None else f"{row['principal_direction']:.0f}"])
+    return train._markdown_table(lines, 'learned RoPE-Mixed frequencies per layer; at init x/y energy '
+                                       '= 1 and angle spread = 1 exactly (isotropic)')
+
+
+def _frequency_csv(analysis):
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator='\n')
+    keys = ['count', 'magnitude_mean', 'magnitude_min', 'magnitude_max', 'xy_energy_ratio',
+            'angle_spread', 'principal_direction']
+    writer.writerow(['label', 'checkpoint', 'layer', 'layer_name'] + keys)
+    for label, found in analysis.items():
+        for row in found['layers']:
+            writer.writerow([label, found['checkpoint'], row['layer'], row['name']]
+                            + [repr(row[k]) for k in keys])
+    return buffer.getvalue()
+
+
+def _plot_frequencies(analysis, path):
+    """x/y energy ratio (log scale) and angle spread per layer, one line per checkpoint."""
+    fig = _new_figure(9, 3.8)
+    ratio_ax, spread_ax = fig.subplots(1, 2)
+    for label, found in analysis.items():
+        layers = found['layers']
+        x = [row['layer'] for row in layers]
+        ratio_ax.plot(x, [row['xy_energy_ratio'] for row in layers], marker='o', label=label)
+        spread_ax.plot(x, [row['angle_spread'] for row in layers], marker='o', label=label)
+    ratio_ax.set_yscale('log')
+    ratio_ax.axhline(1, color='gray', linestyle='--', linewidth=1, label='init (isotropic)')
+    spread_ax.axhline(1, color='gray', linestyle='--', linewidth=1, label='init (isotropic)')
+    ratio_ax.set_ylabel('x / y frequency energy')
+    spread_ax.set_ylabel('angle spread (1 = even, 0 = one line)')
+    for ax in (ratio_ax, spread_ax):
+        ax.set_xlabel('layer')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle('Learned RoPE-Mixed frequencies')
     fig.savefig(path, format='png')
 
 
@@ -472,6 +577,15 @@ def get_args_parser():
     parser.add_argument('--attention-batch-size', type=int, default=8,
                         help='images per step in the attention analysis (it keeps every '
                              "layer's full attention map; default: %(default)s)")
+    parser.add_argument('--rope-positions', nargs='+', default=None, metavar='P',
+                        choices=rope_vit.ROPE_POSITIONS,
+                        help='evaluate every RoPE checkpoint under each of these position policies '
+                             f'({", ".join(rope_vit.ROPE_POSITIONS)}; one row each, the same weights); '
+                             'APE / RPB checkpoints appear once. Default: the checkpoint\'s own '
+                             '(extrapolate, the paper\'s protocol)')
+    parser.add_argument('--analyze-frequencies', action='store_true',
+                        help='for RoPE-Mixed checkpoints: per layer, the learned frequencies\' '
+                             'magnitudes, x/y energy ratio and angle spread (table, CSV, plot)')
     parser.add_argument('--quiet', action='store_true', help='no progress lines on stderr')
     return parser
 
@@ -564,14 +678,26 @@ def main(args):
         entry['batch_size'] = args.batch_size or entry['cfg'].get('eval_batch_size') or 64
         entry['num_workers'] = (args.num_workers if args.num_workers is not None
                                 else entry['cfg'].get('num_workers', 4))
+    runs = _policy_runs(entries, args.rope_positions)
+    frequencies = {}
+    if args.analyze_frequencies:
+        for entry in entries:
+            layers = analyze_frequencies(entry['model'])
+            if layers:
+                frequencies[entry['label']] = {'checkpoint': entry['checkpoint'], 'layers': layers}
+            elif not args.quiet:
+                print(f"note: {entry['label']} has no learned RoPE-Mixed frequencies; "
+                      '--analyze-frequencies skips it', file=sys.stderr)
 
     dist_info = train.init_distributed()
     try:
         device = dist_info.device
         amp_dtype = _amp_dtype(args.amp, device)
         results, analysis = {}, {}
-        for entry in entries:
+        for entry in runs:
             model = entry['model'].to(device)
+            if entry['rope_positions'] is not None:
+                model.rope_positions = entry['rope_positions']
             if not args.attention_only:
                 results[entry['label']] = train.evaluate_resolutions(
                     model, entry['cfg'], entry['resolutions'], entry['batch_size'], device,
@@ -585,14 +711,28 @@ def main(args):
                     progress=not args.quiet, label=entry['label'])
             entry['model'] = model.cpu()
         if train.is_main_process():
-            _report(entries, results, analysis, args.output_dir)
+            _report(runs, results, analysis, args.output_dir, frequencies)
     finally:
         if dist_info.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return results, analysis
 
 
-def _report(entries, results, analysis, output_dir):
+def _policy_runs(entries, policies):
+    """One evaluation per (checkpoint, position policy): RoPE checkpoints once per policy (label
+    "<label> <policy>"), the others once; each carries its rope_positions (None without RoPE)."""
+    runs = []
+    for entry in entries:
+        own = getattr(entry['model'], 'rope_positions', None) if 'rope' in str(entry['cfg'].get('pe')) else None
+        if own is None or not policies:
+            runs.append(dict(entry, rope_positions=own))
+        else:
+            runs.extend(dict(entry, label=f"{entry['label']} {policy}", rope_positions=policy)
+                        for policy in policies)
+    return runs
+
+
+def _report(entries, results, analysis, output_dir, frequencies=None):
     """Print the tables and write every output file (all or none)."""
     train_res = {entry['label']: entry['train_resolution'] for entry in entries}
     shared = set(train_res.values())
@@ -602,6 +742,9 @@ def _report(entries, results, analysis, output_dir):
         if analysis:
             print()
             print(format_attention_table(analysis, metric))
+    if frequencies:
+        print()
+        print(format_frequency_table(frequencies))
     os.makedirs(output_dir, exist_ok=True)
     files = _AtomicFiles(output_dir)
     try:
@@ -616,7 +759,13 @@ def _report(entries, results, analysis, output_dir):
                  for label, per_res in analysis.items()}, indent=2) + '\n')
             for metric in ('distance', 'entropy'):
                 _plot_attention(analysis, metric, files.path(f'attention_{metric}.png'))
+        if frequencies:
+            files.write_text('frequencies.csv', _frequency_csv(frequencies))
+            files.write_text('frequencies.json', json.dumps(frequencies, indent=2) + '\n')
+            _plot_frequencies(frequencies, files.path('frequencies.png'))
         names = [os.path.basename(final) for _, final in files.pending]
+        if not names:
+            return
         files.commit()
     except BaseException:
         files.discard()

@@ -3182,3 +3182,54 @@ def test_train_coordinate_augmentation_off_by_default_and_seeded():
     assert scales.min() < 0.8 and scales.max() > 1.25  # the rescale acts
     cfg['seed'] = 1
     assert train.rope_coord_augment(cfg, 0, 0, 0) != draws[0]
+
+
+def test_eval_rope_positions_rows_per_policy_and_frequency_analysis(_eval_tiny_run, tmp_path, capsys):
+    _, checkpoint = _eval_tiny_run
+    # An APE twin of the same run: appears once whatever the policies
+    state = torch.load(checkpoint, weights_only=True)
+    args = dict(state['args'], pe='ape', model_kwargs=dict(state['args']['model_kwargs'], pe='ape'))
+    ape = rope_vit.create_model(args['model'], **args['model_kwargs'])
+    torch.save({'model': ape.state_dict(), 'args': args}, tmp_path / 'ape.pth')
+    out = tmp_path / 'out'
+    results, _ = eval_multires.main(eval_multires.get_args_parser().parse_args([
+        '--checkpoint', str(checkpoint), str(tmp_path / 'ape.pth'), '--labels', 'mixed', 'ape',
+        '--resolutions', '16', str(_eval_train_res), '--rope-positions', 'extrapolate', 'interpolate', 'ntk', 'yarn',
+        '--analyze-frequencies', '--output-dir', str(out), '--num-workers', '0', '--quiet']))
+    assert list(results) == ['mixed extrapolate', 'mixed interpolate', 'mixed ntk', 'mixed yarn', 'ape']
+    at_train = {label: [r['top1'] for r in rows if r['resolution'] == _eval_train_res][0]
+                for label, rows in results.items()}
+    assert len({at_train[f'mixed {p}'] for p in rope_vit.ROPE_POSITIONS}) == 1  # identity at the training grid
+    with open(out / 'multires.json') as f:
+        report = json.load(f)['checkpoints']
+    assert [e['rope_positions'] for e in report] == list(rope_vit.ROPE_POSITIONS) + [None]
+    with open(out / 'multires.csv') as f:
+        assert {row['rope_positions'] for row in csv.DictReader(f)} == set(rope_vit.ROPE_POSITIONS) | {''}
+    printed = capsys.readouterr().out
+    assert 'mixed / block 3' in printed and 'ape / block' not in printed  # the frequency table
+    with open(out / 'frequencies.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [r['label'] for r in rows] == ['mixed'] * 3  # one row per layer, the APE model has none
+    assert all(abs(float(r['xy_energy_ratio']) - 1) < 0.5 for r in rows)
+    assert (out / 'frequencies.png').stat().st_size > 0
+
+
+def test_frequency_statistics_on_published_architectures():
+    # The paper's init: every head's pairs t and D/4 + t at a and a + 90 degrees: isotropic.
+    vit = rope_vit.create_model('rope_mixed_deit_small_patch16_LS')
+    layers = eval_multires.analyze_frequencies(vit)
+    assert len(layers) == 12 and all(row['count'] == 6 * 32 for row in layers)
+    for row in layers:
+        assert row['xy_energy_ratio'] == pytest.approx(1, abs=1e-5)
+        assert row['angle_spread'] == pytest.approx(1, abs=1e-5) and row['principal_direction'] is None
+        assert row['magnitude_max'] == pytest.approx(1) and row['magnitude_min'] == pytest.approx(10 ** (-15 / 16))
+    swin = swin_rope.create_model('swin_rope_mixed_tiny_patch4_window7_224')
+    assert [row['name'] for row in eval_multires.analyze_frequencies(swin)][:3] == [
+        'stage 1 block 1', 'stage 1 block 2', 'stage 2 block 1']
+    assert eval_multires.analyze_frequencies(rope_vit.create_model('rope_axial_deit_small_patch16_LS')) == []
+    # Anisotropy: every frequency along x
+    stats = eval_multires.frequency_statistics(torch.tensor([[1.0, 0.5, 0.2], [0.0, 0.0, 0.0]]))
+    assert stats['xy_energy_ratio'] == math.inf and stats['angle_spread'] == pytest.approx(0)
+    assert stats['principal_direction'] == pytest.approx(0)
+    stats = eval_multires.frequency_statistics(torch.tensor([[0.1, 0.1], [1.0, -1.0]]))
+    assert stats['xy_energy_ratio'] == pytest.approx(0.01)

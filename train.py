@@ -1687,6 +1687,9 @@ def _world():
     return 0, 1
 
 
+CLOSING_ROPE_POSITIONS = ('extrapolate', 'interpolate')   # the closing table's RoPE policies
+
+
 def evaluate_resolutions(model, cfg, resolutions, batch_size, device, amp_dtype=None,
                          data_path=None, crop_ratio=None, progress=True, num_workers=0,
                          label=None):
@@ -2151,14 +2154,27 @@ def main(args):
 
     # 5. The paper's experiment: accuracy across test resolutions. A signal from here on ends
     # the process at once; --resume auto redoes only this part.
-    rows = evaluate_resolutions(
-        model_without_ddp, cfg, cfg['eval_resolutions'], cfg['eval_batch_size'], device,
-        amp_dtype=amp_dtype, progress=is_main_process())
+    # RoPE models twice on the same weights: positions extrapolated (the paper's protocol) and
+    # interpolated to the training grid (eval_multires.py --rope-positions compares all policies).
     label = config_label(cfg)
-    _log(format_table({label: rows}, cfg['img_size']))
+    policies = CLOSING_ROPE_POSITIONS if 'rope' in model_without_ddp.pe else (None,)
+    by_policy = {}
+    for policy in policies:
+        if policy is not None:
+            model_without_ddp.rope_positions = policy
+        by_policy[policy] = evaluate_resolutions(
+            model_without_ddp, cfg, cfg['eval_resolutions'], cfg['eval_batch_size'], device,
+            amp_dtype=amp_dtype, progress=is_main_process(),
+            label=label if policy is None else f'{label} {policy}')
+    if policies[0] is not None:
+        model_without_ddp.rope_positions = policies[0]
+    _log(format_table({label if policy is None else f'{label} {policy}': rows
+                       for policy, rows in by_policy.items()}, cfg['img_size']))
+    summary = {'label': label, 'train_resolution': cfg['img_size'], 'results': by_policy[policies[0]]}
+    if policies[0] is not None:
+        summary['results_by_rope_positions'] = by_policy
     error = _on_rank0(lambda: _save_atomic(
-        {'label': label, 'train_resolution': cfg['img_size'], 'results': rows},
-        os.path.join(cfg['output_dir'], 'resolutions.json')), device)
+        summary, os.path.join(cfg['output_dir'], 'resolutions.json')), device)
     if error:
         checkpointer.failed(error)
 
