@@ -19,6 +19,9 @@ RoPE position policies side by side on the same weights (one row per checkpoint 
 the learned RoPE-Mixed frequencies per layer (magnitudes, x/y energy ratio, angle spread):
     python eval_multires.py --checkpoint output/checkpoint.pth \
         --rope-positions extrapolate interpolate ntk yarn --analyze-frequencies
+Several seeds of each configuration (checkpoints that share a label): mean +- standard deviation
+per resolution in the table, mean and min-max band in the plot, the summary in multires_mean.csv:
+    python eval_multires.py --checkpoint out_s{0,1,2}/checkpoint.pth --mean-over-seeds
 Distributed evaluation over several processes (exact: every image counted once):
     torchrun --nproc_per_node=8 eval_multires.py --model ... --checkpoint ... --data-path /imagenet
 
@@ -270,13 +273,16 @@ def _accuracy_csv(entries, results):
     return buffer.getvalue()
 
 
-def _accuracy_json(entries, results):
-    return json.dumps({'checkpoints': [
+def _accuracy_json(entries, results, summary=None):
+    out = {'checkpoints': [
         {'label': entry['label'], 'checkpoint': entry['checkpoint'], 'model': entry['model_name'],
          'pe': entry['cfg'].get('pe'), 'rope_positions': entry['rope_positions'],
-         'train_resolution': entry['train_resolution'],
-         'crop_ratio': entry['crop_ratio'], 'results': results[entry['label']]}
-        for entry in entries]}, indent=2) + '\n'
+         'train_resolution': entry['train_resolution'], 'crop_ratio': entry['crop_ratio'],
+         **({'group': entry['group']} if summary else {}), 'results': results[entry['label']]}
+        for entry in entries]}
+    if summary:
+        out['means'] = [{'label': group, 'results': rows} for group, rows in summary.items()]
+    return json.dumps(out, indent=2) + '\n'
 
 
 def _attention_csv(analysis):
@@ -297,12 +303,53 @@ def _new_figure(width, height):
     return Figure(figsize=(width, height), dpi=120, layout='constrained')
 
 
+def seed_summary(entries, results):
+    """{group: rows} for --mean-over-seeds: per group (runs that share a label, in the order the
+    groups first appear) and per resolution that every run of it has, the mean, sample standard
+    deviation (0 for one run), min and max of top-1 over the runs, and the mean top-5."""
+    members = {}
+    for entry in entries:
+        members.setdefault(entry['group'], []).append(results[entry['label']])
+    summary = {}
+    for group, runs in members.items():
+        common = set.intersection(*({row['resolution'] for row in rows} for rows in runs))
+        summary[group] = []
+        for r in sorted(common):
+            top1 = torch.tensor([next(row['top1'] for row in rows if row['resolution'] == r)
+                                 for rows in runs], dtype=torch.float64)
+            top5 = [next(row['top5'] for row in rows if row['resolution'] == r) for rows in runs]
+            summary[group].append({
+                'resolution': r, 'top1': top1.mean().item(),
+                'top1_sd': top1.std().item() if len(runs) > 1 else 0.0,
+                'top1_min': top1.min().item(), 'top1_max': top1.max().item(),
+                'top5': sum(top5) / len(top5), 'runs': len(runs)})
+    return summary
+
+
+def _summary_csv(summary):
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator='\n')
+    writer.writerow(['label', 'runs', 'resolution', 'top1_mean', 'top1_sd', 'top1_min', 'top1_max',
+                     'top5_mean'])
+    for group, rows in summary.items():
+        for row in rows:
+            writer.writerow([group, row['runs'], row['resolution'], repr(row['top1']),
+                             repr(row['top1_sd']), repr(row['top1_min']), repr(row['top1_max']),
+                             repr(row['top5'])])
+    return buffer.getvalue()
+
+
 def _plot_accuracy(results, train_res, path):
-    """Top-1 vs test resolution, one line per checkpoint, training resolution(s) dashed."""
+    """Top-1 vs test resolution, one line per checkpoint (or per group of seeds: the mean, with
+    the min-max band shaded), training resolution(s) dashed."""
     fig = _new_figure(7, 4.5)
     ax = fig.add_subplot()
     for label, rows in results.items():
-        ax.plot([r['resolution'] for r in rows], [r['top1'] for r in rows], marker='o', label=label)
+        x = [r['resolution'] for r in rows]
+        line, = ax.plot(x, [r['top1'] for r in rows], marker='o', label=label)
+        if rows and 'top1_min' in rows[0]:
+            ax.fill_between(x, [r['top1_min'] for r in rows], [r['top1_max'] for r in rows],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
     resolutions = sorted({r['resolution'] for rows in results.values() for r in rows})
     for i, res in enumerate(sorted(set(train_res.values()))):
         ax.axvline(res, color='gray', linestyle='--', linewidth=1,
@@ -586,6 +633,11 @@ def get_args_parser():
     parser.add_argument('--analyze-frequencies', action='store_true',
                         help='for RoPE-Mixed checkpoints: per layer, the learned frequencies\' '
                              'magnitudes, x/y energy ratio and angle spread (table, CSV, plot)')
+    parser.add_argument('--mean-over-seeds', action='store_true',
+                        help='checkpoints that share a label (their own, or one given with '
+                             '--labels) are runs of one configuration with different seeds: the '
+                             'table shows mean +- standard deviation over them, the plot the mean '
+                             'with a min-max band; multires_mean.csv holds the summary')
     parser.add_argument('--quiet', action='store_true', help='no progress lines on stderr')
     return parser
 
@@ -651,6 +703,8 @@ def main(args):
     if args.labels:
         for entry, label in zip(entries, args.labels):
             entry['label'] = label
+    for entry in entries:
+        entry['group'] = entry['label'] if args.mean_over_seeds else None
     _unique_labels(entries)
     for entry in entries:
         if args.resolutions:
@@ -727,7 +781,8 @@ def _policy_runs(entries, policies):
         if own is None or not policies:
             runs.append(dict(entry, rope_positions=own))
         else:
-            runs.extend(dict(entry, label=f"{entry['label']} {policy}", rope_positions=policy)
+            runs.extend(dict(entry, label=f"{entry['label']} {policy}", rope_positions=policy,
+                             group=entry['group'] and f"{entry['group']} {policy}")
                         for policy in policies)
     return runs
 
@@ -735,9 +790,14 @@ def _policy_runs(entries, policies):
 def _report(entries, results, analysis, output_dir, frequencies=None):
     """Print the tables and write every output file (all or none)."""
     train_res = {entry['label']: entry['train_resolution'] for entry in entries}
+    summary = None
+    if results and entries[0].get('group') is not None:
+        summary = seed_summary(entries, results)
+        train_res = {entry['group']: entry['train_resolution'] for entry in entries}
     shared = set(train_res.values())
     if results:
-        print(train.format_table(results, shared.pop() if len(shared) == 1 else train_res))
+        print(train.format_table(summary or results,
+                                 shared.pop() if len(shared) == 1 else train_res))
     for metric in ('distance', 'entropy'):
         if analysis:
             print()
@@ -750,8 +810,10 @@ def _report(entries, results, analysis, output_dir, frequencies=None):
     try:
         if results:
             files.write_text('multires.csv', _accuracy_csv(entries, results))
-            files.write_text('multires.json', _accuracy_json(entries, results))
-            _plot_accuracy(results, train_res, files.path('multires.png'))
+            files.write_text('multires.json', _accuracy_json(entries, results, summary))
+            if summary:
+                files.write_text('multires_mean.csv', _summary_csv(summary))
+            _plot_accuracy(summary or results, train_res, files.path('multires.png'))
         if analysis:
             files.write_text('attention.csv', _attention_csv(analysis))
             files.write_text('attention.json', json.dumps(

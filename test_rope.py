@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -3212,6 +3213,50 @@ def test_eval_rope_positions_rows_per_policy_and_frequency_analysis(_eval_tiny_r
     assert [r['label'] for r in rows] == ['mixed'] * 3  # one row per layer, the APE model has none
     assert all(abs(float(r['xy_energy_ratio']) - 1) < 0.5 for r in rows)
     assert (out / 'frequencies.png').stat().st_size > 0
+
+
+def test_eval_mean_over_seeds_groups_runs_by_label(_eval_tiny_run, tmp_path, capsys):
+    _, checkpoint = _eval_tiny_run
+    # Two more "seeds": the same run with other head weights (so the accuracies differ).
+    state = torch.load(checkpoint, weights_only=True)
+    paths = [str(checkpoint)]
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = {k: v + 0.5 * torch.randn_like(v) if k.startswith('head.') else v
+                 for k, v in state['model'].items()}
+        paths.append(str(tmp_path / f'seed{seed}.pth'))
+        torch.save({'model': model, 'args': state['args']}, paths[-1])
+    out = tmp_path / 'out'
+    results, _ = eval_multires.main(eval_multires.get_args_parser().parse_args([
+        '--checkpoint', *paths, '--resolutions', '16', str(_eval_train_res), '--rope-positions',
+        'extrapolate', 'interpolate', '--mean-over-seeds', '--output-dir', str(out),
+        '--num-workers', '0', '--quiet']))
+    assert len(results) == 6   # every run is evaluated and kept under its own label
+    printed = capsys.readouterr().out
+    label = train.config_label(state['args'])
+    with open(out / 'multires.json') as f:
+        report = json.load(f)
+    assert [m['label'] for m in report['means']] == [f'{label} extrapolate', f'{label} interpolate']
+    with open(out / 'multires_mean.csv') as f:
+        summary = list(csv.DictReader(f))
+    assert len(summary) == 4 and {row['runs'] for row in summary} == {'3'}
+    for policy in ('extrapolate', 'interpolate'):
+        runs = [e for e in report['checkpoints'] if e['rope_positions'] == policy]
+        assert [e['checkpoint'] for e in runs] == paths
+        assert {e['group'] for e in runs} == {f'{label} {policy}'}
+        for resolution in (16, _eval_train_res):
+            top1 = [r['top1'] for e in runs for r in e['results'] if r['resolution'] == resolution]
+            row = next(r for r in summary if r['label'] == f'{label} {policy}'
+                       and int(r['resolution']) == resolution)
+            assert float(row['top1_mean']) == pytest.approx(statistics.mean(top1), abs=1e-9)
+            assert float(row['top1_sd']) == pytest.approx(statistics.stdev(top1), abs=1e-9)
+            assert (float(row['top1_min']), float(row['top1_max'])) == (min(top1), max(top1))
+            # The table shows the mean and the spread, one row per configuration and policy.
+            assert f'{statistics.mean(top1):.1f} ± {statistics.stdev(top1):.1f}' in printed
+    assert any(float(row['top1_sd']) > 0 for row in summary)   # the runs do differ
+    assert sum(line.startswith(f'| {label}') for line in printed.splitlines()) == 2
+    assert 'over 3 runs (seeds)' in printed
+    assert (out / 'multires.png').stat().st_size > 0
 
 
 def test_frequency_statistics_on_published_architectures():

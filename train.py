@@ -1730,15 +1730,27 @@ def format_table(results, train_res):
     header = ['model'] + [f'{r}*' if (not per_label and r == train_res) else str(r)
                           for r in columns]
     lines = [header]
+    runs = set()
     for label, rows in results.items():
-        by_res = {row['resolution']: row['top1'] for row in rows}
+        by_res = {row['resolution']: row for row in rows}
         own = train_res.get(label) if per_label else None
         cells = [label]
         for r in columns:
-            value = by_res.get(r)
-            cells.append('-' if value is None else f'{value:.1f}' + ('*' if r == own else ''))
+            row = by_res.get(r)
+            if row is None:
+                cells.append('-')
+                continue
+            cell = f"{row['top1']:.1f}"
+            if 'top1_sd' in row:   # a mean over seeds (eval_multires.py --mean-over-seeds)
+                cell += f" ± {row['top1_sd']:.1f}"
+                runs.add(row['runs'])
+            cells.append(cell + ('*' if r == own else ''))
         lines.append(cells)
-    return _markdown_table(lines, 'top-1 accuracy (%); * = training resolution')
+    caption = 'top-1 accuracy (%); * = training resolution'
+    if runs:
+        caption += ('; mean ± sample standard deviation over '
+                    + '/'.join(str(n) for n in sorted(runs)) + ' runs (seeds)')
+    return _markdown_table(lines, caption)
 
 
 def _markdown_table(lines, caption):
