@@ -1779,6 +1779,37 @@ def test_train_glyphs_training_windows_hold_the_glyph():
                                atol=1e-6, rtol=0)
 
 
+def test_train_glyph_window_min_area(tmp_path, capsys):
+    # The default is RandomResizedCrop's 0.08, and the same scenes as before the option existed.
+    assert train.make_glyph_scene('train', 7, 0) == train.make_glyph_scene('train', 7, 0, 0.08)
+    for i in range(100):
+        half = train.make_glyph_scene('train', i, 0, window_min_area=0.5)
+        x0, y0, side = half['window']
+        box = train.glyph_box(half['glyph'])
+        assert side ** 2 >= 0.5 and x0 < box[0] and box[2] < x0 + side
+        # 1: every training view is the whole scene, as a validation view (the ablation's
+        # "no random window"); the scene itself is unchanged.
+        whole = train.make_glyph_scene('train', i, 0, window_min_area=1.0)
+        assert whole['window'] == [0.0, 0.0, 1.0]
+        assert {k: v for k, v in whole.items() if k != 'window'} == \
+            {k: v for k, v in half.items() if k != 'window'}
+    # train.py: stored in the configuration and used by the training set.
+    run = tmp_path / 'w'
+    assert _train_cli(_TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '8', '--builtin-val',
+                                     '8', '--epochs', '1', '--glyph-window-min-area', '1',
+                                     '--output-dir', str(run)]) == 0
+    cfg = _train_state(run / 'checkpoint.pth')['args']
+    assert cfg['glyph_window_min_area'] == 1.0
+    assert train.build_train_dataset(cfg).scene_options == {'window_min_area': 1.0}
+    capsys.readouterr()
+    # It means nothing for the direction task or folders, and must lie in (0, 1].
+    for bad in (['--data', 'shapes', '--glyph-window-min-area', '0.5'],
+                ['--glyph-window-min-area', '0'], ['--glyph-window-min-area', '1.5']):
+        assert _train_cli(_TRAIN_TINY + bad + ['--output-dir', str(tmp_path / 'bad')]) == 2
+        assert 'glyph-window-min-area' in capsys.readouterr().err.replace('_', '-')
+    assert not (tmp_path / 'bad').exists()
+
+
 def test_train_glyph_classes_differ_only_in_arrangement():
     """Every class is the same seven strokes, some lit: with the scene's style, colours,
     background and distractors fixed, only where ink lies changes between classes."""

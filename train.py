@@ -247,6 +247,7 @@ TRAIN_LIMITS = {
     'num_heads': POSITIVE, 'eval_crop_ratio': Limit(0, 1, low_open=True),
     'eval_resolutions': POSITIVE, 'eval_batch_size': POSITIVE, 'builtin_train': POSITIVE,
     'builtin_val': POSITIVE, 'builtin_seed': SEED, 'seed': SEED, 'num_workers': NON_NEGATIVE,
+    'glyph_window_min_area': Limit(0, 1, low_open=True),
     'print_freq': POSITIVE, 'save_every_steps': NON_NEGATIVE,
 }
 
@@ -351,6 +352,12 @@ def resolve_config(args, world_size):
                         f'{args.data_path} a folder: give one of them')
     else:
         cfg['dataset'] = 'folder'
+    if cfg['dataset'] == 'glyphs':
+        if cfg['glyph_window_min_area'] is None:
+            cfg['glyph_window_min_area'] = GLYPH_WINDOW_MIN_AREA
+    elif cfg['glyph_window_min_area'] is not None:
+        raise UserError(f"--glyph-window-min-area applies to the glyphs data only, not to "
+                        f"{cfg['dataset']}")
     if cfg['dataset'] in BUILTIN_DATASETS:
         for key in ('builtin_train', 'builtin_val'):
             if cfg[key] is None:
@@ -491,7 +498,7 @@ GLYPH_SEGMENTS = {'a': (-1, -1, 1, -1), 'b': (1, -1, 1, 0), 'c': (1, 0, 1, 1),
 GLYPH_DIGITS = ('abcdef', 'bc', 'abdeg', 'abcdg', 'bcfg', 'acdfg', 'acdefg', 'abc', 'abcdefg',
                 'abcdfg')
 _GLYPH_SPLITS = {'train': 0, 'val': 1}
-_GLYPH_MIN_AREA = 0.08   # RandomResizedCrop's smallest area fraction
+GLYPH_WINDOW_MIN_AREA = 0.08   # RandomResizedCrop's smallest area fraction
 
 
 def _contrasting_colour(rng, against, contrast=0.3):
@@ -527,10 +534,10 @@ def glyph_box(glyph):
     return (*(ends.min(axis=0) - pad), *(ends.max(axis=0) + pad))
 
 
-def make_glyph_scene(split, index, seed):
+def make_glyph_scene(split, index, seed, window_min_area=GLYPH_WINDOW_MIN_AREA):
     """The glyphs scene number `index` of `split` (a dict of floats); a pure function of its
-    arguments. Training scenes also hold their window (x0, y0, side); validation ones view the
-    whole unit square."""
+    arguments. Training scenes also hold their window (x0, y0, side), of area at least
+    `window_min_area` (1: the whole scene); validation ones view the whole unit square."""
     rng = np.random.default_rng([seed, _GLYPH_SPLITS[split], index])
     label = int(rng.integers(len(GLYPH_CLASSES)))
     background = rng.uniform(0.15, 0.85, size=3)
@@ -566,7 +573,7 @@ def make_glyph_scene(split, index, seed):
         # RandomResizedCrop with aspect 1 and area U(0.08, 1), conditioned on holding the glyph
         # (with a margin of 0.02): the area is drawn from the part of that range that can.
         need = max(box[2] - box[0], box[3] - box[1]) + 0.04
-        side = math.sqrt(rng.uniform(max(_GLYPH_MIN_AREA, need ** 2), 1.0))
+        side = math.sqrt(rng.uniform(max(window_min_area, need ** 2), 1.0))
         x0 = rng.uniform(max(0.0, box[2] + 0.02 - side), min(1.0 - side, box[0] - 0.02))
         y0 = rng.uniform(max(0.0, box[3] + 0.02 - side), min(1.0 - side, box[1] - 0.02))
         scene['window'] = [float(x0), float(y0), float(side)]
@@ -640,8 +647,9 @@ class BuiltinDataset(Dataset):
     """
     CLASSES = ()
 
-    def __init__(self, split, num_scenes, resolution, seed=0):
+    def __init__(self, split, num_scenes, resolution, seed=0, **scene_options):
         self.split, self.num_scenes, self.seed = split, num_scenes, seed
+        self.scene_options = scene_options   # keyword arguments of make (e.g. window_min_area)
         self.resolution = resolution
         self.offset = 0
         self.classes = list(self.CLASSES)
@@ -655,7 +663,7 @@ class BuiltinDataset(Dataset):
         return self.num_scenes
 
     def __getitem__(self, index):
-        scene = self.make(self.split, self.offset + index, self.seed)
+        scene = self.make(self.split, self.offset + index, self.seed, **self.scene_options)
         image = torch.from_numpy(self.render(scene, self.resolution))
         return (image - self.mean) / self.std, scene['label']
 
@@ -764,8 +772,11 @@ def _image_folder(cfg, split, transform, out_size):
 
 def build_train_dataset(cfg):
     if cfg['dataset'] in BUILTIN_DATASETS:
+        options = ({'window_min_area': cfg['glyph_window_min_area']}
+                   if cfg.get('glyph_window_min_area') is not None else {})
         return BUILTIN_DATASETS[cfg['dataset']]('train', builtin_setting(cfg, 'train'),
-                                                cfg['img_size'], builtin_setting(cfg, 'seed'))
+                                                cfg['img_size'], builtin_setting(cfg, 'seed'),
+                                                **options)
     if not os.path.isdir(cfg['data_path']):
         raise UserError(f"data folder {cfg['data_path']} does not exist")
     return _image_folder(cfg, 'train', _train_transform(cfg), cfg['img_size'])
@@ -1837,6 +1848,10 @@ def get_args_parser():
                         f"{RECIPES['demo']['builtin_val']})")
     p.add_argument('--builtin-seed', '--shapes-seed', type=int, default=0,
                    help='built-in data: scene seed')
+    p.add_argument('--glyph-window-min-area', type=float, default=None,
+                   help='glyphs data: smallest area fraction of the random square window a '
+                        f'training view shows, 1 = the whole scene (default {GLYPH_WINDOW_MIN_AREA}, '
+                        "RandomResizedCrop's)")
     p.add_argument('--resume', default=None,
                    help='auto: the newest sound checkpoint of this run in --output-dir (mid-epoch '
                         'or epoch end; damaged files are skipped with a warning; nothing there: '
