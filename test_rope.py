@@ -3246,6 +3246,26 @@ def test_eval_rope_positions_rows_per_policy_and_frequency_analysis(_eval_tiny_r
     assert (out / 'frequencies.png').stat().st_size > 0
 
 
+def test_train_closing_table_shows_rope_extrapolated_and_interpolated(_eval_tiny_run, tmp_path):
+    base, checkpoint = _eval_tiny_run
+    with open(base / 'run' / 'resolutions.json') as f:
+        summary = json.load(f)
+    by_policy = summary['results_by_rope_positions']
+    assert list(by_policy) == ['extrapolate', 'interpolate']
+    assert summary['results'] == by_policy['extrapolate']   # the paper's protocol first
+    # The same numbers as eval_multires.py on a freshly loaded copy, policy by policy.
+    results, _ = eval_multires.main(eval_multires.get_args_parser().parse_args([
+        '--checkpoint', str(checkpoint), '--labels', 'run', '--resolutions', '16',
+        str(_eval_train_res), '--rope-positions', 'extrapolate', 'interpolate',
+        '--output-dir', str(tmp_path / 'out'), '--num-workers', '0', '--quiet']))
+    for policy, rows in by_policy.items():
+        ours = {r['resolution']: r['top1'] for r in results[f'run {policy}']}
+        assert {r['resolution']: r['top1'] for r in rows} == ours, policy
+    # At the training grid both policies are the same model.
+    at_train = [[r['top1'] for r in rows if r['resolution'] == _eval_train_res] for rows in by_policy.values()]
+    assert at_train[0] == at_train[1]
+
+
 def test_eval_mean_over_seeds_groups_runs_by_label(_eval_tiny_run, tmp_path, capsys):
     _, checkpoint = _eval_tiny_run
     # Two more "seeds": the same run with other head weights (so the accuracies differ).
