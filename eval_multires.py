@@ -307,17 +307,16 @@ def seed_summary(entries, results):
     """{group: rows} for --mean-over-seeds: per group (runs that share a label, in the order the
     groups first appear) and per resolution that every run of it has, the mean, sample standard
     deviation (0 for one run), min and max of top-1 over the runs, and the mean top-5."""
-    members = {}
+    members = {}   # group -> one {resolution: row} per run
     for entry in entries:
-        members.setdefault(entry['group'], []).append(results[entry['label']])
+        rows = {row['resolution']: row for row in results[entry['label']]}
+        members.setdefault(entry['group'], []).append(rows)
     summary = {}
     for group, runs in members.items():
-        common = set.intersection(*({row['resolution'] for row in rows} for rows in runs))
         summary[group] = []
-        for r in sorted(common):
-            top1 = torch.tensor([next(row['top1'] for row in rows if row['resolution'] == r)
-                                 for rows in runs], dtype=torch.float64)
-            top5 = [next(row['top5'] for row in rows if row['resolution'] == r) for rows in runs]
+        for r in sorted(set.intersection(*(set(rows) for rows in runs))):
+            top1 = torch.tensor([rows[r]['top1'] for rows in runs], dtype=torch.float64)
+            top5 = [rows[r]['top5'] for rows in runs]
             summary[group].append({
                 'resolution': r, 'top1': top1.mean().item(),
                 'top1_sd': top1.std().item() if len(runs) > 1 else 0.0,

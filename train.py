@@ -297,7 +297,7 @@ RECIPES = {
     # augmentation (glyphs bring their own random windows; a flip would turn 2 into 5, or change
     # the shapes' directions). Length from APE's validation curve on glyphs (seed 0, total batch
     # 128): 20 epochs end at 68.7 % top-1; 32 epochs end at 86.9 %, flat over the last 6 epochs
-    # (85.3-87.3), so 32, for the baseline's sake (RoPE passes 88 % by epoch 16).
+    # (85.3-87.3), so 32, for the baseline's sake (seed 0's RoPE runs pass 88 % by epoch 16).
     'demo': dict(
         opt='adamw', lr=2e-3, lr_ref_batch=128, weight_decay=0.05, epochs=32, warmup_epochs=1,
         warmup_lr=1e-6, min_lr=1e-5, loss='ce', smoothing=0.0, aug='none', color_jitter=0.0,
