@@ -1143,10 +1143,18 @@ def test_swin_eval_cache_follows_weights_and_autocast_runs():
 # Deploy: torch.compile, torch.export, ONNX (they trace the readable, real-valued formula)
 # ----------------------------------------------------------------------------------------------
 # Swin's window follows the input size (r / 32 for the published models), so a graph with a
-# symbolic size carries symbolic window shapes through every partition, shift and mask; tracing
-# one with dynamic=True or a dynamic torch.export works (checked by hand: max |diff| 5e-9 at
-# two other sizes) but costs over a minute even for one stage on 2 CPU cores. The tests below
-# trace per size instead (dynamic=False, one export per resolution).
+# symbolic size carries symbolic window shapes through every partition, shift and mask. Tracing
+# that is slow on 2 CPU cores (about 30 s for dynamo's capture, 40-60 s for torch.export, one
+# stage), so the per-variant tests trace per size (dynamic=False, one export per resolution),
+# and two tests trace one stage (a plain and a shifted block) of the richest variant,
+# RoPE-Mixed + RPB, with a symbolic square size. ONNX stays per resolution: its Roll has no
+# symbolic shift.
+
+def _swin_one_stage():
+    """RoPE-Mixed + RPB, one stage of a plain and a shifted block, built for 64 x 64 with window 4:
+    (window, shift) (4, 2) at 64, (6, 3) at 96, (8, 4) at 128."""
+    return _swin_redraw(_swin_small_model('rope_mixed_rpb', depths=(2,), num_heads=(2,)))
+
 
 @pytest.mark.parametrize('pe', swin_rope.PE_VARIANTS)
 def test_swin_compile_fullgraph_every_pe(pe):
@@ -1165,7 +1173,7 @@ def test_swin_compile_inductor_warns_nothing():
     """Inductor, fullgraph (static sizes, see above): RoPE-Mixed + RPB, one stage of a plain and a
     shifted block (the others compile to the same kernels), eval and a training step equal to
     eager, and no 'complex operators' warning. About a minute on 2 cores."""
-    model = _swin_redraw(_swin_small_model('rope_mixed_rpb', depths=(2,), num_heads=(2,), img_size=16))
+    model = _swin_one_stage()
     torch._dynamo.reset()
     import torch._inductor.lowering as lowering
     if hasattr(lowering, '_warn_complex_not_supported'):  # it warns once per process
@@ -1176,6 +1184,42 @@ def test_swin_compile_inductor_warns_nothing():
         _compiled_matches_eager(model, compiled, [(64, 64)], (64, 64), tol=1e-4)
     messages = [str(w.message) for w in caught]
     assert not [m for m in messages if 'complex' in m.lower()], messages
+
+
+def test_swin_compile_fullgraph_dynamic_one_graph_for_every_size():
+    """torch.compile(fullgraph=True, dynamic=True), recording backend: one captured graph serves
+    64, 96 and 128 (windows 4, 6, 8 with their shifts) with logits equal to eager, no complex
+    tensor in it, and a training step's gradients equal eager. About 40-80 s on 2 cores."""
+    torch._dynamo.reset()
+    model = _swin_one_stage()
+    complex_nodes, graphs = [], []
+    record = _recording_backend(complex_nodes)
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return record(gm, example_inputs)
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for size in (64, 96, 128):
+            x = torch.randn(2, 3, size, size)
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    assert len(graphs) == 1, 'a new size recompiled'
+    _compiled_matches_eager(model, compiled, [], (96, 96), tol=1e-4)
+    assert complex_nodes == []
+
+
+def test_swin_export_dynamic_square_size():
+    """torch.export with one symbolic side r = 16 k (H = W; the window 4 r / 64 must be an integer),
+    traced at 64 and run at 96 and 128: logits equal eager (<= 1e-5). About 40-60 s on 2 cores."""
+    model = _swin_one_stage()
+    side = torch.export.Dim('side', min=2, max=32)
+    program = torch.export.export(model, (torch.randn(2, 3, 64, 64),),
+                                  dynamic_shapes={'x': {2: 16 * side, 3: 16 * side}})
+    for size in (96, 128):
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            want = model(x)
+        torch.testing.assert_close(program.module()(x), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize('pe', swin_rope.PE_VARIANTS)
