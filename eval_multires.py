@@ -42,8 +42,9 @@ images, heads and patch-token queries of the attention distance (sum over keys o
 Euclidean distance in patches between query and key; the class-token key counts as 0) and of the
 attention entropy in nats (over all keys, class token included). The class token's own query row
 is left out: it has no position, and the paper averages over the spatial tokens. ViT: every layer
-but the last (which only feeds the class token), as the paper. Swin: every block, with window-local
-distances (positions inside the w x w window, in patches of that stage).
+but the last (which only feeds the class token), as the paper; every layer for a model without a
+class token (global_pool='avg'). Swin: every block, with window-local distances (positions inside
+the w x w window, in patches of that stage).
 """
 import argparse
 import csv
@@ -129,7 +130,7 @@ def _attention_layers(model, images):
     """Per analysed layer: (name, distance, entropy) for one batch, via model.forward_with_attention.
 
     ViT: every block but the last (the last only feeds the class token, which the paper leaves
-    out). Swin: every block, window-local (distances inside a w x w window in patches of that
+    out); every block without a class token. Swin: every block, window-local (distances inside a w x w window in patches of that
     stage); its head mean-pools all tokens, so the last block is not special.
     """
     _, attn = model.forward_with_attention(images)
@@ -144,8 +145,8 @@ def _attention_layers(model, images):
     patch = model.patch_size if isinstance(model.patch_size, int) else model.patch_size[0]
     grid_hw = (height // patch, width // patch)
     num_patches = grid_hw[0] * grid_hw[1]
-    for index, layer_attn in enumerate(attn[:-1]):
-        has_cls = layer_attn.shape[-1] == num_patches + 1
+    has_cls = attn[0].shape[-1] == num_patches + 1
+    for index, layer_attn in enumerate(attn[:-1] if has_cls else attn):
         d, e = attention_metrics(layer_attn, grid_hw, has_cls_token=has_cls)
         out.append((f'layer {index + 1}', d, e))
     return out

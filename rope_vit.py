@@ -38,7 +38,8 @@ and last "Speed: the same math, fused", the eager path forward() takes otherwise
 
 Shape legend: B batch, T = 1 + N tokens (class token first, then N = Hp * Wp patch
 tokens row-major over the (Hp, Wp) patch grid: token n has column x = n % Wp and row
-y = n // Wp), C embed dim, heads attention heads, D head dim, L depth.
+y = n // Wp; T = N for ``global_pool='avg'``, which has no class token), C embed dim,
+heads attention heads, D head dim, L depth.
 
 Usage::
 
@@ -378,6 +379,10 @@ class ViTConfig:
     rope_train_grid: Optional[Tuple[int, int]] = None
     yarn_alpha: float = 0.25
     yarn_beta: float = 1.0
+    # 'token': classify the class token's feature (DeiT-III, the published models); 'avg': no class
+    # token, classify the mean of the final normed patch tokens. Without the class token, which
+    # RoPE leaves unrotated at position (0, 0), a RoPE-only model sees nothing but relative offsets.
+    global_pool: str = 'token'
 
 
 class PatchEmbed(nn.Module):
@@ -516,12 +521,18 @@ class RopeViT(nn.Module):
         if len(cfg.rope_train_grid) != 2 or min(cfg.rope_train_grid) < 1:
             raise ValueError(f'rope_train_grid must be (Hp, Wp) of positive sizes, got {cfg.rope_train_grid}')
         check_rope_positions(cfg.rope_positions, cfg.yarn_alpha, cfg.yarn_beta)
+        if cfg.global_pool not in ('token', 'avg'):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {cfg.global_pool!r}")
+        if cfg.global_pool == 'avg' and cfg.window_size is not None:
+            raise ValueError("window_size needs the class token (global_pool='token'): window attention keeps it global")
+        self.num_prefix_tokens = 1 if cfg.global_pool == 'token' else 0  # class token or none
         self.block_windows = self._block_windows(cfg)  # per block: window side in patches, or None (global)
         # (shift_x, shift_y, scale_x, scale_y) of augment_positions, set per batch by a training loop; None: off
         self.rope_coord_augment: Optional[Tuple[float, float, float, float]] = None
 
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        if self.num_prefix_tokens:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         if self.use_ape:  # Eq. 1, patch tokens only (no class-token slot)
             self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], cfg.embed_dim))
         self.blocks = nn.ModuleList([
@@ -534,9 +545,10 @@ class RopeViT(nn.Module):
         # the PyTorch default for the patch conv; then the RoPE models' own draws.
         if self.use_ape:
             nn.init.trunc_normal_(self.pos_embed, std=.02)
-        nn.init.trunc_normal_(self.cls_token, std=.02)
+        if self.num_prefix_tokens:
+            nn.init.trunc_normal_(self.cls_token, std=.02)
         self.apply(self._init_weights)
-        if self.rope_kind:
+        if self.rope_kind and self.num_prefix_tokens:
             nn.init.trunc_normal_(self.cls_token, std=.02)  # the RoPE models re-init it (same RNG order)
         if self.rope_kind == 'mixed':  # Eq. 14: learned (theta^x, theta^y) per layer and head
             self.freqs = nn.Parameter(init_mixed_freqs(head_dim, cfg.depth, cfg.num_heads, self.rope_theta))
@@ -552,7 +564,7 @@ class RopeViT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def no_weight_decay(self) -> set:
-        names = {'cls_token'}
+        names = {'cls_token'} if self.num_prefix_tokens else set()
         if self.use_ape:
             names.add('pos_embed')
         if self.rope_kind == 'mixed':
@@ -596,7 +608,7 @@ class RopeViT(nn.Module):
             return None, 1.0
         train_h, train_w = cfg.rope_train_grid
         head_dim = self.embed_dim // self.num_heads
-        real = torch.float64 if self.cls_token.dtype == torch.float64 else torch.float32
+        real = torch.float64 if self.param_dtype == torch.float64 else torch.float32
         if self.rope_kind == 'axial':
             mag = rope_magnitudes(head_dim, self.rope_theta, device).to(real)  # (D/4,)
             freqs = (mag, mag)
@@ -610,6 +622,11 @@ class RopeViT(nn.Module):
         if all(c is None for c in scales):
             return None, attention_scale
         return torch.stack([torch.ones_like(f) if c is None else c for f, c in zip(freqs, scales)]), attention_scale
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype of the weights (float64 models build their RoPE tables in float64)."""
+        return self.patch_embed.proj.weight.dtype
 
     def rope_grid_positions(self, t_x: torch.Tensor, t_y: torch.Tensor, grid_h: int, grid_w: int):
         """Patch positions (p^x, p^y) after the training-time augmentation rope_coord_augment, if set."""
@@ -634,8 +651,8 @@ class RopeViT(nn.Module):
     def block_rotations(self, grid_h: int, grid_w: int, device) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
         """Eq. 10 tables (cos, sin) of every block for a (grid_h, grid_w) patch grid, built once per forward.
 
-        The class token gets angle 0, i.e. the identity rotation: it is not rotated (official),
-        and the blocks need no slicing or concatenation. The position policy (rope_policy)
+        The class token (if any) gets angle 0, i.e. the identity rotation: it is not rotated
+        (official), and the blocks need no slicing or concatenation. The position policy (rope_policy)
         scales the frequencies; YaRN's temperature scales cos and sin. Returns L pairs of
         float32 (float64 for a float64 model) tensors, (T, D/2) for Axial (shared by all
         blocks) or (heads, T, D/2) for Mixed; None without RoPE.
@@ -645,9 +662,10 @@ class RopeViT(nn.Module):
         # float32 with autocast off: bf16 keeps 8 mantissa bits, so an angle of 30 rad (position 30)
         # would be off by up to 0.06 rad, and more at larger positions.
         with torch.autocast(device_type=device.type, enabled=False):
-            real = torch.float64 if self.cls_token.dtype == torch.float64 else torch.float32
+            real = torch.float64 if self.param_dtype == torch.float64 else torch.float32
             t_x, t_y = self.rope_grid_positions(*patch_grid_positions(grid_h, grid_w, device), grid_h, grid_w)  # (N,) each
-            t_x, t_y = F.pad(t_x, (1, 0)).to(real), F.pad(t_y, (1, 0)).to(real)  # (T,): class token at 0
+            prefix = (self.num_prefix_tokens, 0)
+            t_x, t_y = F.pad(t_x, prefix).to(real), F.pad(t_y, prefix).to(real)  # (T,): class token at 0
             head_dim = self.embed_dim // self.num_heads
             scale, attention_scale = self.rope_policy(grid_h, grid_w, device)
             if self.rope_kind == 'axial':
@@ -672,7 +690,8 @@ class RopeViT(nn.Module):
         x = self.patch_embed(x)  # (B, N, C)
         if self.use_ape:  # Eq. 1, before the class token is attached
             x = x + resize_pos_embed(self.pos_embed, self.grid_size, grid).to(x.dtype)
-        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, T, C)
+        if self.num_prefix_tokens:
+            x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, T, C)
         if self.rope_kind is None:
             rope = [None] * self.depth
         elif need_weights or torch.compiler.is_compiling():  # the readable formula: compile and export trace it
@@ -689,7 +708,9 @@ class RopeViT(nn.Module):
         for block, block_rope, window in zip(self.blocks, rope, windows):
             x, attn = block(x, block_rope, need_weights, grid, window)
             attns.append(attn)
-        return self.norm(x)[:, 0], attns  # class token feature (B, C)
+        x = self.norm(x)
+        pooled = x[:, 0] if self.num_prefix_tokens else x.mean(dim=1)  # class token or mean of patches (B, C)
+        return pooled, attns
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, in_chans, H, W), H and W multiples of the patch size -> features (B, C)."""
@@ -703,7 +724,8 @@ class RopeViT(nn.Module):
         """Logits and the attention probabilities of every block, from the same modules.
 
         Returns (logits (B, num_classes), list of L tensors (B, heads, T, T)); index 0 of the
-        token axes is the class token, then the N patch tokens row-major over the patch grid.
+        token axes is the class token (none for global_pool='avg'), then the N patch tokens
+        row-major over the patch grid.
         Uses an explicit softmax for this call only; forward() uses the fused kernel.
         """
         features, attns = self._tokens(x, need_weights=True)
@@ -717,7 +739,8 @@ class RopeViT(nn.Module):
         indices: None (every block), an int n (the last n blocks) or a list of block indices
         (negative from the end). norm: pass each through the final LayerNorm. output_fmt:
         'NCHW' gives (B, C, Hp, Wp) maps of the patch tokens (class token dropped), 'NLC'
-        (B, N, C). return_prefix_tokens: each entry becomes (map, class token (B, 1, C)).
+        (B, N, C). return_prefix_tokens: each entry becomes (map, class token (B, 1, C); (B, 0, C)
+        for global_pool='avg').
         stop_early: skip the blocks after the last one asked for (then no final features).
         Returns the list, or (final features (B, T, C) after the final norm, list) unless
         intermediates_only. Any input size the model accepts works, square or not.
@@ -735,10 +758,10 @@ class RopeViT(nn.Module):
             x, _ = self.blocks[i](x, rope[i], False, grid, windows[i])
             if i in take:
                 y = self.norm(x) if norm else x  # (B, T, C)
-                patches = y[:, 1:]  # (B, N, C)
+                patches = y[:, self.num_prefix_tokens:]  # (B, N, C)
                 if output_fmt == 'NCHW':
                     patches = patches.transpose(1, 2).reshape(B, -1, *grid)  # (B, C, Hp, Wp)
-                intermediates.append((patches, y[:, :1]) if return_prefix_tokens else patches)
+                intermediates.append((patches, y[:, :self.num_prefix_tokens]) if return_prefix_tokens else patches)
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
@@ -1027,13 +1050,13 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> RopeViT:
 #   nothing extra for backward; its backward forms the RoPE-Mixed frequency gradient in
 #   closed form (test_bench_rotation_gradcheck_matches_plain_formula,
 #   test_bench_fast_path_equals_readable_path_and_saves_no_extra_activations).
-# * The class token gets the identity rotation (angle 0) instead of being sliced off and
-#   re-attached around the rotation.
+# * The class token (if any) gets the identity rotation (angle 0) instead of being sliced off
+#   and re-attached around the rotation.
 
 class FusedRope(NamedTuple):
     """One block's RoPE on the fused path.
 
-    rot: complex e^{i phi} (heads, T, D/2) (Mixed) or (T, D/2) (Axial), class-token row 1 + 0i.
+    rot: complex e^{i phi} (heads, T, D/2) (Mixed) or (T, D/2) (Axial), class-token row (if any) 1 + 0i.
     freqs, positions: when training RoPE-Mixed, the block's (theta^x, theta^y) (2, heads * D/2)
     and the token positions (T, 2), through which RotateQK sends the frequencies' gradient
     (rot then carries no autograd graph); None otherwise.
@@ -1056,8 +1079,8 @@ def fused_rotations(model: 'RopeViT', grid_h: int, grid_w: int, device) -> List[
     (heads, T, D/2) for Mixed, equal to torch.complex(cos, sin) of block_rotations up to
     float round-off.
     """
-    real = torch.float64 if model.cls_token.dtype == torch.float64 else torch.float32
-    head_dim, heads = model.embed_dim // model.num_heads, model.num_heads
+    real = torch.float64 if model.param_dtype == torch.float64 else torch.float32
+    head_dim, heads, prefix = model.embed_dim // model.num_heads, model.num_heads, model.num_prefix_tokens
     cols, rows = model.rope_grid_positions(torch.arange(grid_w, device=device, dtype=real),
                                            torch.arange(grid_h, device=device, dtype=real), grid_h, grid_w)
     # cols (Wp,): p^x of the grid's columns, rows (Hp,): p^y of its rows
@@ -1070,7 +1093,7 @@ def fused_rotations(model: 'RopeViT', grid_h: int, grid_w: int, device) -> List[
             along_y = torch.complex(*rope_cos_sin(rows[:, None] * mag_y))  # (Hp, D/4)
             rot = torch.cat([along_x.expand(grid_h, -1, -1), along_y[:, None].expand(-1, grid_w, -1)],
                             dim=-1)  # (Hp, Wp, D/2)
-            rot = torch.cat([torch.ones_like(rot[:1, 0]), rot.flatten(0, 1)])  # (T, D/2)
+            rot = torch.cat([torch.ones_like(rot[0, :prefix]), rot.flatten(0, 1)])  # (T, D/2): class token first
             if attention_scale != 1:
                 rot = rot * attention_scale
             return [rot] * model.depth
@@ -1078,10 +1101,10 @@ def fused_rotations(model: 'RopeViT', grid_h: int, grid_w: int, device) -> List[
         fx, fy = freqs.unflatten(-1, (heads, -1)).unbind(0)  # (L, heads, D/2) each
         along_x = torch.complex(*rope_cos_sin(fx[..., None, :] * cols[:, None]))  # (L, heads, Wp, D/2)
         along_y = torch.complex(*rope_cos_sin(fy[..., None, :] * rows[:, None]))  # (L, heads, Hp, D/2)
-        rot = along_x.new_empty(model.depth, heads, 1 + grid_h * grid_w, head_dim // 2)  # (L, heads, T, D/2)
-        rot[:, :, 0] = 1  # class token: identity
+        rot = along_x.new_empty(model.depth, heads, prefix + grid_h * grid_w, head_dim // 2)  # (L, heads, T, D/2)
+        rot[:, :, :prefix] = 1  # class token: identity
         torch.mul(along_y[:, :, :, None], along_x[:, :, None],
-                  out=rot[:, :, 1:].unflatten(2, (grid_h, grid_w)))  # (L, heads, Hp, Wp, D/2)
+                  out=rot[:, :, prefix:].unflatten(2, (grid_h, grid_w)))  # (L, heads, Hp, Wp, D/2)
         if attention_scale != 1:
             rot *= attention_scale
         return list(rot.unbind(0))
@@ -1101,13 +1124,13 @@ def fused_block_ropes(model: 'RopeViT', grid_h: int, grid_w: int, device) -> Lis
     with torch.profiler.record_function('rope'):
         if freqs is not None and freqs.requires_grad and torch.is_grad_enabled():
             t_x, t_y = model.rope_grid_positions(*patch_grid_positions(grid_h, grid_w, device), grid_h, grid_w)  # (N,) each
-            positions = F.pad(torch.stack([t_x, t_y], dim=-1), (0, 0, 1, 0))  # (T, 2): class token at 0
+            positions = F.pad(torch.stack([t_x, t_y], dim=-1), (0, 0, model.num_prefix_tokens, 0))  # (T, 2): class token at 0
             tables = fused_rotations(model, grid_h, grid_w, device)
             scale = model.rope_policy(grid_h, grid_w, device)[0]  # the gradient reaches freqs through it
             rotated = freqs if scale is None else freqs * scale.to(freqs.dtype)  # (2, L, heads * D/2)
             return [FusedRope(rot, rotated[:, layer], positions) for layer, rot in enumerate(tables)]
         cfg = model.cfg
-        key = (grid_h, grid_w, torch.device(device), model.cls_token.dtype, torch.is_inference_mode_enabled(),
+        key = (grid_h, grid_w, torch.device(device), model.param_dtype, torch.is_inference_mode_enabled(),
                cfg.rope_positions, cfg.rope_train_grid, cfg.yarn_alpha, cfg.yarn_beta, model.rope_coord_augment)
         if freqs is not None:
             key += (freqs.data_ptr(), freqs._version, freqs.dtype)

@@ -459,6 +459,70 @@ def test_vit_loads_timm_safetensors_like_the_pth(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
+# Pooling: class token (the paper's) or the mean of the patch tokens without a class token
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('pe', ['ape', 'rope_axial', 'rope_mixed_ape'])
+def test_vit_avg_pool_has_no_class_token_and_classifies_the_mean_of_patches(pe):
+    model = _vit_tiny(pe, global_pool='avg', patch_size=8, img_size=32)
+    assert 'cls_token' not in model.state_dict() and model.num_prefix_tokens == 0
+    x = torch.randn(2, 3, 32, 48)  # 4 x 6 patches
+    with torch.no_grad():
+        logits = model(x)
+        readable, attns = model.forward_with_attention(x)
+        # independent of _tokens: the blocks one by one on the embedded patches, as Block.forward
+        tokens = model.patch_embed(x)  # (B, N, C)
+        if model.use_ape:
+            tokens = tokens + rope_vit.resize_pos_embed(model.pos_embed, model.grid_size, (4, 6))
+        rope = model.block_rotations(4, 6, x.device)
+        for i, block in enumerate(model.blocks):
+            tokens = block(tokens, None if rope is None else rope[i])[0]
+        want = model.head(model.norm(tokens).mean(dim=1))
+        maps = model.forward_intermediates(x, indices=[-1], intermediates_only=True, return_prefix_tokens=True)
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(readable, want, atol=1e-5, rtol=1e-5)
+    assert [a.shape for a in attns] == [(2, 2, 24, 24)] * model.depth  # patches only
+    assert maps[0][0].shape == (2, model.embed_dim, 4, 6) and maps[0][1].shape == (2, 0, model.embed_dim)
+    assert 'cls_token' in _vit_tiny(pe, patch_size=8).state_dict()  # the default keeps the paper's class token
+
+
+@pytest.mark.parametrize('pe', ['rope_axial', 'rope_mixed'])
+def test_vit_rope_without_class_token_depends_on_relative_positions_only(pe):
+    """RoPE leaves the class token unrotated at position (0, 0), so its offsets to the patches are
+    their absolute positions: moving every patch position by one offset changes the logits of the
+    paper's model and leaves those of the avg-pool model (no class token, no APE) unchanged."""
+    x = torch.randn(2, 3, 32, 32)
+    for global_pool, changes in (('token', True), ('avg', False)):
+        model = _vit_tiny(pe, global_pool=global_pool, patch_size=8, img_size=32)
+        with torch.no_grad():
+            base = model(x)
+            model.rope_coord_augment = (0.7, -0.45, 1.0, 1.0)  # + 1.4 and - 0.9 patches on the 4 x 4 grid
+            moved = model(x)
+            readable = model.forward_with_attention(x)[0]
+        torch.testing.assert_close(moved, readable, atol=1e-5, rtol=1e-5)  # fused = readable, shifted
+        if changes:
+            assert (moved - base).abs().max() > 1e-2
+        else:
+            torch.testing.assert_close(moved, base, atol=2e-5, rtol=1e-5)
+
+
+def test_vit_avg_pool_trains_fused_equal_readable_and_checks_its_options():
+    model = _vit_tiny('rope_mixed', global_pool='avg', patch_size=8, img_size=32).train()
+    x = torch.randn(2, 3, 32, 48)
+    model(x).square().sum().backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.forward_with_attention(x)[0].square().sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fused[name], p.grad, atol=1e-4, rtol=1e-4, msg=name)
+    assert 'cls_token' not in model.no_weight_decay()
+    with pytest.raises(ValueError, match="global_pool must be 'token' or 'avg'"):
+        rope_vit.create_model('vit_tiny', global_pool='mean')
+    with pytest.raises(ValueError, match='window_size needs the class token'):
+        rope_vit.create_model('vit_tiny', global_pool='avg', window_size=2)
+
+
+# ---------------------------------------------------------------------------------------
 # Dense prediction: forward_intermediates, ViTDet-style window attention
 # ---------------------------------------------------------------------------------------
 
@@ -1854,6 +1918,26 @@ def test_train_glyph_window_min_area(tmp_path, capsys):
     assert not (tmp_path / 'bad').exists()
 
 
+def test_train_global_pool_avg_is_stored_and_evaluates_without_flags(tmp_path, capsys):
+    run = tmp_path / 'avg'
+    assert _train_cli(_TRAIN_TINY + ['--pe', 'rope_mixed', '--batch-size', '8', '--builtin-train', '8',
+                                     '--builtin-val', '8', '--epochs', '1', '--global-pool', 'avg',
+                                     '--output-dir', str(run)]) == 0
+    state = _train_state(run / 'checkpoint.pth')
+    assert state['args']['model_kwargs']['global_pool'] == 'avg' and 'cls_token' not in state['model']
+    results, _ = eval_multires.main(eval_multires.get_args_parser().parse_args([
+        '--checkpoint', str(run / 'checkpoint.pth'), '--resolutions', '16', '--quiet',
+        '--output-dir', str(tmp_path / 'eval')]))
+    (label, rows), = results.items()
+    assert 'avg pool' in label
+    last = json.loads((run / 'log.jsonl').read_text().splitlines()[-1])
+    assert rows[0]['top1'] == last['val_top1']  # the same model rebuilt from the checkpoint
+    capsys.readouterr()
+    assert _train_cli(['--model', 'swin_tiny', '--global-pool', 'avg', '--output-dir', str(tmp_path / 'bad')]) == 2
+    assert 'apply to ViT models only' in capsys.readouterr().err
+    assert not (tmp_path / 'bad').exists()
+
+
 def test_train_glyph_classes_differ_only_in_arrangement():
     """Every class is the same seven strokes, some lit: with the scene's style, colours,
     background and distractors fixed, only where ink lies changes between classes."""
@@ -2506,6 +2590,10 @@ def test_eval_config_labels():
                                'pe': 'rpb'}) == 'Swin-T RPB'
     custom = {'model': 'vit_tiny', 'pe': 'ape', 'model_kwargs': dict(patch_size=4, embed_dim=96, depth=4)}
     assert train.config_label(custom) == 'ViT (96 dim, 4 layers, 4 px patches) APE'
+    custom['model_kwargs']['global_pool'] = 'avg'
+    assert train.config_label(custom) == 'ViT (96 dim, 4 layers, 4 px patches, avg pool) APE'
+    assert train.config_label({'model': 'vit_small', 'pe': 'rope_mixed', 'model_kwargs': {'global_pool': 'avg'}}) \
+        == 'ViT-S (avg pool) RoPE-Mixed'
 
 
 def test_eval_format_table_layout():

@@ -395,7 +395,7 @@ def resolve_config(args, world_size):
         raise UserError(f'--pe does not apply to the published model {model_name!r}, which fixes '
                         f'its position embedding; use a size name ({", ".join(_VIT_SIZES)}, '
                         f'{", ".join(_SWIN_SIZES)}) to choose --pe')
-    vit_flags = {k: cfg[k] for k in ('patch_size', 'embed_dim', 'depth', 'num_heads')
+    vit_flags = {k: cfg[k] for k in ('patch_size', 'embed_dim', 'depth', 'num_heads', 'global_pool')
                  if cfg[k] is not None}
     if is_swin:
         if vit_flags:
@@ -1656,7 +1656,11 @@ def config_label(cfg):
         # A size name with its architecture overridden (e.g. the demo model) is not that size.
         shape = [f'{kwargs[k]} {word}' for k, word in (('embed_dim', 'dim'), ('depth', 'layers'),
                                                         ('patch_size', 'px patches')) if k in kwargs]
+        if kwargs.get('global_pool') == 'avg':
+            shape.append('avg pool')
         arch = f"ViT ({', '.join(shape)})"
+    elif kwargs.get('global_pool') == 'avg':
+        arch += ' (avg pool)'
     pe = cfg.get('pe')
     return f'{arch} {_PE_LABELS.get(pe, pe)}' if pe else arch
 
@@ -1840,6 +1844,9 @@ def get_args_parser():
     p.add_argument('--embed-dim', type=int, default=None, help='ViT only (model default)')
     p.add_argument('--depth', type=int, default=None, help='ViT only (model default)')
     p.add_argument('--num-heads', type=int, default=None, help='ViT only (model default)')
+    p.add_argument('--global-pool', choices=('token', 'avg'), default=None,
+                   help="ViT only: classify the class token (token, the model default) or the mean "
+                        "of the patch tokens with no class token (avg)")
     p.add_argument('--eval-crop-ratio', type=float, default=None,
                    help='test-time crop ratio (1.0 ViT, 224/256 Swin)')
     p.add_argument('--eval-resolutions', type=int, nargs='+', default=None,
