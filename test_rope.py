@@ -1938,6 +1938,46 @@ def test_train_global_pool_avg_is_stored_and_evaluates_without_flags(tmp_path, c
     assert not (tmp_path / 'bad').exists()
 
 
+def test_train_several_resolutions_render_each_step_at_its_drawn_size(tmp_path, capsys):
+    cfg = {'seed': 3, 'train_resolutions': [12, 16, 20]}
+    draws = [train.train_step_resolution(cfg, e, s) for e in range(2) for s in range(30)]
+    assert set(draws) == {12, 16, 20}  # every size is drawn
+    assert draws == [train.train_step_resolution(cfg, e, s) for e in range(2) for s in range(30)]
+    assert train.train_step_resolution({**cfg, 'seed': 4}, 0, 0) is not None
+    assert train.train_step_resolution({'seed': 3, 'train_resolutions': None}, 0, 0) is None
+    # The loader, resumed at step 2 of epoch 1: each batch at its step's size, each image the
+    # scene of its index rendered at that size (the sampler's order, the seeds, the scenes).
+    data = train.GlyphsDataset('train', 16, 16)
+    order = torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0,
+                                                drop_last=True)
+    sampler = train.EpochSampler(order, 0, 0, 4, lambda e, s: train.train_step_resolution(cfg, e, s))
+    sampler.set_epoch(1, start=8)
+    data.set_epoch(1)
+    indices = list(order)
+    loader = torch.utils.data.DataLoader(train.SeededSamples(data), batch_size=4, sampler=sampler,
+                                         drop_last=True)
+    sizes = []
+    for step, (images, labels) in enumerate(loader, start=2):
+        size = train.train_step_resolution(cfg, 1, step)
+        sizes.append(size)
+        assert images.shape == (4, 3, size, size)
+        image, label = data.at_resolution(indices[4 * step + 1], size)
+        assert torch.equal(images[1], image) and labels[1] == label
+    assert len(sizes) == 2 and set(sizes) <= {12, 16, 20}
+    # train.py: stored, used, and checked against the patch size and the data.
+    run = tmp_path / 'multi'
+    assert _train_cli(_TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '16', '--builtin-val', '8',
+                                     '--epochs', '1', '--train-resolutions', '12', '16', '20',
+                                     '--output-dir', str(run)]) == 0
+    assert _train_state(run / 'checkpoint.pth')['args']['train_resolutions'] == [12, 16, 20]
+    capsys.readouterr()
+    for bad, message in ((['--train-resolutions', '16', '14'], 'train-resolutions'),
+                         (['--data-path', str(tmp_path), '--train-resolutions', '16'], 'built-in data only')):
+        assert _train_cli(_TRAIN_TINY + bad + ['--output-dir', str(tmp_path / 'bad')]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / 'bad').exists()
+
+
 def test_train_glyph_classes_differ_only_in_arrangement():
     """Every class is the same seven strokes, some lit: with the scene's style, colours,
     background and distractors fixed, only where ink lies changes between classes."""

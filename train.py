@@ -249,7 +249,7 @@ TRAIN_LIMITS = {
     'num_heads': POSITIVE, 'eval_crop_ratio': Limit(0, 1, low_open=True),
     'eval_resolutions': POSITIVE, 'eval_batch_size': POSITIVE, 'builtin_train': POSITIVE,
     'builtin_val': POSITIVE, 'builtin_seed': SEED, 'seed': SEED, 'num_workers': NON_NEGATIVE,
-    'glyph_window_min_area': Limit(0, 1, low_open=True),
+    'glyph_window_min_area': Limit(0, 1, low_open=True), 'train_resolutions': POSITIVE,
     'print_freq': POSITIVE, 'save_every_steps': NON_NEGATIVE,
 }
 
@@ -363,6 +363,9 @@ def resolve_config(args, world_size):
     elif cfg['glyph_window_min_area'] is not None:
         raise UserError(f"--glyph-window-min-area applies to the glyphs data only, not to "
                         f"{cfg['dataset']}")
+    if cfg['train_resolutions'] is not None and cfg['dataset'] not in BUILTIN_DATASETS:
+        raise UserError('--train-resolutions renders each step at its own size and applies to '
+                        'the built-in data only')
     if cfg['dataset'] in BUILTIN_DATASETS:
         for key in ('builtin_train', 'builtin_val'):
             if cfg[key] is None:
@@ -668,8 +671,12 @@ class BuiltinDataset(Dataset):
         return self.num_scenes
 
     def __getitem__(self, index):
+        return self.at_resolution(index, self.resolution)
+
+    def at_resolution(self, index, resolution):
+        """Scene `index` rendered at `resolution` (the same scene at every resolution)."""
         scene = self.make(self.split, self.offset + index, self.seed, **self.scene_options)
-        image = torch.from_numpy(self.render(scene, self.resolution))
+        image = torch.from_numpy(self.render(scene, resolution))
         return (image - self.mean) / self.std, scene['label']
 
 
@@ -859,9 +866,12 @@ class EpochSampler(torch.utils.data.Sampler):
     draws it, how many workers there are, or where a run was resumed.
     """
 
-    def __init__(self, sampler, seed, rank):
+    def __init__(self, sampler, seed, rank, batch_size=1, step_resolution=None):
         self.sampler, self.seed, self.rank = sampler, seed, rank
         self.epoch, self.start = 0, 0
+        # step_resolution(epoch, step): the resolution of that step's batch (several-resolution
+        # training); each sample then comes as (index, seed, resolution)
+        self.batch_size, self.step_resolution = batch_size, step_resolution
 
     def set_epoch(self, epoch, start=0):
         self.sampler.set_epoch(epoch)
@@ -874,13 +884,19 @@ class EpochSampler(torch.utils.data.Sampler):
         seeds = np.random.SeedSequence([self.seed, self.epoch, self.rank, 1]).generate_state(
             len(self.sampler), np.uint64) >> 1   # >> 1: torch.manual_seed takes int64
         pairs = zip(iter(self.sampler), seeds.tolist())
+        if self.step_resolution is not None:
+            pairs = ((index, seed, self.step_resolution(self.epoch, position // self.batch_size))
+                     for position, (index, seed) in enumerate(pairs))
         return itertools.islice(pairs, self.start, None)
 
 
 class SeededSamples(Dataset):
     """dataset[(index, seed)] = dataset[index] drawn with torch's RNG seeded by `seed`; the
     caller's RNG is left as it was (in the main process it also drives drop path and mixup).
-    torchvision's v2 transforms draw from torch's RNG only."""
+    torchvision's v2 transforms draw from torch's CPU RNG only, so only that one is seeded:
+    torch.manual_seed would also seed every accelerator's generator, which on a CPU-only torch
+    records a stack trace per call (about 1.7 ms a sample, as long as rendering a glyph scene)
+    and on a GPU would leave the CUDA generator changed."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -889,10 +905,10 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        index, seed = key
+        index, seed, *resolution = key   # (index, seed) or (index, seed, resolution): built-in data
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.dataset[index]
+            torch.default_generator.manual_seed(seed)
+            return self.dataset.at_resolution(index, *resolution) if resolution else self.dataset[index]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1459,6 +1475,17 @@ def rope_coord_augment(cfg, epoch, step, rank):
     return (float(shifts[0]), float(shifts[1]), float(scales[0]), float(scales[1]))
 
 
+def train_step_resolution(cfg, epoch, step):
+    """The resolution of one training step's batch under --train-resolutions, or None (all at
+    --img-size). Drawn uniformly from the list; a pure function of (seed, epoch, step), so every
+    rank renders the step at one size and a resumed run draws the same sizes."""
+    sizes = cfg.get('train_resolutions')
+    if not sizes:
+        return None
+    gen = np.random.default_rng(_derived_seed(cfg['seed'], 0x512E, epoch, step))
+    return int(sizes[int(gen.integers(len(sizes)))])
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, device, amp_dtype,
                     num_classes, mix, start_step=0, sums=None, seconds=0.0, stop=None,
                     after_step=None):
@@ -1864,6 +1891,11 @@ def get_args_parser():
                    help='glyphs data: smallest area fraction of the random square window a '
                         f'training view shows, 1 = the whole scene (default {GLYPH_WINDOW_MIN_AREA}, '
                         "RandomResizedCrop's)")
+    p.add_argument('--train-resolutions', type=int, nargs='+', default=None,
+                   help='built-in data: render each training step at one of these resolutions, '
+                        'drawn per step (the same on every rank); positions and APE follow the '
+                        'grid as at test time. Default: every step at --img-size, which still '
+                        'sets the model (its APE grid, RoPE training grid)')
     p.add_argument('--resume', default=None,
                    help='auto: the newest sound checkpoint of this run in --output-dir (mid-epoch '
                         'or epoch end; damaged files are skipped with a warning; nothing there: '
@@ -2003,6 +2035,8 @@ def main(args):
         cfg['eval_resolutions'] = list(default_resolutions(cfg))
     for r in cfg['eval_resolutions']:
         _check_resolution(model, r, '--eval-resolutions')
+    for r in cfg['train_resolutions'] or ():
+        _check_resolution(model, r, '--train-resolutions')
     if cfg['eval_batch_size'] is None:
         cfg['eval_batch_size'] = 2 * cfg['batch_size']
     if cfg['amp'] is None:
@@ -2067,7 +2101,9 @@ def main(args):
     else:
         order = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank,
                                    shuffle=True, seed=cfg['seed'], drop_last=True)
-    sampler = EpochSampler(order, cfg['seed'], info.rank)
+    step_resolution = (None if not cfg.get('train_resolutions') else
+                       lambda epoch, step: train_step_resolution(cfg, epoch, step))
+    sampler = EpochSampler(order, cfg['seed'], info.rank, cfg['batch_size'], step_resolution)
     # Its own generator: creating the loader's iterator then draws nothing from torch's global
     # RNG, which a mid-epoch checkpoint restores as the interrupted run left it.
     loader_generator = torch.Generator()
