@@ -130,8 +130,9 @@ def _attention_layers(model, images):
     """Per analysed layer: (name, distance, entropy) for one batch, via model.forward_with_attention.
 
     ViT: every block but the last (the last only feeds the class token, which the paper leaves
-    out); every block without a class token. Swin: every block, window-local (distances inside a w x w window in patches of that
-    stage); its head mean-pools all tokens, so the last block is not special.
+    out); every block without a class token. Swin: every block, window-local (distances inside a
+    w x w window in patches of that stage); its head mean-pools all tokens, so the last block is
+    not special.
     """
     _, attn = model.forward_with_attention(images)
     out = []
