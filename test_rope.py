@@ -2839,6 +2839,26 @@ def test_eval_published_weights_on_an_image_folder(tmp_path):
     eval_multires.main(args_st)
     with open(tmp_path / 'out_st' / 'multires.json') as f:
         assert json.load(f)['checkpoints'][0]['results'] == entry['results']
+    # Every position policy on the published weights: one row each, scored as the model with
+    # that policy set scores the images.
+    args_policies = eval_multires.get_args_parser().parse_args([
+        '--model', name, '--checkpoint', str(tmp_path / 'published.bin'),
+        '--data-path', str(tmp_path / 'data'), '--resolutions', '32', '16', '--rope-positions',
+        'extrapolate', 'interpolate', 'ntk', 'yarn', '--output-dir', str(tmp_path / 'out_policies'),
+        '--num-workers', '0', '--quiet'])
+    by_policy, _ = eval_multires.main(args_policies)
+    assert list(by_policy) == [f'ViT-S RoPE-Mixed {p}' for p in rope_vit.ROPE_POSITIONS]
+    assert by_policy['ViT-S RoPE-Mixed extrapolate'] == results['ViT-S RoPE-Mixed']
+    for policy in rope_vit.ROPE_POSITIONS:
+        model.rope_positions = policy
+        for row in by_policy[f'ViT-S RoPE-Mixed {policy}']:
+            dataset = train.build_eval_dataset({'dataset': 'folder', 'data_path': str(tmp_path / 'data'),
+                                                'eval_crop_ratio': 1.0}, row['resolution'])
+            images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+            targets = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+            with torch.no_grad():
+                assert row['top1'] == 100.0 * (model(images).argmax(-1) == targets).sum().item() / 6
+    model.rope_positions = 'extrapolate'
     # Swin weights are evaluated with the Swin code's crop ratio.
     swin_cfg = eval_multires._published_config('swin_tiny_patch4_window7_224', {}, args)
     assert swin_cfg['eval_crop_ratio'] == 224 / 256 and swin_cfg['num_classes'] == 1000
