@@ -2819,16 +2819,17 @@ def test_eval_published_weights_on_an_image_folder(tmp_path):
     with open(out / 'multires.json') as f:
         entry = json.load(f)['checkpoints'][0]
     assert entry['crop_ratio'] == 1.0 and entry['pe'] == 'rope_mixed' and entry['model'] == name
-    # Independent of the sweep: score the validation images directly with the original model.
-    for row in entry['results']:
+
+    def top1_of_model(resolution):  # independent of the sweep: the original model on the images
         dataset = train.build_eval_dataset({'dataset': 'folder', 'data_path': str(tmp_path / 'data'),
-                                            'eval_crop_ratio': 1.0}, row['resolution'])
+                                            'eval_crop_ratio': 1.0}, resolution)
         images = torch.stack([dataset[i][0] for i in range(len(dataset))])
         targets = torch.tensor([dataset[i][1] for i in range(len(dataset))])
-        assert images.shape[-2:] == (row['resolution'], row['resolution'])
+        assert images.shape[-2:] == (resolution, resolution) and len(dataset) == 6
         with torch.no_grad():
-            hits = (model(images).argmax(-1) == targets).sum().item()
-        assert row['n'] == 6 and row['top1'] == 100.0 * hits / 6
+            return 100.0 * (model(images).argmax(-1) == targets).sum().item() / 6
+    for row in entry['results']:
+        assert row['n'] == 6 and row['top1'] == top1_of_model(row['resolution'])
     # The same weights as a .safetensors file (timm's hub format) give the same table.
     st = pytest.importorskip('safetensors.torch')
     st.save_file(model.state_dict(), str(tmp_path / 'model.safetensors'))
@@ -2852,12 +2853,7 @@ def test_eval_published_weights_on_an_image_folder(tmp_path):
     for policy in rope_vit.ROPE_POSITIONS:
         model.rope_positions = policy
         for row in by_policy[f'ViT-S RoPE-Mixed {policy}']:
-            dataset = train.build_eval_dataset({'dataset': 'folder', 'data_path': str(tmp_path / 'data'),
-                                                'eval_crop_ratio': 1.0}, row['resolution'])
-            images = torch.stack([dataset[i][0] for i in range(len(dataset))])
-            targets = torch.tensor([dataset[i][1] for i in range(len(dataset))])
-            with torch.no_grad():
-                assert row['top1'] == 100.0 * (model(images).argmax(-1) == targets).sum().item() / 6
+            assert row['top1'] == top1_of_model(row['resolution'])
     model.rope_positions = 'extrapolate'
     # Swin weights are evaluated with the Swin code's crop ratio.
     swin_cfg = eval_multires._published_config('swin_tiny_patch4_window7_224', {}, args)
