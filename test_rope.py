@@ -1828,9 +1828,12 @@ def test_train_shapes_deterministic_and_resolution_independent():
 
 def test_train_glyphs_deterministic_per_split_index_seed():
     a = train.GlyphsDataset('val', 40, 24, seed=3)
+    first = {i: a[i] for i in (0, 17, 39)}
+    train.VAL_RENDER_CACHE.clear()   # b renders its images again instead of reusing a's
     b = train.GlyphsDataset('val', 40, 24, seed=3)
     for i in (0, 17, 39):
-        torch.testing.assert_close(a[i][0], b[i][0], atol=0, rtol=0)
+        torch.testing.assert_close(first[i][0], b[i][0], atol=0, rtol=0)
+        assert first[i][0] is not b[i][0]
         assert a[i][1] == b[i][1]
         assert train.make_glyph_scene('val', i, 3) == train.make_glyph_scene('val', i, 3)
     assert not torch.equal(a[0][0], train.GlyphsDataset('val', 40, 24, seed=4)[0][0])
@@ -1846,6 +1849,53 @@ def test_train_glyphs_deterministic_per_split_index_seed():
     assert all(train.make_glyph_scene('val', i, 0)['window'] == [0.0, 0.0, 1.0] for i in range(20))
     labels = [train.make_glyph_scene('val', i, 0)['label'] for i in range(500)]
     assert set(labels) == set(range(10)) and min(np.bincount(labels)) > 30
+
+
+def test_train_builtin_validation_images_rendered_once(monkeypatch):
+    cache = train._RenderCache(limit_bytes=2 ** 20)
+    monkeypatch.setattr(train, 'VAL_RENDER_CACHE', cache)
+    rendered = []
+
+    def counting_render(scene, resolution):
+        rendered.append(resolution)
+        return train.render_glyph_scene(scene, resolution)
+    monkeypatch.setattr(train.GlyphsDataset, 'render', staticmethod(counting_render))
+
+    def fresh(split, index, resolution, seed):   # the image without any dataset object
+        image = torch.from_numpy(train.render_glyph_scene(
+            train.make_glyph_scene(split, index, seed), resolution))
+        return (image - torch.tensor(train.IMAGENET_MEAN).view(3, 1, 1)) \
+            / torch.tensor(train.IMAGENET_STD).view(3, 1, 1)
+
+    # A second dataset object (eval_multires builds one per checkpoint and policy) reuses them.
+    for _ in range(2):
+        val = train.GlyphsDataset('val', 6, 20, seed=5)
+        for i in range(6):
+            image, label = val[i]
+            torch.testing.assert_close(image, fresh('val', i, 20, 5), atol=0, rtol=0)
+            assert label == train.make_glyph_scene('val', i, 5)['label']
+    assert rendered == [20] * 6
+    # Another resolution or seed is another image.
+    train.GlyphsDataset('val', 6, 28, seed=5)[0]
+    other_seed = train.GlyphsDataset('val', 6, 20, seed=6)[0][0]
+    assert rendered == [20] * 6 + [28, 20]
+    torch.testing.assert_close(other_seed, fresh('val', 0, 20, 6), atol=0, rtol=0)
+    # Training scenes are never kept (fresh every epoch; and a window per scene).
+    rendered.clear()
+    train_set = train.GlyphsDataset('train', 6, 20, seed=5)
+    train_set[0], train_set[0]
+    assert rendered == [20, 20]
+    # Past the limit nothing more is kept; the images stay correct.
+    one = 3 * 20 * 20 * 4
+    small = train._RenderCache(limit_bytes=2 * one)
+    monkeypatch.setattr(train, 'VAL_RENDER_CACHE', small)
+    rendered.clear()
+    val = train.GlyphsDataset('val', 6, 20, seed=5)
+    for _ in range(2):
+        for i in range(4):
+            torch.testing.assert_close(val[i][0], fresh('val', i, 20, 5), atol=0, rtol=0)
+    assert small.used_bytes == 2 * one and len(small.images) == 2
+    assert rendered == [20] * 4 + [20] * 2
 
 
 def test_train_glyphs_resolution_independent():

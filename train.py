@@ -646,12 +646,45 @@ def render_glyph_scene(scene, resolution, segments=None):
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
+class _RenderCache:
+    """Validation images of the built-in data, kept per process once rendered.
+
+    Validation scenes never change, yet training scores them after every epoch and
+    eval_multires.py once per checkpoint and position policy; rendering (1-2 ms an image on
+    one CPU core) then costs as much as the tiny demo model's forward pass. Images are kept
+    until `limit_bytes` is reached (then new ones are rendered every time, as without a cache).
+    """
+
+    def __init__(self, limit_bytes):
+        self.limit_bytes, self.used_bytes, self.images = limit_bytes, 0, {}
+
+    def get(self, key, render):
+        """The (image, label) stored under `key`, or render() stored if it still fits."""
+        found = self.images.get(key)
+        if found is None:
+            found = render()
+            size = found[0].numel() * found[0].element_size()
+            if self.used_bytes + size <= self.limit_bytes:
+                self.images[key] = found
+                self.used_bytes += size
+        return found
+
+    def clear(self):
+        self.images.clear()
+        self.used_bytes = 0
+
+
+# 512 MiB: the glyph validation set (1000 scenes) at all 8 demo test resolutions takes 167 MB.
+VAL_RENDER_CACHE = _RenderCache(512 * 2 ** 20)
+
+
 class BuiltinDataset(Dataset):
     """`num_scenes` scenes of one split of a built-in task rendered at `resolution`,
     ImageNet-normalised; a subclass names the task's CLASSES and its make / render functions.
 
     set_epoch(e) makes a training set show scenes e * num_scenes ... (e + 1) * num_scenes - 1,
-    fresh ones every epoch; the validation split never calls it and stays fixed.
+    fresh ones every epoch; the validation split never calls it and stays fixed, so its images
+    are rendered once per process (VAL_RENDER_CACHE; callers must not change them in place).
     """
     CLASSES = ()
 
@@ -675,7 +708,14 @@ class BuiltinDataset(Dataset):
 
     def at_resolution(self, index, resolution):
         """Scene `index` rendered at `resolution` (the same scene at every resolution)."""
-        scene = self.make(self.split, self.offset + index, self.seed, **self.scene_options)
+        if self.split != 'val':   # training scenes are fresh every epoch: nothing to keep
+            return self._render(self.offset + index, resolution)
+        key = (type(self).__name__, self.seed, tuple(sorted(self.scene_options.items())),
+               self.offset + index, int(resolution))
+        return VAL_RENDER_CACHE.get(key, lambda: self._render(self.offset + index, resolution))
+
+    def _render(self, scene_index, resolution):
+        scene = self.make(self.split, scene_index, self.seed, **self.scene_options)
         image = torch.from_numpy(self.render(scene, resolution))
         return (image - self.mean) / self.std, scene['label']
 
