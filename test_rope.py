@@ -2702,6 +2702,15 @@ def test_eval_format_table_layout():
     assert mixed == ['ViT-S RoPE-Mixed', '55.7', '80.9', '-']
     per_row = train.format_table(results, {'ViT-S APE': 96, 'ViT-S RoPE-Mixed': 224})
     assert '35.4*' in per_row and '80.9*' in per_row and '224*' not in per_row
+    # Means over seeds (--mean-over-seeds) show their spread; a group of one run has none.
+    means = {'3 seeds': [{'resolution': 224, 'top1': 80.44, 'top1_sd': 0.25, 'runs': 3}],
+             'one seed': [{'resolution': 224, 'top1': 79.96, 'top1_sd': 0.0, 'runs': 1}]}
+    lines = train.format_table(means, 224).splitlines()
+    assert [c.strip() for c in lines[2].strip('|').split('|')] == ['3 seeds', '80.4 ± 0.2']
+    assert [c.strip() for c in lines[3].strip('|').split('|')] == ['one seed', '80.0']
+    assert lines[-1].endswith('over 3 runs (seeds); a row without ± is one run')
+    only_one = train.format_table({'one seed': means['one seed']}, 224)
+    assert '±' not in only_one.replace('a row without ±', '') and 'deviation' not in only_one
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1829,14 +1829,18 @@ def format_table(results, train_res):
                 continue
             cell = f"{row['top1']:.1f}"
             if 'top1_sd' in row:   # a mean over seeds (eval_multires.py --mean-over-seeds)
-                cell += f" ± {row['top1_sd']:.1f}"
                 runs.add(row['runs'])
+                if row['runs'] > 1:   # one run has no spread to show
+                    cell += f" ± {row['top1_sd']:.1f}"
             cells.append(cell + ('*' if r == own else ''))
         lines.append(cells)
     caption = 'top-1 accuracy (%); * = training resolution'
-    if runs:
+    several = sorted(n for n in runs if n > 1)
+    if several:
         caption += ('; mean ± sample standard deviation over '
-                    + '/'.join(str(n) for n in sorted(runs)) + ' runs (seeds)')
+                    + '/'.join(str(n) for n in several) + ' runs (seeds)')
+    if 1 in runs:
+        caption += '; a row without ± is one run'
     return _markdown_table(lines, caption)
 
 
