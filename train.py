@@ -708,11 +708,12 @@ class BuiltinDataset(Dataset):
 
     def at_resolution(self, index, resolution):
         """Scene `index` rendered at `resolution` (the same scene at every resolution)."""
+        scene_index = self.offset + index
         if self.split != 'val':   # training scenes are fresh every epoch: nothing to keep
-            return self._render(self.offset + index, resolution)
+            return self._render(scene_index, resolution)
         key = (type(self).__name__, self.seed, tuple(sorted(self.scene_options.items())),
-               self.offset + index, int(resolution))
-        return VAL_RENDER_CACHE.get(key, lambda: self._render(self.offset + index, resolution))
+               scene_index, int(resolution))
+        return VAL_RENDER_CACHE.get(key, lambda: self._render(scene_index, resolution))
 
     def _render(self, scene_index, resolution):
         scene = self.make(self.split, scene_index, self.seed, **self.scene_options)
