@@ -47,6 +47,10 @@ import statistics
 import sys
 import time
 
+# torch's profiler library (kineto) writes two lines to stderr per profiled step, and on a machine
+# without a GPU an error line about the GPU count: they would bury the tables. Level 6 silences
+# it (read when the profiler first starts; a value already in the environment wins).
+os.environ.setdefault('KINETO_LOG_LEVEL', '6')
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
