@@ -1,6 +1,6 @@
 """Train RoPE-ViT / Swin-RoPE with the paper's recipes (single process or torchrun / DDP).
 
-Built-in demo, no data needed (the `glyphs` data, a small ViT, about 10 minutes on 2 CPU cores):
+Built-in demo, no data needed (the `glyphs` data, a small ViT, 10-11 minutes on 2 CPU cores):
     torchrun --nproc_per_node=2 train.py --pe rope_mixed
     python train.py --pe ape                      # one process, no torchrun
 ImageNet-style folders (DIR/train/<class>/*, DIR/val/<class>/*), DeiT-III recipe for ViT:
