@@ -1,0 +1,581 @@
+"""Faults in train.py: torchrun runs killed, stopped or restarted at random moments end bit-identical
+to an uninterrupted run; storage errors, damaged checkpoints and resume discovery. All slow.
+"""
+import errno
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+
+from testkit import (_TRAIN_FAULT_ARGS, _TRAIN_SCRIPT, _TRAIN_SMALL, _TRAIN_TIMEOUT, _train_cli,
+    _train_env, _train_state, _train_torchrun, _train_write_folder)
+
+# Slow: each test trains several short runs, most of them under torchrun.
+pytestmark = pytest.mark.slow
+
+
+def _train_children(pid):
+    """The pids of the children of `pid` (Linux /proc)."""
+    try:
+        with open(f'/proc/{pid}/task/{pid}/children') as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _train_kill_tree(pid, sig=signal.SIGKILL):
+    """Send `sig` to pid and all its descendants: torchrun starts each worker in a session of
+    its own, so killing torchrun's group leaves the workers running."""
+    todo, seen = [pid], []
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        todo += _train_children(p)
+    for p in seen:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+class _TrainProcesses:
+    """Subprocesses of a test, every one of them (and its workers) killed at the end."""
+
+    def __init__(self):
+        self.procs, self.files = [], []
+
+    def __enter__(self):
+        return self
+
+    def start(self, cmd, cwd, env=None, log=None):
+        out = subprocess.DEVNULL
+        if log:
+            out = open(log, 'w')
+            self.files.append(out)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env or _train_env(), text=True, stdout=out,
+                                stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def __exit__(self, *exc_info):
+        for proc in self.procs:
+            if proc.poll() is None:
+                _train_kill_tree(proc.pid)
+                proc.wait()
+        for f in self.files:
+            f.close()
+
+
+def _train_after_saves(logs, procs, count):
+    """Wait until the runs writing `logs` have reported `count` mid-epoch saves (of the 9 that
+    _TRAIN_FAULT_ARGS makes, the 8th in the last epoch): a moment chosen by progress rather than
+    by time, so that it falls inside training on a fast machine as on a loaded one."""
+    deadline = time.time() + _TRAIN_TIMEOUT
+    while sum(p.read_text().count('saved recovery_') for p in logs if p.exists()) < count:
+        assert time.time() < deadline, f'fewer than {count} saves in {_TRAIN_TIMEOUT} s'
+        assert all(p.poll() is None for p in procs), f'a run ended before {count} saves'
+        time.sleep(0.005)
+
+
+def _train_random_moment():
+    """After 1-7 saves, then up to 0.1 s (inside a step, a save or an evaluation)."""
+    return random.randint(1, 7), random.uniform(0.0, 0.1)
+
+
+def _train_assert_same_run(reference, other):
+    """Two finished runs: bit-identical weights and optimizer state, the same log records
+    (but for their wall times)."""
+    a, b = _train_state(reference / 'checkpoint.pth'), _train_state(other / 'checkpoint.pth')
+    assert a['epoch'] == b['epoch']
+    assert a['model'].keys() == b['model'].keys()
+    for key, value in a['model'].items():
+        assert torch.equal(value, b['model'][key]), key
+    for s, t in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        for key in s:
+            assert torch.equal(torch.as_tensor(s[key]), torch.as_tensor(t[key])), key
+    assert a['lr_scheduler']['last_epoch'] == b['lr_scheduler']['last_epoch']
+
+    def records(run):
+        lines = (run / 'log.jsonl').read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != 'seconds'} for line in lines]
+    assert records(reference) == records(other)
+
+
+def test_train_torchrun_two_processes_outputs_and_recovery_rotation(_train_reference_run):
+    full, done = _train_reference_run
+    assert done.stdout.count('epoch 1/4 done') == 1          # only rank 0 prints
+    assert 'world_size: 2' in done.stdout and 'top-1 accuracy' in done.stdout
+    records = [json.loads(line) for line in (full / 'log.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in records] == [1, 2, 3, 4]
+    ckpt = _train_state(full / 'checkpoint.pth')
+    assert ckpt['epoch'] == 3 and len(ckpt['rng']) == 2 and ckpt['steps_per_epoch'] == 12
+    for key in ('model', 'pe', 'model_kwargs', 'img_size', 'num_classes', 'dataset', 'data_path',
+                'builtin_val', 'builtin_seed', 'eval_crop_ratio', 'recipe', 'lr', 'batch_size',
+                'run_id'):
+        assert key in ckpt['args'], key
+    assert ckpt['args']['recipe'] == 'demo' and ckpt['args']['dataset'] == 'glyphs'
+    assert json.loads((full / 'config.json').read_text()) == ckpt['args']
+    assert (full / 'best.pth').is_file() and (full / 'resolutions.json').is_file()
+    model = train.build_model(ckpt['args'])
+    model.load_state_dict(ckpt['model'])
+    # Saves every 5 steps (global steps 5, 10, ..., 45) and at every epoch end; the newest two
+    # are kept: the last mid-epoch one (step 45 = epoch 4, step 9: 9 x 16 images) and the end.
+    assert [os.path.basename(p) for p in train.recovery_files(str(full))] == [
+        'recovery_e0004_i000000000.pth', 'recovery_e0003_i000000144.pth']
+    assert os.path.samefile(full / 'checkpoint.pth', full / 'recovery_e0004_i000000000.pth')
+    assert done.stdout.count('saved recovery_') == 9   # the epoch ends say 'epoch N done'
+    assert not list(full.glob('*.tmp'))
+    # A mid-epoch checkpoint holds where the epoch was, per rank.
+    mid = _train_state(full / 'recovery_e0003_i000000144.pth')
+    assert (mid['epoch'], mid['images'], len(mid['epoch_sums'])) == (2, 144, 2)
+    assert train._digest_matches(mid) and train._digest_matches(ckpt)
+
+
+def test_train_sigkill_at_a_random_moment_then_resume_auto_is_bit_identical(
+        _train_reference_run, tmp_path):
+    full, _ = _train_reference_run
+    cut = tmp_path / 'cut'
+    saves, delay = moment = _train_random_moment()
+    with _TrainProcesses() as procs:
+        log = tmp_path / 'killed.log'
+        proc = procs.start(_train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut)]),
+                           tmp_path, log=log)
+        _train_after_saves([log], [proc], saves)
+        time.sleep(delay)
+        _train_kill_tree(proc.pid)   # the whole job, workers included, as a node crash
+        proc.wait()
+    assert proc.returncode != 0, f'the run finished before the kill {moment}'
+    resumed = subprocess.run(
+        _train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut), '--resume', 'auto']),
+        cwd=tmp_path, env=_train_env(), capture_output=True, text=True, timeout=_TRAIN_TIMEOUT)
+    assert resumed.returncode == 0, (moment, resumed.stderr[-3000:])
+    assert f'resumed from {cut}{os.sep}recovery_e' in resumed.stdout, moment
+    _train_assert_same_run(full, cut)
+    assert not list(cut.glob('*.tmp'))
+
+
+def _train_free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def _train_wait_gone(pids, timeout=_TRAIN_TIMEOUT):
+    deadline = time.time() + timeout
+    while any(os.path.exists(f'/proc/{p}') and _train_proc_state(p) != 'Z' for p in pids):
+        assert time.time() < deadline, f'processes {pids} did not exit'
+        time.sleep(0.01)
+
+
+def _train_proc_state(pid):
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0]
+    except OSError:
+        return 'gone'
+
+
+def _train_stop_message(output):
+    stops = re.findall(r'stopped by (SIG\w+) (?:at epoch \d/4, step \d+/12|after epoch \d/4): '
+                       r'saved (\S+); run the same command with --resume auto to continue '
+                       r'\(exit status 75\)', output)
+    assert len(stops) == 1, output[-3000:]   # rank 0 only
+    return stops[0]
+
+
+def test_train_sigterm_stops_every_rank_at_one_step_saves_once_and_resumes_bit_identical(
+        _train_reference_run, tmp_path):
+    full, _ = _train_reference_run
+    cut = tmp_path / 'cut'
+    saves, delay = moment = _train_random_moment()
+    with _TrainProcesses() as procs:
+        log = tmp_path / 'stopped.log'
+        proc = procs.start(_train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut)]),
+                           tmp_path, log=log)
+        _train_after_saves([log], [proc], saves)
+        time.sleep(delay)
+        workers = _train_children(proc.pid)
+        # As a scheduler does: SIGTERM to every process, then again while the state is saved.
+        signalled = time.time()
+        _train_kill_tree(proc.pid, signal.SIGTERM)
+        time.sleep(0.05)
+        _train_kill_tree(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=_TRAIN_TIMEOUT)
+        _train_wait_gone(workers)
+        stop_seconds = time.time() - signalled
+    output = (tmp_path / 'stopped.log').read_text()
+    name, saved = _train_stop_message(output)
+    assert name == 'SIGTERM', output[-3000:]
+    assert 'train.py", line' not in output, output[-3000:]   # torchrun's own traceback only
+    # Bounded: well inside torchrun's 30 s before it sends SIGKILL (measured: about 0.3 s).
+    assert stop_seconds < 20, stop_seconds
+    assert train.recovery_files(str(cut))[0] == saved and not list(cut.glob('*.tmp'))
+    state = _train_state(saved)
+    assert train._digest_matches(state) and len(state['rng']) == 2
+    resumed = subprocess.run(
+        _train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut), '--resume', 'auto']),
+        cwd=tmp_path, env=_train_env(), capture_output=True, text=True, timeout=_TRAIN_TIMEOUT)
+    assert resumed.returncode == 0, (moment, resumed.stderr[-3000:])
+    assert f'resumed from {saved} (--resume auto)' in resumed.stdout
+    _train_assert_same_run(full, cut)
+
+
+def test_train_lost_worker_torchrun_restart_resumes_by_itself_bit_identical(
+        _train_reference_run, tmp_path):
+    full, _ = _train_reference_run
+    cut = tmp_path / 'cut'
+    restarting = ['--max-restarts', '1']
+    with _TrainProcesses() as procs:
+        # No --resume: the restarted workers continue from their own checkpoints all the same.
+        log = tmp_path / 'run.log'
+        proc = procs.start(_train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut)],
+                                           launcher=restarting), tmp_path, log=log)
+        saves, delay = _train_random_moment()
+        _train_after_saves([log], [proc], saves)
+        time.sleep(delay)
+        os.kill(_train_children(proc.pid)[-1], signal.SIGKILL)
+        assert proc.wait(timeout=_TRAIN_TIMEOUT) == 0, (tmp_path / 'run.log').read_text()[-3000:]
+    output = (tmp_path / 'run.log').read_text()
+    assert re.search(r'resumed from \S+recovery_e\d+_i\d+\.pth after a torchrun restart',
+                     output), output[-3000:]
+    _train_assert_same_run(full, cut)
+
+
+def _train_two_nodes(procs, port, out, cwd, tag, extra=()):
+    """Two torchrun agents of one process each, meeting at a c10d rendezvous on localhost: the
+    README's several-node command on one machine, with its environment."""
+    env = dict(_train_env(), TORCH_DISABLE_SHARE_RDZV_TCP_STORE='1')
+    agents = []
+    for node in range(2):
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2',
+               '--nproc_per_node', '1', '--rdzv-backend', 'c10d',
+               '--rdzv-endpoint', f'localhost:{port}', '--rdzv-id', f'test-{port}',
+               '--max-restarts', '1', _TRAIN_SCRIPT] + _TRAIN_FAULT_ARGS + [
+               '--output-dir', str(out), '--resume', 'auto', *extra]
+        agents.append(procs.start(cmd, cwd, env=env, log=cwd / f'{tag}_node{node}.log'))
+    return agents
+
+
+def test_train_two_nodes_c10d_preempt_resume_and_lost_node_are_bit_identical(
+        _train_reference_run, tmp_path):
+    full, _ = _train_reference_run
+    # 1. Both nodes preempted after a checkpoint, then the same command again on both.
+    out = tmp_path / 'preempted'
+    with _TrainProcesses() as procs:
+        agents = _train_two_nodes(procs, _train_free_port(), out, tmp_path, 'first')
+        saves, delay = _train_random_moment()
+        _train_after_saves([tmp_path / f'first_node{n}.log' for n in range(2)], agents, saves)
+        time.sleep(delay)
+        workers = [w for a in agents for w in _train_children(a.pid)]
+        for agent in agents:
+            _train_kill_tree(agent.pid, signal.SIGTERM)
+        for agent in agents:
+            agent.wait(timeout=_TRAIN_TIMEOUT)
+        _train_wait_gone(workers)
+    logs = ''.join((tmp_path / f'first_node{n}.log').read_text() for n in range(2))
+    _, saved = _train_stop_message(logs)
+    with _TrainProcesses() as procs:
+        agents = _train_two_nodes(procs, _train_free_port(), out, tmp_path, 'second')
+        for agent in agents:
+            assert agent.wait(timeout=_TRAIN_TIMEOUT) == 0, logs
+    logs = ''.join((tmp_path / f'second_node{n}.log').read_text() for n in range(2))
+    assert f'resumed from {saved} (--resume auto)' in logs, logs[-3000:]
+    _train_assert_same_run(full, out)
+
+    # 2. A node's worker lost mid-run: both agents restart their workers, which resume.
+    out = tmp_path / 'lost'
+    with _TrainProcesses() as procs:
+        agents = _train_two_nodes(procs, _train_free_port(), out, tmp_path, 'lost')
+        saves, delay = _train_random_moment()
+        _train_after_saves([tmp_path / f'lost_node{n}.log' for n in range(2)], agents, saves)
+        time.sleep(delay)
+        os.kill(_train_children(agents[1].pid)[0], signal.SIGKILL)
+        for agent in agents:
+            assert agent.wait(timeout=_TRAIN_TIMEOUT) == 0
+    logs = ''.join((tmp_path / f'lost_node{n}.log').read_text() for n in range(2))
+    assert 'resumed from' in logs, logs[-3000:]
+    _train_assert_same_run(full, out)
+
+
+def test_train_resume_mid_epoch_on_another_batch_size_continues_at_the_same_point(
+        tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'out'
+    _train_send_at_step(monkeypatch, {3: signal.SIGTERM})
+    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out)]) == 75   # 24 images seen
+    _train_send_at_step(monkeypatch, {})
+    capsys.readouterr()
+    # Batch 4 instead of 8: 8 steps per epoch, the same 24 images are 6 of them; the schedule
+    # (16 steps now) goes on from step 6 with the learning rate of the new batch.
+    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--batch-size', '4',
+                                      '--resume', 'auto']) == 0
+    printed = capsys.readouterr().out
+    assert (f"resumed from {out / 'recovery_e0000_i000000024.pth'} (--resume auto): epoch 1/2, "
+            'step 6/8') in printed
+    assert ('the checkpoint was written by 1 process(es) x batch 8, this run has 1 x 4: the '
+            'schedule goes on from step 6 of 16 at lr 6.25e-05') in printed
+    final = _train_state(out / 'checkpoint.pth')
+    assert final['lr_scheduler']['last_epoch'] == 16 and final['steps_per_epoch'] == 8
+    assert [json.loads(line)['epoch'] for line in (out / 'log.jsonl').read_text().splitlines()] \
+        == [1, 2]
+    assert final['optimizer']['param_groups'][0]['lr'] == pytest.approx(1e-5)   # min_lr at the end
+
+
+def _train_send_at_step(monkeypatch, schedule):
+    """train._loss sends this process the signal schedule[n] while computing training step n
+    (counted from 1 in this run): a preemption at a chosen step."""
+    real_loss, calls = train._loss, [0]
+
+    def loss(*args):
+        calls[0] += 1
+        if calls[0] in schedule:
+            os.kill(os.getpid(), schedule[calls[0]])
+        return real_loss(*args)
+    monkeypatch.setattr(train, '_loss', loss)
+
+
+def _train_folder_run_args(data):
+    """The DeiT-III recipe on a tiny folder: 3-Augment, mixup / cutmix, repeated augmentation
+    x3, drop path, LAMB, BCE. One process, 3 steps per epoch, 2 epochs."""
+    return ['--model', 'vit_tiny', '--pe', 'rope_mixed_ape', '--data-path', str(data),
+            '--epochs', '2', '--batch-size', '4', '--img-size', '16', '--patch-size', '8',
+            '--embed-dim', '32', '--depth', '2', '--num-heads', '2', '--eval-resolutions', '16',
+            '--drop-path', '0.1', '--save-every-steps', '2', '--print-freq', '1']
+
+
+def test_train_mid_epoch_stop_by_signal_resumes_bit_identical_with_augmentation_and_workers(
+        tmp_path, capsys, monkeypatch):
+    data = tmp_path / 'data'
+    _train_write_folder(data, corrupt=False)
+    args = _train_folder_run_args(data)
+    full, cut = tmp_path / 'full', tmp_path / 'cut'
+    assert _train_cli(args + ['--output-dir', str(full), '--num-workers', '0']) == 0
+    assert _train_state(full / 'checkpoint.pth')['args']['recipe'] == 'deit3'
+    capsys.readouterr()
+
+    # Stopped by SIGUSR1 in step 2 of epoch 1, with loader workers that also get signals; a
+    # second signal (SIGTERM) arrives while the checkpoint is written.
+    real_save, saves = torch.save, []
+
+    def save_under_fire(obj, f, *a, **kw):
+        saves.append(obj.get('images'))
+        os.kill(os.getpid(), signal.SIGTERM)
+        for worker in _train_children(os.getpid()):   # the loader's forked workers
+            os.kill(worker, signal.SIGTERM)
+        return real_save(obj, f, *a, **kw)
+    monkeypatch.setattr(torch, 'save', save_under_fire)
+    _train_send_at_step(monkeypatch, {2: signal.SIGUSR1})
+    status = _train_cli(args + ['--output-dir', str(cut), '--num-workers', '2'])
+    err = capsys.readouterr().err
+    saved = cut / 'recovery_e0000_i000000008.pth'
+    assert status == train.EXIT_STOPPED == 75
+    assert err == (f'stopped by SIGUSR1 at epoch 1/2, step 2/3: saved {saved}; run the same '
+                   'command with --resume auto to continue (exit status 75)\n'), err
+    assert saves == [8]   # one save, at the step the signal came in
+    assert train._digest_matches(_train_state(saved)) and not list(cut.glob('*.tmp'))
+    monkeypatch.setattr(torch, 'save', real_save)
+
+    # Resumed, stopped again in the epoch's last step (so after its evaluation and save), and
+    # resumed again with another worker count.
+    _train_send_at_step(monkeypatch, {1: signal.SIGTERM})
+    assert _train_cli(args + ['--output-dir', str(cut), '--num-workers', '2',
+                              '--resume', 'auto']) == 75
+    out, err = capsys.readouterr()
+    assert f'resumed from {saved} (--resume auto): epoch 1/2, step 2/3' in out
+    assert err.startswith('stopped by SIGTERM after epoch 1/2: saved ') and err.count('\n') == 1
+    _train_send_at_step(monkeypatch, {})
+    assert _train_cli(args + ['--output-dir', str(cut), '--num-workers', '1',
+                              '--resume', 'auto']) == 0
+    assert 'resumed from' in capsys.readouterr().out
+    _train_assert_same_run(full, cut)
+
+
+def _train_snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix == '.pth'}
+
+
+def test_train_failed_checkpoint_write_stops_with_one_line_and_keeps_previous_files(
+        _train_small_reference, tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'out'
+    shutil.copytree(_train_small_reference, out)
+    before = _train_snapshot(out)
+    log_before = (out / 'log.jsonl').read_bytes()
+    capsys.readouterr()
+
+    # A full disk: torch.save gets part of the file out, then ENOSPC.
+    real_save = torch.save
+
+    def disk_full(obj, f, *a, **kw):
+        f.write(b'PK\x03\x04 half a checkpoint')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, 'save', disk_full)
+    status = _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--epochs', '3',
+                                        '--resume', 'auto'])
+    err = capsys.readouterr().err
+    assert status == train.EXIT_SAVE_FAILED == 74
+    assert err.startswith(f'error: cannot write {out / "recovery_e0002_i000000008.pth"}: No space '
+                          'left on device; the files written before are kept') \
+        and err.count('\n') == 1, err
+    assert _train_snapshot(out) == before and (out / 'log.jsonl').read_bytes() == log_before
+    assert not list(out.glob('*.tmp'))
+    monkeypatch.setattr(torch, 'save', real_save)
+
+    # A read-only folder (tests run as root, for whom chmod does not block writes).
+    real_open = open
+
+    def read_only(path, mode='r', *a, **kw):
+        if str(path).startswith(str(out)) and any(c in mode for c in 'wax+'):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, mode, *a, **kw)
+    monkeypatch.setattr(train, 'open', read_only, raising=False)
+    status = _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--epochs', '3',
+                                        '--resume', 'auto'])
+    err = capsys.readouterr().err
+    assert status == 74
+    assert err == f'error: cannot write {out / "config.json"}: Read-only file system\n', err
+    assert _train_snapshot(out) == before and not list(out.glob('*.tmp'))
+    monkeypatch.undo()
+
+    # The kernel's own refusal: a file size limit (EFBIG) in a real process, which leaves a
+    # partly written file behind for train.py to remove.
+    import resource
+    fresh = tmp_path / 'limited'
+    limit = 64 * 1024   # above config.json, below one checkpoint
+    done = subprocess.run(
+        [sys.executable, _TRAIN_SCRIPT] + _TRAIN_SMALL + ['--output-dir', str(fresh)],
+        cwd=tmp_path, env=_train_env(), capture_output=True, text=True, timeout=_TRAIN_TIMEOUT,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert done.returncode == 74, done.stderr[-2000:]
+    assert done.stderr == (f'error: cannot write {fresh / "recovery_e0000_i000000008.pth"}: File '
+                           'too large; the files written before are kept (--on-save-error warn '
+                           'reports such a failure and trains on)\n'), done.stderr
+    assert sorted(p.name for p in fresh.iterdir()) == ['config.json']
+
+
+def test_train_save_error_warn_trains_on_and_removes_nothing_until_a_save_succeeds(
+        _train_small_reference, tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'out'
+    real_save, calls, seen = torch.save, [0], {}
+
+    def flaky_disk(obj, f, *a, **kw):   # saves 3 and 4 (step 3, epoch 1's end) fail
+        calls[0] += 1
+        seen[calls[0]] = sorted(p.name for p in out.glob('recovery_*.pth'))
+        if calls[0] in (3, 4):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *a, **kw)
+    monkeypatch.setattr(torch, 'save', flaky_disk)
+    status = _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--on-save-error', 'warn'])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith('warning: ')]
+    assert warnings == [f'warning: cannot write {out / name}: No space left on device; training '
+                        'goes on (--on-save-error warn)' for name in
+                        ('recovery_e0000_i000000024.pth', 'recovery_e0001_i000000000.pth')], err
+    kept = ['recovery_e0000_i000000008.pth', 'recovery_e0000_i000000016.pth']
+    assert seen[3] == seen[4] == seen[5] == kept   # nothing removed while saves failed
+    # The first save that worked removed the oldest; the newest two remain.
+    assert seen[6] == ['recovery_e0000_i000000016.pth', 'recovery_e0001_i000000008.pth']
+    _train_assert_same_run(_train_small_reference, out)   # the record of epoch 1 came later
+
+
+def test_train_resume_auto_falls_back_past_damaged_checkpoints_naming_both(
+        _train_small_reference, tmp_path, capsys):
+    newest, previous = 'recovery_e0002_i000000000.pth', 'recovery_e0001_i000000024.pth'
+    assert [os.path.basename(p) for p in train.recovery_files(str(_train_small_reference))] \
+        == [newest, previous]
+    for damage in ('truncated', 'random bytes inside', 'random bytes'):
+        out = tmp_path / damage.replace(' ', '_')
+        shutil.copytree(_train_small_reference, out)
+        data = (out / newest).read_bytes()
+        if damage == 'truncated':
+            data = data[:len(data) // 2]
+        elif damage == 'random bytes inside':   # torch.load reads this without complaint
+            middle = len(data) // 2
+            data = data[:middle] + os.urandom(64) + data[middle + 64:]
+        else:
+            data = os.urandom(len(data))
+        (out / newest).write_bytes(data)
+        capsys.readouterr()
+        assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--resume', 'auto']) == 0
+        printed = capsys.readouterr()
+        warning = [line for line in printed.err.splitlines() if line.startswith('warning:')]
+        assert len(warning) == 1 and warning[0].startswith(
+            f'warning: {out / newest} is damaged (') and warning[0].endswith(
+            f'); resuming from {out / previous} instead (the damaged file is kept as '
+            f'{newest}.damaged)'), (damage, printed.err)
+        assert f'resumed from {out / previous} (--resume auto): epoch 2/2, step 3/4' \
+            in printed.out
+        assert (out / f'{newest}.damaged').read_bytes() == data
+        _train_assert_same_run(_train_small_reference, out)
+
+    # Nothing sound left: one line, exit 2, nothing written.
+    out = tmp_path / 'all_damaged'
+    shutil.copytree(_train_small_reference, out)
+    for path in list(out.glob('recovery_*.pth')) + [out / 'checkpoint.pth']:
+        path.write_bytes(path.read_bytes()[:100])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    status = _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--resume', 'auto'])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith('error: --resume auto: no sound checkpoint in ') \
+        and err.count('\n') == 1 and newest in err and 'checkpoint.pth' in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_train_resume_auto_continues_only_its_own_run_and_a_torchrun_restart_implies_it(
+        _train_small_reference, tmp_path, capsys, monkeypatch):
+    # A torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) of a run without --resume continues
+    # from what that torchrun's run saved.
+    out = tmp_path / 'out'
+    monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'first-torchrun')
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '0')
+    _train_send_at_step(monkeypatch, {6: signal.SIGTERM})
+    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out)]) == 75
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')
+    _train_send_at_step(monkeypatch, {})
+    capsys.readouterr()
+    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out)]) == 0
+    assert (f"resumed from {out / 'recovery_e0001_i000000016.pth'} after a torchrun restart "
+            '(auto implied): epoch 2/2, step 2/4') in capsys.readouterr().out
+    _train_assert_same_run(_train_small_reference, out)
+
+    # Another torchrun, restarted, without --resume: a fresh start, as its command says.
+    monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'second-torchrun')
+    _train_send_at_step(monkeypatch, {1: signal.SIGTERM})
+    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--seed', '1']) == 75
+    printed = capsys.readouterr().out
+    assert 'resumed from' not in printed
+    assert (f'note: 2 checkpoint(s) of an earlier run in {out} are not continued, and this '
+            "run's saves replace them (recovery_e0002_i000000000.pth, "
+            'recovery_e0001_i000000024.pth)') in printed
+    # Its first save removed the first run's recovery checkpoints; --resume auto continues it.
+    assert [os.path.basename(p) for p in train.recovery_files(str(out))] == [
+        'recovery_e0000_i000000008.pth']
+    monkeypatch.delenv('TORCHELASTIC_RUN_ID')
+    monkeypatch.delenv('TORCHELASTIC_RESTART_COUNT')
+
+    # A fresh start that failed before its first save leaves the folder's checkpoints to the
+    # run before it: --resume auto starts afresh instead of continuing that other run.
+    other = tmp_path / 'other'
+    shutil.copytree(_train_small_reference, other)
+    finite_loss = train._loss
+    monkeypatch.setattr(train, '_loss', lambda *a: finite_loss(*a) * float('nan'))
+    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(other), '--seed', '1']) == 1
+    monkeypatch.setattr(train, '_loss', finite_loss)
+    _train_send_at_step(monkeypatch, {1: signal.SIGTERM})
+    capsys.readouterr()
+    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(other), '--seed', '1',
+                                      '--resume', 'auto']) == 75
+    printed = capsys.readouterr().out
+    assert 'note: 3 checkpoint(s) of an earlier run' in printed and 'starting from scratch' in printed
+    assert [os.path.basename(p) for p in train.recovery_files(str(other))] == [
+        'recovery_e0000_i000000008.pth']

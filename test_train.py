@@ -1,0 +1,377 @@
+"""train.py in one process: folder and built-in data, recipes, LAMB, samplers, several training
+resolutions, pooling, bad input and range checks, the closing table.
+"""
+import json
+import math
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+import eval_multires
+
+from testkit import (_TRAIN_SCRIPT, _TRAIN_TINY, _eval_train_res, _train_cli, _train_env,
+    _train_state, _train_write_folder)
+
+
+def test_train_image_folder_deit3_recipe_skips_corrupt_images(tmp_path, capsys):
+    data = tmp_path / 'data'
+    _train_write_folder(data, corrupt=True)
+    # Fine-tune from weights of another class count (8) and resolution (32 px: APE grid 4x4).
+    source = train.build_model({'model': 'vit_tiny', 'model_kwargs': dict(
+        pe='rope_mixed_ape', num_classes=8, img_size=32, patch_size=8, embed_dim=32, depth=1,
+        num_heads=2)})
+    torch.save({'model': source.state_dict()}, tmp_path / 'source.pth')
+    out = tmp_path / 'out'
+    status = _train_cli(['--model', 'vit_tiny', '--pe', 'rope_mixed_ape', '--data-path', str(data),
+                         '--finetune', str(tmp_path / 'source.pth'),
+                         '--output-dir', str(out), '--epochs', '1', '--batch-size', '4',
+                         '--num-workers', '0', '--img-size', '16', '--patch-size', '8',
+                         '--embed-dim', '32', '--depth', '1', '--num-heads', '2',
+                         '--eval-resolutions', '16', '24'])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    args = _train_state(out / 'checkpoint.pth')['args']
+    # The DeiT-III recipe for a ViT on folders.
+    assert (args['recipe'], args['opt'], args['loss'], args['aug'], args['repeated_aug']) == \
+        ('deit3', 'lamb', 'bce', 'three', 3)
+    assert args['num_classes'] == 2 and args['dataset'] == 'folder'
+    assert 'lr = 0.004 x total batch 4 / 2048' in captured.out
+    assert 'dropped head.weight, head.bias' in captured.out
+    record = json.loads((out / 'log.jsonl').read_text())
+    assert record['skipped'] >= 1           # the corrupt val image, plus train copies if drawn
+    assert 'skipping undecodable image' in captured.err
+    assert 'skipped' in captured.out
+    val = train.build_eval_dataset(args, 16)
+    stats = train.evaluate(train.build_model(args), train.build_eval_loader(val, 4),
+                           torch.device('cpu'))
+    assert (stats['n'], stats['skipped']) == (6, 1)
+
+
+def test_train_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'out'
+    base = _TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '16', '--builtin-val', '8',
+                          '--output-dir', str(out)]
+    assert _train_cli(base + ['--epochs', '1']) == 0
+    before = (out / 'checkpoint.pth').read_bytes()
+    capsys.readouterr()
+    finite_loss = train._loss
+    monkeypatch.setattr(train, '_loss', lambda *a: finite_loss(*a) * float('nan'))
+    status = _train_cli(base + ['--epochs', '2', '--resume', 'auto'])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.startswith('error: loss is nan at epoch 2') and err.count('\n') == 1, err
+    assert (out / 'checkpoint.pth').read_bytes() == before
+    assert len((out / 'log.jsonl').read_text().splitlines()) == 1
+
+
+def test_train_glyph_window_min_area(tmp_path, capsys):
+    # The default is RandomResizedCrop's 0.08, and the same scenes as before the option existed.
+    assert train.make_glyph_scene('train', 7, 0) == train.make_glyph_scene('train', 7, 0, 0.08)
+    for i in range(100):
+        half = train.make_glyph_scene('train', i, 0, window_min_area=0.5)
+        x0, y0, side = half['window']
+        box = train.glyph_box(half['glyph'])
+        assert side ** 2 >= 0.5 and x0 < box[0] and box[2] < x0 + side
+        # 1: every training view is the whole scene, as a validation view (the ablation's
+        # "no random window"); the scene itself is unchanged.
+        whole = train.make_glyph_scene('train', i, 0, window_min_area=1.0)
+        assert whole['window'] == [0.0, 0.0, 1.0]
+        assert {k: v for k, v in whole.items() if k != 'window'} == \
+            {k: v for k, v in half.items() if k != 'window'}
+    # train.py: stored in the configuration and used by the training set.
+    run = tmp_path / 'w'
+    assert _train_cli(_TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '8', '--builtin-val',
+                                     '8', '--epochs', '1', '--glyph-window-min-area', '1',
+                                     '--output-dir', str(run)]) == 0
+    cfg = _train_state(run / 'checkpoint.pth')['args']
+    assert cfg['glyph_window_min_area'] == 1.0
+    assert train.build_train_dataset(cfg).scene_options == {'window_min_area': 1.0}
+    capsys.readouterr()
+    # It means nothing for the direction task or folders, and must lie in (0, 1].
+    for bad in (['--data', 'shapes', '--glyph-window-min-area', '0.5'],
+                ['--glyph-window-min-area', '0'], ['--glyph-window-min-area', '1.5']):
+        assert _train_cli(_TRAIN_TINY + bad + ['--output-dir', str(tmp_path / 'bad')]) == 2
+        assert 'glyph-window-min-area' in capsys.readouterr().err.replace('_', '-')
+    assert not (tmp_path / 'bad').exists()
+
+
+def test_train_global_pool_avg_is_stored_and_evaluates_without_flags(tmp_path, capsys):
+    run = tmp_path / 'avg'
+    assert _train_cli(_TRAIN_TINY + ['--pe', 'rope_mixed', '--batch-size', '8', '--builtin-train', '8',
+                                     '--builtin-val', '8', '--epochs', '1', '--global-pool', 'avg',
+                                     '--output-dir', str(run)]) == 0
+    state = _train_state(run / 'checkpoint.pth')
+    assert state['args']['model_kwargs']['global_pool'] == 'avg' and 'cls_token' not in state['model']
+    results, _ = eval_multires.main(eval_multires.get_args_parser().parse_args([
+        '--checkpoint', str(run / 'checkpoint.pth'), '--resolutions', '16', '--quiet',
+        '--output-dir', str(tmp_path / 'eval')]))
+    (label, rows), = results.items()
+    assert 'avg pool' in label
+    last = json.loads((run / 'log.jsonl').read_text().splitlines()[-1])
+    assert rows[0]['top1'] == last['val_top1']  # the same model rebuilt from the checkpoint
+    capsys.readouterr()
+    assert _train_cli(['--model', 'swin_tiny', '--global-pool', 'avg', '--output-dir', str(tmp_path / 'bad')]) == 2
+    assert 'apply to ViT models only' in capsys.readouterr().err
+    assert not (tmp_path / 'bad').exists()
+
+
+def test_train_several_resolutions_render_each_step_at_its_drawn_size(tmp_path, capsys):
+    cfg = {'seed': 3, 'train_resolutions': [12, 16, 20]}
+    draws = [train.train_step_resolution(cfg, e, s) for e in range(2) for s in range(30)]
+    assert set(draws) == {12, 16, 20}  # every size is drawn
+    assert draws == [train.train_step_resolution(cfg, e, s) for e in range(2) for s in range(30)]
+    assert train.train_step_resolution({**cfg, 'seed': 4}, 0, 0) is not None
+    assert train.train_step_resolution({'seed': 3, 'train_resolutions': None}, 0, 0) is None
+    # The loader, resumed at step 2 of epoch 1: each batch at its step's size, each image the
+    # scene of its index rendered at that size (the sampler's order, the seeds, the scenes).
+    data = train.GlyphsDataset('train', 16, 16)
+    order = torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0,
+                                                drop_last=True)
+    sampler = train.EpochSampler(order, 0, 0, 4, lambda e, s: train.train_step_resolution(cfg, e, s))
+    sampler.set_epoch(1, start=8)
+    data.set_epoch(1)
+    indices = list(order)
+    loader = torch.utils.data.DataLoader(train.SeededSamples(data), batch_size=4, sampler=sampler,
+                                         drop_last=True)
+    sizes = []
+    for step, (images, labels) in enumerate(loader, start=2):
+        size = train.train_step_resolution(cfg, 1, step)
+        sizes.append(size)
+        assert images.shape == (4, 3, size, size)
+        image, label = data.at_resolution(indices[4 * step + 1], size)
+        assert torch.equal(images[1], image) and labels[1] == label
+    assert len(sizes) == 2 and set(sizes) <= {12, 16, 20}
+    # train.py: stored, used, and checked against the patch size and the data.
+    run = tmp_path / 'multi'
+    assert _train_cli(_TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '16', '--builtin-val', '8',
+                                     '--epochs', '1', '--train-resolutions', '12', '16', '20',
+                                     '--output-dir', str(run)]) == 0
+    assert _train_state(run / 'checkpoint.pth')['args']['train_resolutions'] == [12, 16, 20]
+    capsys.readouterr()
+    for bad, message in ((['--train-resolutions', '16', '14'], 'train-resolutions'),
+                         (['--data-path', str(tmp_path), '--train-resolutions', '16'], 'built-in data only')):
+        assert _train_cli(_TRAIN_TINY + bad + ['--output-dir', str(tmp_path / 'bad')]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / 'bad').exists()
+
+
+def test_train_data_flag_and_builtin_checkpoints_evaluate_without_flags(tmp_path, capsys):
+    base = _TRAIN_TINY + ['--batch-size', '8', '--builtin-val', '12', '--epochs', '1']
+    # glyphs is the default; shapes, the counter-example, is chosen by name (its old flag
+    # names still work).
+    assert _train_cli(base + ['--builtin-train', '16', '--output-dir', str(tmp_path / 'g')]) == 0
+    assert _train_cli(base + ['--data', 'shapes', '--shapes-train', '16',
+                              '--output-dir', str(tmp_path / 's')]) == 0
+    glyphs = _train_state(tmp_path / 'g' / 'checkpoint.pth')
+    shapes = _train_state(tmp_path / 's' / 'checkpoint.pth')
+    assert (glyphs['args']['dataset'], glyphs['args']['num_classes']) == ('glyphs', 10)
+    assert (shapes['args']['dataset'], shapes['args']['num_classes']) == ('shapes', 8)
+    assert shapes['args']['builtin_train'] == 16 and glyphs['args']['builtin_val'] == 12
+    # A checkpoint written before glyphs existed: shapes_* settings, no --data.
+    legacy = dict(shapes, args={re.sub('^builtin_', 'shapes_', k): v
+                                for k, v in shapes['args'].items() if k != 'data'})
+    torch.save(legacy, tmp_path / 'legacy.pth')
+    capsys.readouterr()
+    results, _ = eval_multires.main(eval_multires.get_args_parser().parse_args([
+        '--checkpoint', str(tmp_path / 'g' / 'checkpoint.pth'), str(tmp_path / 'legacy.pth'),
+        '--labels', 'glyphs', 'legacy shapes', '--resolutions', '16', '24', '--quiet',
+        '--output-dir', str(tmp_path / 'eval')]))
+    # Each is scored on the validation scenes it was trained with, train.py's own numbers at 16.
+    for label, run in (('glyphs', 'g'), ('legacy shapes', 's')):
+        last = json.loads((tmp_path / run / 'log.jsonl').read_text().splitlines()[-1])
+        at_16 = results[label][0]
+        assert at_16['n'] == 12 and at_16['top1'] == last['val_top1'], label
+        assert math.isclose(at_16['loss'], last['val_loss'], rel_tol=1e-9)
+
+
+def test_train_lamb_step_matches_hand_computation():
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))          # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+    opt = train.Lamb([{'params': [w], 'weight_decay': 0.1}, {'params': [b], 'weight_decay': 0.0}],
+                     lr=0.1, eps=0.0)
+    w.grad = torch.tensor([1.0, 2.0])
+    b.grad = torch.tensor([-0.5, 0.25])
+    opt.step()
+    # First step: m_hat = g, v_hat = g^2, so the Adam direction is sign(g).
+    u = [1.0 + 0.1 * 3.0, 1.0 + 0.1 * 4.0]                     # sign(g) + wd * w
+    ratio = 5.0 / math.sqrt(u[0] ** 2 + u[1] ** 2)             # trust ratio ||w|| / ||u||
+    expected_w = torch.tensor([3.0 - 0.1 * ratio * u[0], 4.0 - 0.1 * ratio * u[1]])
+    torch.testing.assert_close(w.detach(), expected_w, atol=1e-6, rtol=0)
+    # No weight decay: a plain Adam step, no trust ratio.
+    torch.testing.assert_close(b.detach(), torch.tensor([1.1, -1.1]), atol=1e-6, rtol=0)
+    # Second step on w: moments by hand.
+    w.grad = torch.tensor([-1.0, 0.5])
+    w0 = w.detach().clone()
+    opt.step()
+    m = 0.9 * 0.1 * torch.tensor([1.0, 2.0]) + 0.1 * torch.tensor([-1.0, 0.5])
+    v = 0.999 * 0.001 * torch.tensor([1.0, 4.0]) + 0.001 * torch.tensor([1.0, 0.25])
+    update = (m / (1 - 0.9 ** 2)) / (v / (1 - 0.999 ** 2)).sqrt() + 0.1 * w0
+    expected = w0 - 0.1 * (w0.norm() / update.norm()) * update
+    torch.testing.assert_close(w.detach(), expected, atol=1e-6, rtol=0)
+
+
+def test_train_repeated_aug_sampler_spreads_copies_over_ranks():
+    data = list(range(12))
+    samplers = [train.RepeatedAugSampler(data, 3, rank, repeats=3, seed=1) for rank in range(3)]
+    for s in samplers:
+        s.set_epoch(5)
+    lists = [list(s) for s in samplers]
+    assert all(len(x) == 4 for x in lists)
+    assert lists[0] == lists[1] == lists[2]            # each rank gets its own copy of an image
+    assert len(set(lists[0])) == 4
+    samplers[0].set_epoch(6)
+    assert list(samplers[0]) != lists[0]
+
+
+def test_train_weight_decay_groups():
+    model = train.build_model({'model': 'vit_tiny', 'model_kwargs': dict(
+        pe='rope_mixed_ape', num_classes=3, img_size=16, patch_size=4, embed_dim=32, depth=1,
+        num_heads=2)})
+    decay, no_decay = train.param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay['params']}
+    assert {'cls_token', 'pos_embed', 'freqs'} <= skipped
+    assert all(names[id(p)].endswith('weight') and p.ndim > 1 for p in decay['params'])
+    assert no_decay['weight_decay'] == 0.0 and decay['weight_decay'] == 0.05
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--model', 'vit_huge'], 'unknown model'),
+    (['--pe', 'sinusoid'], 'sinusoid'),
+    (['--data-path', '{tmp}/nowhere'], 'does not exist'),
+    (['--data-path', '{tmp}'], 'has no train/ folder'),
+    (['--data-path', '{tmp}/empty'], 'no images'),
+    (['--epochs', '0'], '--epochs must be positive'),
+    (['--batch-size', '-1'], '--batch-size must be positive'),
+    (['--batch-size', '64', '--builtin-train', '32'], 'fewer than one total batch'),
+    (['--data', 'shapes', '--data-path', '{tmp}'], 'give one of them'),
+    (['--data', 'imagenet'], 'invalid choice'),
+    (['--aug', 'three'], 'a flip would turn 2 into 5'),
+    (['--data', 'shapes', '--aug', 'randaug'], 'would change the directions'),
+    (['--img-size', '18'], 'multiples of the patch size 4'),
+    (['--eval-resolutions', '16', '30'], '--eval-resolutions 30'),
+    (['--resume', '{tmp}/missing.pth'], 'does not exist'),
+    (['--resume', '{tmp}/corrupt.pth'], 'cannot read checkpoint'),
+    (['--finetune', '{tmp}/corrupt.pth'], 'cannot read checkpoint'),
+    (['--finetune', '{tmp}/other.pth'], 'does not fit vit_tiny: missing cls_token'),
+    (['--amp', 'fp8'], 'invalid choice'),
+])
+def test_train_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, argv, message):
+    (tmp_path / 'empty' / 'train' / 'a').mkdir(parents=True)
+    (tmp_path / 'empty' / 'val' / 'a').mkdir(parents=True)
+    (tmp_path / 'corrupt.pth').write_bytes(b'PK\x03\x04 truncated')
+    torch.save({'model': {'other.weight': torch.zeros(2)}}, tmp_path / 'other.pth')
+    out = tmp_path / 'out'
+    argv = [a.replace('{tmp}', str(tmp_path)) for a in argv]
+    status = _train_cli(_TRAIN_TINY + ['--output-dir', str(out)] + argv)
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith('error: ') and err.count('\n') == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_train_bad_input_from_the_shell_has_no_traceback(tmp_path):
+    done = subprocess.run([sys.executable, _TRAIN_SCRIPT, '--pe', 'bogus', '--output-dir',
+                           str(tmp_path / 'out')], cwd=tmp_path, env=_train_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith('error: ') and done.stderr.count('\n') == 1
+    assert 'rope_mixed' in done.stderr and 'Traceback' not in done.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+def _train_values_outside(limit, kind):
+    """Command-line strings just outside `limit` for a flag parsed by `kind` (int or float)."""
+    values = []
+    if limit.low is not None:
+        values.append(kind(limit.low if limit.low_open else limit.low - 1))
+    if limit.high is not None:
+        values.append(kind(limit.high if limit.high_open else limit.high + 1))
+    if kind is float:
+        values += [math.nan, math.inf]
+    return [str(v) for v in values]
+
+
+def test_train_and_eval_every_numeric_flag_is_range_checked_before_anything_is_written(
+        tmp_path, capsys):
+    scripts = [(train.get_args_parser(), train.TRAIN_LIMITS, train.main,
+                _TRAIN_TINY, [('--lr', '-1'), ('--drop-path', '1.5'), ('--patch-size', '0')]),
+               (eval_multires.get_args_parser(), eval_multires.EVAL_LIMITS, eval_multires.main,
+                ['--checkpoint', str(tmp_path / 'x.pth')], [('--resolutions', '-224')])]
+    for parser, limits, main, base, extra in scripts:
+        kinds = {a.dest: a.type for a in parser._actions if a.type in (int, float)}
+        assert set(kinds) == set(limits), 'every int / float flag needs its range'
+        cases = [('--' + dest.replace('_', '-'), value) for dest, limit in limits.items()
+                 for value in _train_values_outside(limit, kinds[dest])] + extra
+        for flag, value in cases:
+            dest = flag[2:].replace('-', '_')
+            limit, shown = limits[dest], kinds[dest](value)   # the message shows it parsed
+            out = tmp_path / 'out'
+            try:
+                train.cli(main, parser, base + ['--output-dir', str(out), flag, value])
+                status = 0
+            except SystemExit as e:
+                status = e.code
+            err = capsys.readouterr().err
+            assert status == 2, (flag, value, err)
+            assert err == f'error: {flag} must be {limit}, got {shown}\n', (flag, value, err)
+            assert not out.exists(), (flag, value)
+    # The ends that are inside pass.
+    assert train.Limit(0, 1).admits(0) and train.Limit(0, 1).admits(1.0)
+    assert train.SEED.admits(2 ** 32 - 1) and not train.POSITIVE.admits(0)
+
+
+def test_train_eval_transform_equals_the_official_pil_pipeline():
+    # The DeiT-III / Swin evaluation: PIL bicubic resize of the shorter side to int(r / crop),
+    # centre crop, ToTensor, ImageNet normalisation (torchvision's classic transforms on PIL).
+    from torchvision import transforms as classic
+    image = Image.fromarray(np.random.default_rng(0).uniform(0, 255, (300, 410, 3)).astype(np.uint8))
+    for resolution, crop_ratio in ((224, 1.0), (160, 224 / 256), (96, 224 / 256)):
+        official = classic.Compose([
+            classic.Resize(int(resolution / crop_ratio), interpolation=classic.InterpolationMode.BICUBIC),
+            classic.CenterCrop(resolution), classic.ToTensor(),
+            classic.Normalize(train.IMAGENET_MEAN, train.IMAGENET_STD)])(image)
+        ours = train._eval_transform(resolution, crop_ratio)(image)
+        torch.testing.assert_close(ours, official, atol=1e-6, rtol=0)
+
+
+def test_train_coordinate_augmentation_off_by_default_and_seeded():
+    cfg = vars(train.get_args_parser().parse_args([]))
+    assert train.rope_coord_augment(cfg, 0, 0, 0) is None  # off by default
+    cfg.update(rope_coord_shift=0.1, rope_coord_jitter=1.1, rope_coord_rescale=2.0)
+    draws = [train.rope_coord_augment(cfg, epoch, step, rank) for epoch in (0, 1) for step in range(20)
+             for rank in (0, 1)]
+    assert draws[0] == train.rope_coord_augment(cfg, 0, 0, 0)  # a pure function of seed, epoch, step, rank
+    assert len(set(draws)) == len(draws)
+    shifts = np.array([d[:2] for d in draws])
+    scales = np.array([d[2:] for d in draws])
+    assert np.abs(shifts).max() <= 0.1 and 1 / 2.2 <= scales.min() and scales.max() <= 2.2
+    assert scales.min() < 0.8 and scales.max() > 1.25  # the rescale acts
+    cfg['seed'] = 1
+    assert train.rope_coord_augment(cfg, 0, 0, 0) != draws[0]
+
+
+def test_train_closing_table_shows_rope_extrapolated_and_interpolated(_eval_tiny_run, tmp_path):
+    base, checkpoint = _eval_tiny_run
+    with open(base / 'run' / 'resolutions.json') as f:
+        summary = json.load(f)
+    by_policy = summary['results_by_rope_positions']
+    assert list(by_policy) == ['extrapolate', 'interpolate']
+    assert summary['results'] == by_policy['extrapolate']   # the paper's protocol first
+    # The same numbers as eval_multires.py on a freshly loaded copy, policy by policy.
+    results, _ = eval_multires.main(eval_multires.get_args_parser().parse_args([
+        '--checkpoint', str(checkpoint), '--labels', 'run', '--resolutions', '16',
+        str(_eval_train_res), '--rope-positions', 'extrapolate', 'interpolate',
+        '--output-dir', str(tmp_path / 'out'), '--num-workers', '0', '--quiet']))
+    for policy, rows in by_policy.items():
+        ours = {r['resolution']: r['top1'] for r in results[f'run {policy}']}
+        assert {r['resolution']: r['top1'] for r in rows} == ours, policy
+    # At the training grid both policies are the same model.
+    at_train = [[r['top1'] for r in rows if r['resolution'] == _eval_train_res] for rows in by_policy.values()]
+    assert at_train[0] == at_train[1]
