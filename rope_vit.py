@@ -1,45 +1,18 @@
 """RoPE-ViT: Vision Transformer (DeiT-III "LS") with 2D rotary position embeddings.
 
-Paper: "Rotary Position Embedding for Vision Transformer", Heo, Park, Han, Yun,
-ECCV 2024, arXiv 2403.13298. Equation numbers below refer to that paper.
+Paper: "Rotary Position Embedding for Vision Transformer", Heo, Park, Han, Yun, ECCV 2024,
+arXiv 2403.13298; equation and section numbers below refer to it. One self-contained file,
+torch only. Position embeddings ``pe`` (PE_VARIANTS): ``ape`` (learned absolute, the DeiT-III
+baseline, Eq. 1), ``rope_axial`` (Eq. 12-13), ``rope_mixed`` (Eq. 14-15, learned frequencies per
+layer and head), ``rope_axial_ape`` and ``rope_mixed_ape`` (both), ``none``. The published models
+of naver-ai/rope-vit keep their names and state-dict keys. Any input whose sides are multiples
+of the patch size runs, square or not, without rebuilding the model.
 
-One self-contained file (torch only) holding the paper's section 3.2 and the ViT it
-was evaluated with:
-
-* position embeddings ``pe``: ``ape`` (learned absolute, the DeiT-III baseline, Eq. 1),
-  ``rope_axial`` (Eq. 12-13), ``rope_mixed`` (Eq. 14-15, learned frequencies per layer
-  and head), ``rope_axial_ape`` and ``rope_mixed_ape`` (both), ``none``;
-* the published models of naver-ai/rope-vit (``deit_small_patch16_LS``,
-  ``rope_mixed_deit_base_patch16_LS``, ...) with the same state-dict keys, so the
-  released ``{'model': state_dict}`` files load with ``load_checkpoint``; timm's
-  ``vit_*_patch16_rope*_224`` state dicts load too;
-* any input size whose sides are multiples of the patch size, square or not, without
-  rebuilding: RoPE positions come from the actual patch grid at every forward, the APE
-  grid is resized bicubically (no antialias, as the official evaluation code);
-* ``create_model(name, pretrained=True)`` downloads the released file once into torch.hub's
-  cache and loads it strictly; ``load_checkpoint`` also reads ``.safetensors`` (timm's hub
-  files) with a torch-only reader;
-* dense prediction: ``forward_intermediates`` returns feature maps of chosen blocks, and
-  ``window_size`` / ``global_blocks`` give the ViTDet backbone of the paper's detection
-  experiments (window attention, RoPE positions from the full grid, same parameters).
-
-Checked against (tests in test_rope.py): timm 1.0.31's Eva "naver" RoPE-ViT models
-(max |logit difference| about 5e-6 or less at 224, 160, 320 and 112x448, weights re-drawn
-so that position mistakes show); the facts of the official code naver-ai/rope-vit ce85c2e
-(key names, shapes, parameter counts, init); the paper's equations (Eq. 8, 11, 15).
-Differences from the official code, all bug fixes: fp32 backward works (no in-place
-writes into autograd tensors), grids are never inferred from a token count (112x448
-gets its own positions), attention runs through F.scaled_dot_product_attention.
-
-Layout, in the order of the paper's section 3: the RoPE equations (real-valued cos/sin on
-channel pairs: ``apply_rope``, the normative formula that forward_with_attention,
-torch.compile and export run), the APE, attention / block / model, checkpoints, presets,
-and last "Speed: the same math, fused", the eager path forward() takes otherwise.
-
-Shape legend: B batch, T = 1 + N tokens (class token first, then N = Hp * Wp patch
-tokens row-major over the (Hp, Wp) patch grid: token n has column x = n % Wp and row
-y = n // Wp; T = N for ``global_pool='avg'``, which has no class token), C embed dim,
-heads attention heads, D head dim, L depth.
+Reading order: the paper's path first (section 3.2's equations, the APE, the ViT, the presets
+and create_model), complete on its own; then what goes beyond the paper (RoPE position policies
+for a change of resolution, ViTDet window attention and feature maps), checkpoints and the
+published weights, and last "Speed: the same math, fused", which eager forward() runs instead
+of the readable RoPE (the choice is RopeViT._use_fused_path).
 
 Usage::
 
@@ -54,6 +27,11 @@ Usage::
                                    window_size=14, global_blocks=(2, 5, 8, 11))
     maps = vitdet.forward_intermediates(torch.randn(1, 3, 1024, 1024), indices=[-1], intermediates_only=True)
     # maps: [(1, 768, 64, 64)]
+
+Shape legend: B batch, T = 1 + N tokens (class token first, then N = Hp * Wp patch tokens
+row-major over the (Hp, Wp) patch grid: token n has column x = n % Wp and row y = n // Wp;
+T = N for ``global_pool='avg'``, which has no class token), C embed dim, heads attention heads,
+D head dim, L depth.
 """
 import json
 import math
@@ -69,8 +47,13 @@ PE_VARIANTS = ('ape', 'rope_axial', 'rope_mixed', 'rope_axial_ape', 'rope_mixed_
 DEFAULT_ROPE_THETA = {'axial': 100.0, 'mixed': 10.0}  # Eq. 13 base (Axial) / released Mixed base
 
 
+# =======================================================================================
+# The paper's path: section 3.2's equations, the APE, the ViT, presets and create_model.
+# Complete on its own; everything after create_model goes beyond the paper or is speed.
+# =======================================================================================
+
 # ---------------------------------------------------------------------------------------
-# 2D RoPE (section 3.2): the equations, real-valued
+# 2D RoPE (section 3.2): frequencies, the (x, y) grid, Eq. 12 / 14 angles, Eq. 11 rotation
 # ---------------------------------------------------------------------------------------
 
 def rope_magnitudes(head_dim: int, theta: float, device=None) -> torch.Tensor:
@@ -158,7 +141,449 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ---------------------------------------------------------------------------------------
-# Resolution change (section 3.3): how RoPE positions follow the patch grid
+# APE (Eq. 1) on any grid (section 3.3)
+# ---------------------------------------------------------------------------------------
+
+def resize_pos_embed(pos_embed: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int]) -> torch.Tensor:
+    """Section 3.3: resize a learned APE grid bicubically (align_corners=False, no antialias).
+
+    pos_embed (1, old_h * old_w, C) row-major, no class-token slot. Returns (1, new_h * new_w, C)
+    in pos_embed's dtype (the interpolation itself runs in float32).
+    """
+    if not torch.compiler.is_compiling() and tuple(old_grid) == tuple(new_grid):
+        return pos_embed  # traced graphs always resize (exact at the same size), so that no grid is baked in
+    channels = pos_embed.shape[-1]
+    grid = pos_embed.float().reshape(1, old_grid[0], old_grid[1], channels).permute(0, 3, 1, 2)  # (1, C, h, w)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode='bicubic', align_corners=False, antialias=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], channels).to(pos_embed.dtype)  # (1, N, C)
+
+
+# ---------------------------------------------------------------------------------------
+# The ViT (DeiT-III "LS"): config, patch embedding, MLP, attention, block, model
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class ViTConfig:
+    """Hyper-parameters of one ViT. ``pe`` picks the position embedding (see PE_VARIANTS)."""
+    pe: str = 'ape'
+    img_size: Union[int, Tuple[int, int]] = 224  # resolution built for: sets the stored APE grid
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0  # the same rate in every block (DeiT-III)
+    rope_theta: Optional[float] = None  # None: 100 for Axial, 10 for Mixed
+    init_scale: float = 1e-4  # LayerScale init
+    # The fields below go beyond the paper (their sections follow create_model); their defaults
+    # give the paper's model.
+    # ViTDet-style backbone (dense prediction): window attention of window_size x window_size
+    # patches in every block but global_blocks (indices, negative from the end). None: all global.
+    window_size: Optional[int] = None
+    global_blocks: Tuple[int, ...] = ()
+    # How RoPE follows a change of resolution (rope_position_scale): one of ROPE_POSITIONS, from the
+    # training grid rope_train_grid (Hp, Wp) (None: img_size / patch_size); yarn's ramp in turns.
+    rope_positions: str = 'extrapolate'
+    rope_train_grid: Optional[Tuple[int, int]] = None
+    yarn_alpha: float = 0.25
+    yarn_beta: float = 1.0
+    # 'token': classify the class token's feature (DeiT-III, the published models); 'avg': no class
+    # token, classify the mean of the final normed patch tokens. Without the class token, which
+    # RoPE leaves unrotated at position (0, 0), a RoPE-only model sees nothing but relative offsets.
+    global_pool: str = 'token'
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens: (B, in_chans, H, W) -> (B, N, C)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, Hp, Wp) -> (B, N, C)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # exact erf form, as DeiT-III
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample while training."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1.0 - self.p)  # (B, 1, 1)
+        return x * keep / (1.0 - self.p)
+
+
+def _split_heads(qkv: torch.Tensor, num_heads: int, batch: int) -> torch.Tensor:
+    """(B * T, 3 * heads * D) -> (3, B, heads, T, D) view: channels [q | k | v], each head-major."""
+    return qkv.view(batch, -1, 3, num_heads, qkv.shape[-1] // (3 * num_heads)).permute(2, 0, 3, 1, 4)
+
+
+class RopeTables(NamedTuple):
+    """One block's Eq. 10 tables, from RopeViT.block_rotations: cos phi and sin phi, each
+    (T, D/2) for Axial (shared by all heads) or (heads, T, D/2) for Mixed."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def rotate_qkv(self, qkv: torch.Tensor, num_heads: int, batch: int):
+        """qkv (B * T, 3 * heads * D) -> q, k, v (B, heads, T, D), q and k rotated by Eq. 11."""
+        q, k, v = _split_heads(qkv, num_heads, batch).unbind(0)  # (B, heads, T, D) each
+        return apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin), v
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional RoPE on q and k (Eq. 11, then Eq. 8 / 15)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, rope=None, need_weights: bool = False,
+                grid: Optional[Tuple[int, int]] = None, window: Optional[int] = None
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x (B, T, C); rope: this block's rotation, RopeTables (readable) or FusedRope (the fused
+        path, last section), as RopeViT._use_fused_path chose, or None (no RoPE); window: attend
+        within window x window patches of the (Hp, Wp) patch grid ``grid`` (window_attention, a
+        later section), or None.
+
+        Returns (B, T, C) and, if need_weights, the probabilities (B, heads, T, T).
+        """
+        B, T, C = x.shape
+        # (B * T, 3C): channels [q | k | v], each head-major (official layout); 2-D so that the
+        # projection's output is not a view (the fused path rotates q and k in place in it)
+        qkv = self.qkv(x.reshape(B * T, C))
+        if rope is None:
+            q, k, v = _split_heads(qkv, self.num_heads, B).unbind(0)  # (B, heads, T, D) each
+        else:  # Eq. 11 on q and k
+            q, k, v = rope.rotate_qkv(qkv, self.num_heads, B)  # (B, heads, T, D) each
+        attn = None
+        if need_weights:  # explicit path for analysis: A' = softmax(q k^T / sqrt(D)) (Eq. 8 / 15)
+            logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, T, T)
+            if window is not None:  # ViTDet block: keys outside the query's window masked out
+                logits = logits.masked_fill(~window_attention_mask(grid, window, x.device), float('-inf'))
+            attn = logits.softmax(dim=-1)
+            out = attn.to(v.dtype) @ v
+        elif window is not None:  # ViTDet block
+            out = window_attention(q, k, v, grid, window)  # (B, heads, T, D)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # same math, fused
+        out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, heads * D)
+        return self.proj(out), attn
+
+
+class Block(nn.Module):
+    """DeiT-III "LS" block: x += g1 * attn(norm1(x)); x += g2 * mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, init_scale: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.gamma_1 = nn.Parameter(init_scale * torch.ones(dim))
+        self.gamma_2 = nn.Parameter(init_scale * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, rope=None, need_weights: bool = False,
+                grid: Optional[Tuple[int, int]] = None, window: Optional[int] = None):
+        y, attn = self.attn(self.norm1(x), rope, need_weights, grid, window)
+        x = x + self.drop_path(self.gamma_1 * y)
+        x = x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+        return x, attn
+
+
+class RopeViT(nn.Module):
+    """ViT / DeiT-III with any position embedding of the paper. See the module docstring."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        if cfg.pe not in PE_VARIANTS:
+            raise ValueError(f"unknown pe {cfg.pe!r}; valid values: {', '.join(PE_VARIANTS)}")
+        if cfg.embed_dim % cfg.num_heads:
+            raise ValueError(f'embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}')
+        self.cfg = cfg
+        self.pe = cfg.pe
+        self.use_ape = cfg.pe in ('ape', 'rope_axial_ape', 'rope_mixed_ape')
+        self.rope_kind = 'axial' if 'axial' in cfg.pe else 'mixed' if 'mixed' in cfg.pe else None
+        self.num_classes = cfg.num_classes
+        self.patch_size = cfg.patch_size
+        self.img_size = cfg.img_size if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
+        self.num_features = self.embed_dim = cfg.embed_dim
+        self.num_heads = cfg.num_heads
+        self.depth = cfg.depth
+        head_dim = cfg.embed_dim // cfg.num_heads
+        if self.rope_kind and head_dim % 4:
+            raise ValueError(f'RoPE needs a head dim divisible by 4 (x and y halves of complex pairs), got {head_dim}')
+        self.rope_theta = cfg.rope_theta if cfg.rope_theta is not None else (
+            DEFAULT_ROPE_THETA[self.rope_kind] if self.rope_kind else None)
+        img_h, img_w = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
+        self.check_img_size(img_h, img_w)
+        self.grid_size = (img_h // cfg.patch_size, img_w // cfg.patch_size)  # the stored APE grid (Hp, Wp)
+        # Beyond the paper (later sections; the defaults are the paper's model): the position
+        # policy, average pooling without a class token, ViTDet windows, coordinate augmentation.
+        cfg.rope_train_grid = _resolve_train_grid(cfg.rope_train_grid, self.grid_size)
+        check_rope_positions(cfg.rope_positions, cfg.yarn_alpha, cfg.yarn_beta)
+        if cfg.global_pool not in ('token', 'avg'):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {cfg.global_pool!r}")
+        if cfg.global_pool == 'avg' and cfg.window_size is not None:
+            raise ValueError("window_size needs the class token (global_pool='token'): window attention keeps it global")
+        self.num_prefix_tokens = 1 if cfg.global_pool == 'token' else 0  # class token or none
+        self.block_windows = block_window_sizes(cfg)  # per block: window side in patches, or None (global)
+        # (shift_x, shift_y, scale_x, scale_y) of augment_positions, set per batch by a training loop; None: off
+        self.rope_coord_augment: Optional[Tuple[float, float, float, float]] = None
+
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        if self.num_prefix_tokens:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        if self.use_ape:  # Eq. 1, patch tokens only (no class-token slot)
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], cfg.embed_dim))
+        self.blocks = nn.ModuleList([
+            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.drop_path_rate, cfg.init_scale)
+            for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+
+        # DeiT-III init: trunc_normal(.02) for APE, class token and Linear weights, zero biases,
+        # the PyTorch default for the patch conv; then the RoPE models' own draws.
+        if self.use_ape:
+            nn.init.trunc_normal_(self.pos_embed, std=.02)
+        if self.num_prefix_tokens:
+            nn.init.trunc_normal_(self.cls_token, std=.02)
+        self.apply(self._init_weights)
+        if self.rope_kind and self.num_prefix_tokens:
+            nn.init.trunc_normal_(self.cls_token, std=.02)  # the RoPE models re-init it (same RNG order)
+        if self.rope_kind == 'mixed':  # Eq. 14: learned (theta^x, theta^y) per layer and head
+            self.freqs = nn.Parameter(init_mixed_freqs(head_dim, cfg.depth, cfg.num_heads, self.rope_theta))
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set:
+        names = {'cls_token'} if self.num_prefix_tokens else set()
+        if self.use_ape:
+            names.add('pos_embed')
+        if self.rope_kind == 'mixed':
+            names.add('freqs')
+        return names
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype of the weights (float64 models build their RoPE tables in float64)."""
+        return self.patch_embed.proj.weight.dtype
+
+    @property
+    def rope_positions(self) -> str:
+        """The position policy (ROPE_POSITIONS, a later section); assign to change it between forwards."""
+        return self.cfg.rope_positions
+
+    @rope_positions.setter
+    def rope_positions(self, policy: str) -> None:
+        check_rope_positions(policy, self.cfg.yarn_alpha, self.cfg.yarn_beta)
+        self.cfg.rope_positions = policy
+
+    def check_img_size(self, H: int, W: int) -> None:
+        """Raise ValueError unless H and W are positive multiples of the patch size."""
+        p = self.patch_size
+        if H > 0 and W > 0 and H % p == 0 and W % p == 0:
+            return
+
+        def near(s):  # nearest multiples of p (at least p)
+            lo = max(p, (s // p) * p)
+            return sorted({lo, lo + p} if s % p else {lo})
+        sizes = [f'{h}x{w}' for h in near(H) for w in near(W)]
+        raise ValueError(f'input size {H}x{W} (HxW) is not allowed: height and width must be positive '
+                         f'multiples of the patch size {p}; nearest valid sizes: {", ".join(sizes)}')
+
+    def block_rotations(self, grid_h: int, grid_w: int, device) -> Optional[List[RopeTables]]:
+        """Eq. 10 tables (cos, sin) of every block for a (grid_h, grid_w) patch grid, built once per forward.
+
+        The class token (if any) gets angle 0, i.e. the identity rotation: it is not rotated
+        (official), and the blocks need no slicing or concatenation. Returns L RopeTables of
+        float32 (float64 for a float64 model) tensors, (T, D/2) for Axial (shared by all
+        blocks) or (heads, T, D/2) for Mixed; None without RoPE. Hooks for later sections:
+        coordinate augmentation moves the positions, the position policy scales the
+        frequencies, YaRN's temperature scales cos and sin; all are the identity by default.
+        """
+        if self.rope_kind is None:
+            return None
+        # float32 with autocast off: bf16 keeps 8 mantissa bits, so an angle of 30 rad (position 30)
+        # would be off by up to 0.06 rad, and more at larger positions.
+        with torch.autocast(device_type=device.type, enabled=False):
+            real = torch.float64 if self.param_dtype == torch.float64 else torch.float32
+            t_x, t_y = coord_augmented_positions(self, *patch_grid_positions(grid_h, grid_w, device),
+                                                 grid_h, grid_w)  # (N,) each
+            prefix = (self.num_prefix_tokens, 0)
+            t_x, t_y = F.pad(t_x, prefix).to(real), F.pad(t_y, prefix).to(real)  # (T,): class token at 0
+            head_dim = self.embed_dim // self.num_heads
+            scale, attention_scale = rope_policy(self, grid_h, grid_w, device)
+            if self.rope_kind == 'axial':
+                cos, sin = rope_cos_sin(axial_angles(t_x, t_y, head_dim, self.rope_theta, scale))  # (T, D/2)
+                tables = [RopeTables(cos, sin)] * self.depth
+            else:
+                freqs = self.freqs if scale is None else self.freqs * scale  # (2, L, heads * D/2)
+                cos, sin = rope_cos_sin(mixed_angles(t_x, t_y, freqs, self.num_heads))  # (L, heads, T, D/2)
+                tables = [RopeTables(c, s) for c, s in zip(cos.unbind(0), sin.unbind(0))]
+            if attention_scale != 1:
+                tables = [RopeTables(c * attention_scale, s * attention_scale) for c, s in tables]
+            return tables
+
+    def _use_fused_path(self, need_weights: bool) -> bool:
+        """The one place that picks how a RoPE model rotates q and k; _embed asks it once per forward.
+
+        False, the readable path of this section (block_rotations' RopeTables, apply_rope):
+        forward_with_attention (need_weights), and whatever torch.compile or torch.export traces,
+        since neither handles the complex tensors of the fused path (the ONNX export starts from
+        a torch.export program). True, FusedRope ("Speed: the same math, fused", the file's last
+        section): every other forward, eager forward() in training and evaluation alike; the same
+        math in another floating-point rounding, with less memory and time.
+        """
+        return not need_weights and not torch.compiler.is_compiling()
+
+    def _embed(self, x: torch.Tensor, need_weights: bool):
+        """Patch tokens with APE and the class token, plus what every block needs.
+
+        Returns (tokens (B, T, C), grid (Hp, Wp), per-block RoPE rotation or None, per-block window or None).
+        """
+        B, _, H, W = x.shape
+        self.check_img_size(H, W)
+        grid = (H // self.patch_size, W // self.patch_size)  # positions from the real grid
+        x = self.patch_embed(x)  # (B, N, C)
+        if self.use_ape:  # Eq. 1, before the class token is attached
+            x = x + resize_pos_embed(self.pos_embed, self.grid_size, grid).to(x.dtype)
+        if self.num_prefix_tokens:
+            x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, T, C)
+        if self.rope_kind is None:
+            rope = [None] * self.depth
+        elif self._use_fused_path(need_weights):
+            rope = fused_block_ropes(self, *grid, x.device)  # the same rotation, fused (last section)
+        else:
+            rope = self.block_rotations(*grid, x.device)
+        return x, grid, rope, windows_on_grid(self.block_windows, grid)
+
+    def _tokens(self, x: torch.Tensor, need_weights: bool):
+        x, grid, rope, windows = self._embed(x, need_weights)
+        attns = []
+        for block, block_rope, window in zip(self.blocks, rope, windows):
+            x, attn = block(x, block_rope, need_weights, grid, window)
+            attns.append(attn)
+        x = self.norm(x)
+        pooled = x[:, 0] if self.num_prefix_tokens else x.mean(dim=1)  # class token or mean of patches (B, C)
+        return pooled, attns
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, in_chans, H, W), H and W multiples of the patch size -> features (B, C)."""
+        return self._tokens(x, need_weights=False)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, in_chans, H, W) -> logits (B, num_classes)."""
+        return self.head(self.forward_features(x))
+
+    def forward_with_attention(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Logits and the attention probabilities of every block, from the same modules.
+
+        Returns (logits (B, num_classes), list of L tensors (B, heads, T, T)); index 0 of the
+        token axes is the class token (none for global_pool='avg'), then the N patch tokens
+        row-major over the patch grid.
+        Uses an explicit softmax for this call only; forward() uses the fused kernel.
+        """
+        features, attns = self._tokens(x, need_weights=True)
+        return self.head(features), attns
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False, return_prefix_tokens: bool = False):
+        """Feature maps of chosen blocks for dense prediction: see vit_forward_intermediates (a later section)."""
+        return vit_forward_intermediates(self, x, indices, norm, stop_early, output_fmt, intermediates_only,
+                                         return_prefix_tokens)
+
+
+# ---------------------------------------------------------------------------------------
+# Presets and create_model
+# ---------------------------------------------------------------------------------------
+
+SIZES = {
+    'vit_tiny': dict(embed_dim=192, depth=12, num_heads=3),
+    'vit_small': dict(embed_dim=384, depth=12, num_heads=6),
+    'vit_base': dict(embed_dim=768, depth=12, num_heads=12),
+    'vit_large': dict(embed_dim=1024, depth=24, num_heads=16),
+}
+# published name prefix -> pe; theta is the variant's default (100 Axial, 10 Mixed)
+PUBLISHED_PE = {'deit': 'ape', 'rope_axial_deit': 'rope_axial', 'rope_mixed_deit': 'rope_mixed',
+                'rope_axial_ape_deit': 'rope_axial_ape', 'rope_mixed_ape_deit': 'rope_mixed_ape'}
+PUBLISHED = {f'{prefix}_{size}_patch16_LS': (f'vit_{size}', pe)
+             for prefix, pe in PUBLISHED_PE.items() for size in ('small', 'base', 'large')}
+
+
+def list_models() -> List[str]:
+    """Size names (take ``pe=``) and the 15 published names (fix pe and theta)."""
+    return list(SIZES) + list(PUBLISHED)
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs) -> RopeViT:
+    """Build a model by size name (``vit_small``, with ``pe=``, default 'ape') or published name.
+
+    Keyword arguments override any ViTConfig field (img_size, patch_size, embed_dim, depth,
+    num_heads, num_classes, drop_path_rate, rope_theta, init_scale, window_size,
+    global_blocks, ...). ``pretrained=True`` (published names) loads the released weights
+    with load_pretrained: downloaded once, then read from torch.hub's cache.
+    """
+    if pretrained and name not in PRETRAINED_URLS:
+        raise ValueError(f'pretrained=True needs a published name; {name!r} is not one of: {", ".join(PRETRAINED_URLS)}')
+    if name in PUBLISHED:
+        size, pe = PUBLISHED[name]
+        if kwargs.get('pe', pe) != pe:
+            raise ValueError(f"{name} is a {pe} model; pe={kwargs['pe']!r} contradicts it")
+        kwargs = {**kwargs, 'pe': pe}
+    elif name in SIZES:
+        size = name
+    else:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+    valid = {f.name for f in fields(ViTConfig)}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise TypeError(f"unknown argument(s) {', '.join(unknown)} for {name}; valid: {', '.join(sorted(valid))}")
+    model = RopeViT(ViTConfig(**{**SIZES[size], **kwargs}))
+    if pretrained:
+        load_pretrained(model, name)
+    return model
+
+
+# =======================================================================================
+# End of the paper's path. Below: beyond the paper, checkpoints and published weights,
+# and last the fused speed path.
+# =======================================================================================
+
+# ---------------------------------------------------------------------------------------
+# Beyond the paper: RoPE position policies for a change of resolution (section 3.3), and
+# training-time coordinate augmentation
 # ---------------------------------------------------------------------------------------
 # The paper extrapolates: a larger image uses the integer positions of its larger grid. The
 # other policies change every angle theta_j p (one axis, frequency j, position p) into
@@ -166,6 +591,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # the identity at the training grid (s = 1), so they never change training.
 
 ROPE_POSITIONS = ('extrapolate', 'interpolate', 'ntk', 'yarn')
+
+
+def check_rope_positions(policy: str, yarn_alpha: float, yarn_beta: float) -> None:
+    """Raise ValueError for an unknown policy or an empty YaRN ramp."""
+    if policy not in ROPE_POSITIONS:
+        raise ValueError(f"unknown rope_positions {policy!r}; valid values: {', '.join(ROPE_POSITIONS)}")
+    if not 0 <= yarn_alpha < yarn_beta:
+        raise ValueError(f'yarn needs 0 <= yarn_alpha < yarn_beta (turns), got {yarn_alpha} and {yarn_beta}')
+
+
+def _resolve_train_grid(grid: Optional[Tuple[int, int]], built_grid: Tuple[int, int]) -> Tuple[int, int]:
+    """ViTConfig.rope_train_grid as (Hp, Wp): the grid the policies count s from (None: the built grid)."""
+    grid = tuple(int(g) for g in (built_grid if grid is None else grid))
+    if len(grid) != 2 or min(grid) < 1:
+        raise ValueError(f'rope_train_grid must be (Hp, Wp) of positive sizes, got {grid}')
+    return grid
 
 
 def rope_position_scale(policy: str, freqs: torch.Tensor, train_len: int, grid_len: int, theta: float,
@@ -221,6 +662,37 @@ def yarn_attention_scale(policy: str, growth: float) -> float:
     return 1.0 + 0.1 * math.log(growth) if policy == 'yarn' and growth > 1 else 1.0
 
 
+def rope_policy(model: 'RopeViT', grid_h: int, grid_w: int, device) -> Tuple[Optional[torch.Tensor], float]:
+    """The model's position policy on a (grid_h, grid_w) grid: (frequency factors, attention scale).
+
+    Factors (rope_position_scale) shaped as the frequencies: (2, D/4) for Axial's x and y
+    magnitudes, (2, L, heads * D/2) for Mixed's (theta^x, theta^y); None when all are 1.
+    """
+    cfg = model.cfg
+    if cfg.rope_positions == 'extrapolate':  # before any arithmetic on the grid: export keeps it symbolic
+        return None, 1.0
+    train_h, train_w = cfg.rope_train_grid
+    head_dim = model.embed_dim // model.num_heads
+    real = torch.float64 if model.param_dtype == torch.float64 else torch.float32
+    if model.rope_kind == 'axial':
+        mag = rope_magnitudes(head_dim, model.rope_theta, device).to(real)  # (D/4,)
+        freqs = (mag, mag)
+    else:
+        freqs = model.freqs.detach().to(real).unbind(0)  # theta^x, theta^y: (L, heads * D/2) each
+    scales = [rope_position_scale(cfg.rope_positions, f, train, now, model.rope_theta, head_dim // 4,
+                                  cfg.yarn_alpha, cfg.yarn_beta)
+              for f, train, now in zip(freqs, (train_w, train_h), (grid_w, grid_h))]
+    growth = math.sqrt(grid_h * grid_w / (train_h * train_w))
+    attention_scale = yarn_attention_scale(cfg.rope_positions, growth)
+    if all(c is None for c in scales):
+        return None, attention_scale
+    return torch.stack([torch.ones_like(f) if c is None else c for f, c in zip(freqs, scales)]), attention_scale
+
+
+# Coordinate augmentation (DINOv3): RoPE positions moved during training, so that the model
+# sees other offsets and scales than the integer grid. Off (None) unless a training loop sets
+# RopeViT.rope_coord_augment per batch.
+
 def augment_positions(t: torch.Tensor, grid_len: int, shift: float, scale: float) -> torch.Tensor:
     """Training-time coordinate augmentation (DINOv3's RoPE "shift", "jitter" and "rescale") on one axis.
 
@@ -232,35 +704,41 @@ def augment_positions(t: torch.Tensor, grid_len: int, shift: float, scale: float
     return centre + (t - centre + shift * grid_len / 2) * scale
 
 
-def check_rope_positions(policy: str, yarn_alpha: float, yarn_beta: float) -> None:
-    """Raise ValueError for an unknown policy or an empty YaRN ramp."""
-    if policy not in ROPE_POSITIONS:
-        raise ValueError(f"unknown rope_positions {policy!r}; valid values: {', '.join(ROPE_POSITIONS)}")
-    if not 0 <= yarn_alpha < yarn_beta:
-        raise ValueError(f'yarn needs 0 <= yarn_alpha < yarn_beta (turns), got {yarn_alpha} and {yarn_beta}')
+def coord_augmented_positions(model: 'RopeViT', t_x: torch.Tensor, t_y: torch.Tensor, grid_h: int, grid_w: int):
+    """Patch positions (p^x, p^y) after the model's training-time augmentation rope_coord_augment, if set."""
+    if model.rope_coord_augment is None:
+        return t_x, t_y
+    shift_x, shift_y, scale_x, scale_y = model.rope_coord_augment
+    return augment_positions(t_x, grid_w, shift_x, scale_x), augment_positions(t_y, grid_h, shift_y, scale_y)
 
 
 # ---------------------------------------------------------------------------------------
-# Position embeddings: APE (Eq. 1) on any grid
+# Beyond the paper: dense prediction. ViTDet window attention (the backbone of the paper's
+# detection experiments, section 4.3) and forward_intermediates' feature maps
 # ---------------------------------------------------------------------------------------
 
-def resize_pos_embed(pos_embed: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int]) -> torch.Tensor:
-    """Section 3.3: resize a learned APE grid bicubically (align_corners=False, no antialias).
+def block_window_sizes(cfg: ViTConfig) -> List[Optional[int]]:
+    """Per block the window side in patches (window_size), or None for a global block."""
+    if cfg.window_size is None:
+        if cfg.global_blocks:
+            raise ValueError('global_blocks needs window_size (the other blocks attend in windows)')
+        return [None] * cfg.depth
+    if isinstance(cfg.window_size, bool) or not isinstance(cfg.window_size, int) or cfg.window_size < 1:
+        raise ValueError(f'window_size must be a positive number of patches or None, got {cfg.window_size!r}')
+    global_blocks = set()
+    for index in cfg.global_blocks:
+        if isinstance(index, bool) or not isinstance(index, int) or not -cfg.depth <= index < cfg.depth:
+            raise ValueError(f'global_blocks: {index!r} is not a block index of a depth-{cfg.depth} model '
+                             f'(0 .. {cfg.depth - 1}, or negative from the end)')
+        global_blocks.add(index % cfg.depth)
+    return [None if i in global_blocks else cfg.window_size for i in range(cfg.depth)]
 
-    pos_embed (1, old_h * old_w, C) row-major, no class-token slot. Returns (1, new_h * new_w, C)
-    in pos_embed's dtype (the interpolation itself runs in float32).
-    """
-    if not torch.compiler.is_compiling() and tuple(old_grid) == tuple(new_grid):
-        return pos_embed  # traced graphs always resize (exact at the same size), so that no grid is baked in
-    channels = pos_embed.shape[-1]
-    grid = pos_embed.float().reshape(1, old_grid[0], old_grid[1], channels).permute(0, 3, 1, 2)  # (1, C, h, w)
-    grid = F.interpolate(grid, size=tuple(new_grid), mode='bicubic', align_corners=False, antialias=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], channels).to(pos_embed.dtype)  # (1, N, C)
 
+def windows_on_grid(block_windows: List[Optional[int]], grid: Tuple[int, int]) -> List[Optional[int]]:
+    """block_windows on a (Hp, Wp) grid: a window that covers the grid is global attention
+    (window_attention's contract), so that block skips the partition (None)."""
+    return [None if w is None or (w >= grid[0] and w >= grid[1]) else w for w in block_windows]
 
-# ---------------------------------------------------------------------------------------
-# Attention, block, model (and ViTDet window attention: the paper's detection backbone, 4.3)
-# ---------------------------------------------------------------------------------------
 
 def _window_layout(grid: Tuple[int, int], window: int) -> Tuple[int, int, int, int]:
     """(rows, cols, pad_h, pad_w): the windows' rows and columns and the padding that makes the grid tile."""
@@ -354,417 +832,40 @@ def _take_indices(count: int, indices) -> List[int]:
     return taken
 
 
-@dataclass
-class ViTConfig:
-    """Hyper-parameters of one ViT. ``pe`` picks the position embedding (see PE_VARIANTS)."""
-    pe: str = 'ape'
-    img_size: Union[int, Tuple[int, int]] = 224  # resolution built for: sets the stored APE grid
-    patch_size: int = 16
-    in_chans: int = 3
-    num_classes: int = 1000
-    embed_dim: int = 384
-    depth: int = 12
-    num_heads: int = 6
-    mlp_ratio: float = 4.0
-    drop_path_rate: float = 0.0  # the same rate in every block (DeiT-III)
-    rope_theta: Optional[float] = None  # None: 100 for Axial, 10 for Mixed
-    init_scale: float = 1e-4  # LayerScale init
-    # ViTDet-style backbone (dense prediction): window attention of window_size x window_size
-    # patches in every block but global_blocks (indices, negative from the end). None: all global.
-    window_size: Optional[int] = None
-    global_blocks: Tuple[int, ...] = ()
-    # How RoPE follows a change of resolution (rope_position_scale): one of ROPE_POSITIONS, from the
-    # training grid rope_train_grid (Hp, Wp) (None: img_size / patch_size); yarn's ramp in turns.
-    rope_positions: str = 'extrapolate'
-    rope_train_grid: Optional[Tuple[int, int]] = None
-    yarn_alpha: float = 0.25
-    yarn_beta: float = 1.0
-    # 'token': classify the class token's feature (DeiT-III, the published models); 'avg': no class
-    # token, classify the mean of the final normed patch tokens. Without the class token, which
-    # RoPE leaves unrotated at position (0, 0), a RoPE-only model sees nothing but relative offsets.
-    global_pool: str = 'token'
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> tokens: (B, in_chans, H, W) -> (B, N, C)."""
-
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, Hp, Wp) -> (B, N, C)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()  # exact erf form, as DeiT-III
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample while training."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1.0 - self.p)  # (B, 1, 1)
-        return x * keep / (1.0 - self.p)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with optional RoPE on q and k (Eq. 11, then Eq. 8 / 15)."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, rope=None, need_weights: bool = False,
-                grid: Optional[Tuple[int, int]] = None, window: Optional[int] = None
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """x (B, T, C); rope: this block's (cos, sin) tables, its FusedRope, or None (no RoPE);
-        window: attend within window x window patches of the (Hp, Wp) patch grid ``grid``
-        (window_attention), or None.
-
-        Returns (B, T, C) and, if need_weights, the probabilities (B, heads, T, T).
-        """
-        B, T, C = x.shape
-        # (B * T, 3C): channels [q | k | v], each head-major (official layout); 2-D so that the
-        # projection's output is not a view (the fused path rotates q and k in place in it)
-        qkv = self.qkv(x.reshape(B * T, C))
-        if isinstance(rope, FusedRope):  # eager: the same rotation, fused (last section)
-            q, k, v = rope.rotate(qkv, self.num_heads, B)
-        else:
-            qkv = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, heads, T, D)
-            q, k, v = qkv.unbind(0)  # (B, heads, T, D) each
-            if rope is not None:  # Eq. 11; rope = (cos, sin), (heads, T, D/2) or (T, D/2)
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        attn = None
-        if need_weights:  # explicit path for analysis: A' = softmax(q k^T / sqrt(D)) (Eq. 8 / 15)
-            logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, T, T)
-            if window is not None:
-                logits = logits.masked_fill(~window_attention_mask(grid, window, x.device), float('-inf'))
-            attn = logits.softmax(dim=-1)
-            out = attn.to(v.dtype) @ v
-        elif window is not None:
-            out = window_attention(q, k, v, grid, window)  # (B, heads, T, D)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)  # same math, fused
-        out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, heads * D)
-        return self.proj(out), attn
-
-
-class Block(nn.Module):
-    """DeiT-III "LS" block: x += g1 * attn(norm1(x)); x += g2 * mlp(norm2(x))."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, init_scale: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.gamma_1 = nn.Parameter(init_scale * torch.ones(dim))
-        self.gamma_2 = nn.Parameter(init_scale * torch.ones(dim))
-
-    def forward(self, x: torch.Tensor, rope=None, need_weights: bool = False,
-                grid: Optional[Tuple[int, int]] = None, window: Optional[int] = None):
-        y, attn = self.attn(self.norm1(x), rope, need_weights, grid, window)
-        x = x + self.drop_path(self.gamma_1 * y)
-        x = x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
-        return x, attn
-
-
-class RopeViT(nn.Module):
-    """ViT / DeiT-III with any position embedding of the paper. See the module docstring."""
-
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        if cfg.pe not in PE_VARIANTS:
-            raise ValueError(f"unknown pe {cfg.pe!r}; valid values: {', '.join(PE_VARIANTS)}")
-        if cfg.embed_dim % cfg.num_heads:
-            raise ValueError(f'embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}')
-        self.cfg = cfg
-        self.pe = cfg.pe
-        self.use_ape = cfg.pe in ('ape', 'rope_axial_ape', 'rope_mixed_ape')
-        self.rope_kind = 'axial' if 'axial' in cfg.pe else 'mixed' if 'mixed' in cfg.pe else None
-        self.num_classes = cfg.num_classes
-        self.patch_size = cfg.patch_size
-        self.img_size = cfg.img_size if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
-        self.num_features = self.embed_dim = cfg.embed_dim
-        self.num_heads = cfg.num_heads
-        self.depth = cfg.depth
-        head_dim = cfg.embed_dim // cfg.num_heads
-        if self.rope_kind and head_dim % 4:
-            raise ValueError(f'RoPE needs a head dim divisible by 4 (x and y halves of complex pairs), got {head_dim}')
-        self.rope_theta = cfg.rope_theta if cfg.rope_theta is not None else (
-            DEFAULT_ROPE_THETA[self.rope_kind] if self.rope_kind else None)
-        img_h, img_w = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
-        self.check_img_size(img_h, img_w)
-        self.grid_size = (img_h // cfg.patch_size, img_w // cfg.patch_size)  # the stored APE grid (Hp, Wp)
-        if cfg.rope_train_grid is None:
-            cfg.rope_train_grid = self.grid_size
-        cfg.rope_train_grid = tuple(int(g) for g in cfg.rope_train_grid)
-        if len(cfg.rope_train_grid) != 2 or min(cfg.rope_train_grid) < 1:
-            raise ValueError(f'rope_train_grid must be (Hp, Wp) of positive sizes, got {cfg.rope_train_grid}')
-        check_rope_positions(cfg.rope_positions, cfg.yarn_alpha, cfg.yarn_beta)
-        if cfg.global_pool not in ('token', 'avg'):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {cfg.global_pool!r}")
-        if cfg.global_pool == 'avg' and cfg.window_size is not None:
-            raise ValueError("window_size needs the class token (global_pool='token'): window attention keeps it global")
-        self.num_prefix_tokens = 1 if cfg.global_pool == 'token' else 0  # class token or none
-        self.block_windows = self._block_windows(cfg)  # per block: window side in patches, or None (global)
-        # (shift_x, shift_y, scale_x, scale_y) of augment_positions, set per batch by a training loop; None: off
-        self.rope_coord_augment: Optional[Tuple[float, float, float, float]] = None
-
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
-        if self.num_prefix_tokens:
-            self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        if self.use_ape:  # Eq. 1, patch tokens only (no class-token slot)
-            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], cfg.embed_dim))
-        self.blocks = nn.ModuleList([
-            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.drop_path_rate, cfg.init_scale)
-            for _ in range(cfg.depth)])
-        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
-        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
-
-        # DeiT-III init: trunc_normal(.02) for APE, class token and Linear weights, zero biases,
-        # the PyTorch default for the patch conv; then the RoPE models' own draws.
-        if self.use_ape:
-            nn.init.trunc_normal_(self.pos_embed, std=.02)
-        if self.num_prefix_tokens:
-            nn.init.trunc_normal_(self.cls_token, std=.02)
-        self.apply(self._init_weights)
-        if self.rope_kind and self.num_prefix_tokens:
-            nn.init.trunc_normal_(self.cls_token, std=.02)  # the RoPE models re-init it (same RNG order)
-        if self.rope_kind == 'mixed':  # Eq. 14: learned (theta^x, theta^y) per layer and head
-            self.freqs = nn.Parameter(init_mixed_freqs(head_dim, cfg.depth, cfg.num_heads, self.rope_theta))
-
-    @staticmethod
-    def _init_weights(m: nn.Module):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def no_weight_decay(self) -> set:
-        names = {'cls_token'} if self.num_prefix_tokens else set()
-        if self.use_ape:
-            names.add('pos_embed')
-        if self.rope_kind == 'mixed':
-            names.add('freqs')
-        return names
-
-    @staticmethod
-    def _block_windows(cfg: ViTConfig) -> List[Optional[int]]:
-        if cfg.window_size is None:
-            if cfg.global_blocks:
-                raise ValueError('global_blocks needs window_size (the other blocks attend in windows)')
-            return [None] * cfg.depth
-        if isinstance(cfg.window_size, bool) or not isinstance(cfg.window_size, int) or cfg.window_size < 1:
-            raise ValueError(f'window_size must be a positive number of patches or None, got {cfg.window_size!r}')
-        global_blocks = set()
-        for index in cfg.global_blocks:
-            if isinstance(index, bool) or not isinstance(index, int) or not -cfg.depth <= index < cfg.depth:
-                raise ValueError(f'global_blocks: {index!r} is not a block index of a depth-{cfg.depth} model '
-                                 f'(0 .. {cfg.depth - 1}, or negative from the end)')
-            global_blocks.add(index % cfg.depth)
-        return [None if i in global_blocks else cfg.window_size for i in range(cfg.depth)]
-
-    @property
-    def rope_positions(self) -> str:
-        """The position policy (ROPE_POSITIONS); assign to change it between forwards."""
-        return self.cfg.rope_positions
-
-    @rope_positions.setter
-    def rope_positions(self, policy: str) -> None:
-        check_rope_positions(policy, self.cfg.yarn_alpha, self.cfg.yarn_beta)
-        self.cfg.rope_positions = policy
-
-    def rope_policy(self, grid_h: int, grid_w: int, device) -> Tuple[Optional[torch.Tensor], float]:
-        """The position policy on a (grid_h, grid_w) grid: (frequency factors, attention scale).
-
-        Factors (rope_position_scale) shaped as the frequencies: (2, D/4) for Axial's x and y
-        magnitudes, (2, L, heads * D/2) for Mixed's (theta^x, theta^y); None when all are 1.
-        """
-        cfg = self.cfg
-        if cfg.rope_positions == 'extrapolate':  # before any arithmetic on the grid: export keeps it symbolic
-            return None, 1.0
-        train_h, train_w = cfg.rope_train_grid
-        head_dim = self.embed_dim // self.num_heads
-        real = torch.float64 if self.param_dtype == torch.float64 else torch.float32
-        if self.rope_kind == 'axial':
-            mag = rope_magnitudes(head_dim, self.rope_theta, device).to(real)  # (D/4,)
-            freqs = (mag, mag)
-        else:
-            freqs = self.freqs.detach().to(real).unbind(0)  # theta^x, theta^y: (L, heads * D/2) each
-        scales = [rope_position_scale(cfg.rope_positions, f, train, now, self.rope_theta, head_dim // 4,
-                                      cfg.yarn_alpha, cfg.yarn_beta)
-                  for f, train, now in zip(freqs, (train_w, train_h), (grid_w, grid_h))]
-        growth = math.sqrt(grid_h * grid_w / (train_h * train_w))
-        attention_scale = yarn_attention_scale(cfg.rope_positions, growth)
-        if all(c is None for c in scales):
-            return None, attention_scale
-        return torch.stack([torch.ones_like(f) if c is None else c for f, c in zip(freqs, scales)]), attention_scale
-
-    @property
-    def param_dtype(self) -> torch.dtype:
-        """The dtype of the weights (float64 models build their RoPE tables in float64)."""
-        return self.patch_embed.proj.weight.dtype
-
-    def rope_grid_positions(self, t_x: torch.Tensor, t_y: torch.Tensor, grid_h: int, grid_w: int):
-        """Patch positions (p^x, p^y) after the training-time augmentation rope_coord_augment, if set."""
-        if self.rope_coord_augment is None:
-            return t_x, t_y
-        shift_x, shift_y, scale_x, scale_y = self.rope_coord_augment
-        return augment_positions(t_x, grid_w, shift_x, scale_x), augment_positions(t_y, grid_h, shift_y, scale_y)
-
-    def check_img_size(self, H: int, W: int) -> None:
-        """Raise ValueError unless H and W are positive multiples of the patch size."""
-        p = self.patch_size
-        if H > 0 and W > 0 and H % p == 0 and W % p == 0:
-            return
-
-        def near(s):  # nearest multiples of p (at least p)
-            lo = max(p, (s // p) * p)
-            return sorted({lo, lo + p} if s % p else {lo})
-        sizes = [f'{h}x{w}' for h in near(H) for w in near(W)]
-        raise ValueError(f'input size {H}x{W} (HxW) is not allowed: height and width must be positive '
-                         f'multiples of the patch size {p}; nearest valid sizes: {", ".join(sizes)}')
-
-    def block_rotations(self, grid_h: int, grid_w: int, device) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
-        """Eq. 10 tables (cos, sin) of every block for a (grid_h, grid_w) patch grid, built once per forward.
-
-        The class token (if any) gets angle 0, i.e. the identity rotation: it is not rotated
-        (official), and the blocks need no slicing or concatenation. The position policy (rope_policy)
-        scales the frequencies; YaRN's temperature scales cos and sin. Returns L pairs of
-        float32 (float64 for a float64 model) tensors, (T, D/2) for Axial (shared by all
-        blocks) or (heads, T, D/2) for Mixed; None without RoPE.
-        """
-        if self.rope_kind is None:
-            return None
-        # float32 with autocast off: bf16 keeps 8 mantissa bits, so an angle of 30 rad (position 30)
-        # would be off by up to 0.06 rad, and more at larger positions.
-        with torch.autocast(device_type=device.type, enabled=False):
-            real = torch.float64 if self.param_dtype == torch.float64 else torch.float32
-            t_x, t_y = self.rope_grid_positions(*patch_grid_positions(grid_h, grid_w, device), grid_h, grid_w)  # (N,) each
-            prefix = (self.num_prefix_tokens, 0)
-            t_x, t_y = F.pad(t_x, prefix).to(real), F.pad(t_y, prefix).to(real)  # (T,): class token at 0
-            head_dim = self.embed_dim // self.num_heads
-            scale, attention_scale = self.rope_policy(grid_h, grid_w, device)
-            if self.rope_kind == 'axial':
-                cos, sin = rope_cos_sin(axial_angles(t_x, t_y, head_dim, self.rope_theta, scale))  # (T, D/2)
-                tables = [(cos, sin)] * self.depth
-            else:
-                freqs = self.freqs if scale is None else self.freqs * scale  # (2, L, heads * D/2)
-                cos, sin = rope_cos_sin(mixed_angles(t_x, t_y, freqs, self.num_heads))  # (L, heads, T, D/2)
-                tables = list(zip(cos.unbind(0), sin.unbind(0)))
-            if attention_scale != 1:
-                tables = [(c * attention_scale, s * attention_scale) for c, s in tables]
-            return tables
-
-    def _embed(self, x: torch.Tensor, need_weights: bool):
-        """Patch tokens with APE and the class token, plus what every block needs.
-
-        Returns (tokens (B, T, C), grid (Hp, Wp), per-block RoPE tables or None, per-block window or None).
-        """
-        B, _, H, W = x.shape
-        self.check_img_size(H, W)
-        grid = (H // self.patch_size, W // self.patch_size)  # positions from the real grid
-        x = self.patch_embed(x)  # (B, N, C)
-        if self.use_ape:  # Eq. 1, before the class token is attached
-            x = x + resize_pos_embed(self.pos_embed, self.grid_size, grid).to(x.dtype)
-        if self.num_prefix_tokens:
-            x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, T, C)
-        if self.rope_kind is None:
-            rope = [None] * self.depth
-        elif need_weights or torch.compiler.is_compiling():  # the readable formula: compile and export trace it
-            rope = self.block_rotations(*grid, x.device)
-        else:  # eager: the same values, fused (last section)
-            rope = fused_block_ropes(self, *grid, x.device)
-        # a window that covers the grid is global attention (window_attention's contract): skip the partition
-        windows = [None if w is None or (w >= grid[0] and w >= grid[1]) else w for w in self.block_windows]
-        return x, grid, rope, windows
-
-    def _tokens(self, x: torch.Tensor, need_weights: bool):
-        x, grid, rope, windows = self._embed(x, need_weights)
-        attns = []
-        for block, block_rope, window in zip(self.blocks, rope, windows):
-            x, attn = block(x, block_rope, need_weights, grid, window)
-            attns.append(attn)
-        x = self.norm(x)
-        pooled = x[:, 0] if self.num_prefix_tokens else x.mean(dim=1)  # class token or mean of patches (B, C)
-        return pooled, attns
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, in_chans, H, W), H and W multiples of the patch size -> features (B, C)."""
-        return self._tokens(x, need_weights=False)[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, in_chans, H, W) -> logits (B, num_classes)."""
-        return self.head(self.forward_features(x))
-
-    def forward_with_attention(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Logits and the attention probabilities of every block, from the same modules.
-
-        Returns (logits (B, num_classes), list of L tensors (B, heads, T, T)); index 0 of the
-        token axes is the class token (none for global_pool='avg'), then the N patch tokens
-        row-major over the patch grid.
-        Uses an explicit softmax for this call only; forward() uses the fused kernel.
-        """
-        features, attns = self._tokens(x, need_weights=True)
-        return self.head(features), attns
-
-    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+def vit_forward_intermediates(model: 'RopeViT', x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
                               intermediates_only: bool = False, return_prefix_tokens: bool = False):
-        """Feature maps of chosen blocks for dense prediction (timm's convention).
+    """RopeViT.forward_intermediates: feature maps of chosen blocks for dense prediction (timm's convention).
 
-        indices: None (every block), an int n (the last n blocks) or a list of block indices
-        (negative from the end). norm: pass each through the final LayerNorm. output_fmt:
-        'NCHW' gives (B, C, Hp, Wp) maps of the patch tokens (class token dropped), 'NLC'
-        (B, N, C). return_prefix_tokens: each entry becomes (map, class token (B, 1, C); (B, 0, C)
-        for global_pool='avg').
-        stop_early: skip the blocks after the last one asked for (then no final features).
-        Returns the list, or (final features (B, T, C) after the final norm, list) unless
-        intermediates_only. Any input size the model accepts works, square or not.
-        """
-        if output_fmt not in ('NCHW', 'NLC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take = _take_indices(self.depth, indices)
-        last = max(take) if stop_early else self.depth - 1
-        if last < self.depth - 1 and not intermediates_only:
-            raise ValueError('stop_early leaves no final features: pass intermediates_only=True with it')
-        B = x.shape[0]
-        x, grid, rope, windows = self._embed(x, need_weights=False)
-        intermediates = []
-        for i in range(last + 1):
-            x, _ = self.blocks[i](x, rope[i], False, grid, windows[i])
-            if i in take:
-                y = self.norm(x) if norm else x  # (B, T, C)
-                patches = y[:, self.num_prefix_tokens:]  # (B, N, C)
-                if output_fmt == 'NCHW':
-                    patches = patches.transpose(1, 2).reshape(B, -1, *grid)  # (B, C, Hp, Wp)
-                intermediates.append((patches, y[:, :self.num_prefix_tokens]) if return_prefix_tokens else patches)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+    indices: None (every block), an int n (the last n blocks) or a list of block indices
+    (negative from the end). norm: pass each through the final LayerNorm. output_fmt:
+    'NCHW' gives (B, C, Hp, Wp) maps of the patch tokens (class token dropped), 'NLC'
+    (B, N, C). return_prefix_tokens: each entry becomes (map, class token (B, 1, C); (B, 0, C)
+    for global_pool='avg').
+    stop_early: skip the blocks after the last one asked for (then no final features).
+    Returns the list, or (final features (B, T, C) after the final norm, list) unless
+    intermediates_only. Any input size the model accepts works, square or not.
+    """
+    if output_fmt not in ('NCHW', 'NLC'):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+    take = _take_indices(model.depth, indices)
+    last = max(take) if stop_early else model.depth - 1
+    if last < model.depth - 1 and not intermediates_only:
+        raise ValueError('stop_early leaves no final features: pass intermediates_only=True with it')
+    B = x.shape[0]
+    x, grid, rope, windows = model._embed(x, need_weights=False)
+    intermediates = []
+    for i in range(last + 1):
+        x, _ = model.blocks[i](x, rope[i], False, grid, windows[i])
+        if i in take:
+            y = model.norm(x) if norm else x  # (B, T, C)
+            patches = y[:, model.num_prefix_tokens:]  # (B, N, C)
+            if output_fmt == 'NCHW':
+                patches = patches.transpose(1, 2).reshape(B, -1, *grid)  # (B, C, Hp, Wp)
+            intermediates.append((patches, y[:, :model.num_prefix_tokens]) if return_prefix_tokens else patches)
+    if intermediates_only:
+        return intermediates
+    return model.norm(x), intermediates
 
 
 # ---------------------------------------------------------------------------------------
@@ -940,31 +1041,12 @@ def _stored_grid(num_tokens: int, args: dict) -> Optional[Tuple[int, int]]:
 
 
 # ---------------------------------------------------------------------------------------
-# Presets
+# Published weights: the paper's released files, downloaded once
 # ---------------------------------------------------------------------------------------
-
-SIZES = {
-    'vit_tiny': dict(embed_dim=192, depth=12, num_heads=3),
-    'vit_small': dict(embed_dim=384, depth=12, num_heads=6),
-    'vit_base': dict(embed_dim=768, depth=12, num_heads=12),
-    'vit_large': dict(embed_dim=1024, depth=24, num_heads=16),
-}
-# published name prefix -> pe; theta is the variant's default (100 Axial, 10 Mixed)
-PUBLISHED_PE = {'deit': 'ape', 'rope_axial_deit': 'rope_axial', 'rope_mixed_deit': 'rope_mixed',
-                'rope_axial_ape_deit': 'rope_axial_ape', 'rope_mixed_ape_deit': 'rope_mixed_ape'}
-PUBLISHED = {f'{prefix}_{size}_patch16_LS': (f'vit_{size}', pe)
-             for prefix, pe in PUBLISHED_PE.items() for size in ('small', 'base', 'large')}
-
-
 # Where the weights released with the paper live: one hub repository per published name, each
 # holding the {'model': state_dict} file of the official code.
 PRETRAINED_URLS = {name: f'https://huggingface.co/naver-ai/{name}/resolve/main/pytorch_model.bin'
                    for name in PUBLISHED}
-
-
-def list_models() -> List[str]:
-    """Size names (take ``pe=``) and the 15 published names (fix pe and theta)."""
-    return list(SIZES) + list(PUBLISHED)
 
 
 def pretrained_cache_path(name: str) -> str:
@@ -1006,41 +1088,13 @@ def load_pretrained(model: RopeViT, name: str, progress: bool = True) -> LoadRes
     return result
 
 
-def create_model(name: str, pretrained: bool = False, **kwargs) -> RopeViT:
-    """Build a model by size name (``vit_small``, with ``pe=``, default 'ape') or published name.
-
-    Keyword arguments override any ViTConfig field (img_size, patch_size, embed_dim, depth,
-    num_heads, num_classes, drop_path_rate, rope_theta, init_scale, window_size,
-    global_blocks, ...). ``pretrained=True`` (published names) loads the released weights
-    with load_pretrained: downloaded once, then read from torch.hub's cache.
-    """
-    if pretrained and name not in PRETRAINED_URLS:
-        raise ValueError(f'pretrained=True needs a published name; {name!r} is not one of: {", ".join(PRETRAINED_URLS)}')
-    if name in PUBLISHED:
-        size, pe = PUBLISHED[name]
-        if kwargs.get('pe', pe) != pe:
-            raise ValueError(f"{name} is a {pe} model; pe={kwargs['pe']!r} contradicts it")
-        kwargs = {**kwargs, 'pe': pe}
-    elif name in SIZES:
-        size = name
-    else:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
-    valid = {f.name for f in fields(ViTConfig)}
-    unknown = sorted(set(kwargs) - valid)
-    if unknown:
-        raise TypeError(f"unknown argument(s) {', '.join(unknown)} for {name}; valid: {', '.join(sorted(valid))}")
-    model = RopeViT(ViTConfig(**{**SIZES[size], **kwargs}))
-    if pretrained:
-        load_pretrained(model, name)
-    return model
-
-
 # =======================================================================================
 # Speed: the same math, fused
 # =======================================================================================
-# forward() outside torch.compile / export runs this section instead of the readable
-# apply_rope on cos/sin tables; forward_with_attention, compile and export use the readable
-# formula. Each trick, why it is there, and the test that proves it equal:
+# Where RopeViT._use_fused_path says so (eager forward() of a RoPE model, outside
+# torch.compile / export and forward_with_attention), the blocks get a FusedRope from
+# fused_block_ropes instead of the readable RopeTables, and Attention calls its rotate_qkv.
+# Each trick, why it is there, and the test that proves it equal:
 # * Per-axis factors: e^{i (theta^x x + theta^y y)} = e^{i theta^x x} e^{i theta^y y} (Eq. 14),
 #   so cos/sin are taken on Hp + Wp positions instead of Hp * Wp, and one complex product per
 #   token builds the table (test_vit_fused_tables_equal_readable_tables).
@@ -1065,7 +1119,7 @@ class FusedRope(NamedTuple):
     freqs: Optional[torch.Tensor] = None
     positions: Optional[torch.Tensor] = None
 
-    def rotate(self, qkv: torch.Tensor, num_heads: int, batch: int):
+    def rotate_qkv(self, qkv: torch.Tensor, num_heads: int, batch: int):
         """qkv (B * T, 3 * heads * D) -> q, k, v (B, heads, T, D), q and k rotated (Eq. 11)."""
         with torch.profiler.record_function('rope'):  # lets a profiler count the RoPE share
             _, q, k, v = RotateQK.apply(qkv, self.rot, num_heads, batch, self.freqs, self.positions)
@@ -1081,11 +1135,11 @@ def fused_rotations(model: 'RopeViT', grid_h: int, grid_w: int, device) -> List[
     """
     real = torch.float64 if model.param_dtype == torch.float64 else torch.float32
     head_dim, heads, prefix = model.embed_dim // model.num_heads, model.num_heads, model.num_prefix_tokens
-    cols, rows = model.rope_grid_positions(torch.arange(grid_w, device=device, dtype=real),
+    cols, rows = coord_augmented_positions(model, torch.arange(grid_w, device=device, dtype=real),
                                            torch.arange(grid_h, device=device, dtype=real), grid_h, grid_w)
     # cols (Wp,): p^x of the grid's columns, rows (Hp,): p^y of its rows
     with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-        scale, attention_scale = model.rope_policy(grid_h, grid_w, device)
+        scale, attention_scale = rope_policy(model, grid_h, grid_w, device)
         if model.rope_kind == 'axial':  # Eq. 12: x on the first D/4 pairs, y on the rest
             mag = rope_magnitudes(head_dim, model.rope_theta, device).to(real)  # (D/4,)
             mag_x, mag_y = (mag, mag) if scale is None else (mag * scale).unbind(0)
@@ -1123,10 +1177,11 @@ def fused_block_ropes(model: 'RopeViT', grid_h: int, grid_w: int, device) -> Lis
     freqs = getattr(model, 'freqs', None)  # Mixed only; Axial tables depend on the grid alone
     with torch.profiler.record_function('rope'):
         if freqs is not None and freqs.requires_grad and torch.is_grad_enabled():
-            t_x, t_y = model.rope_grid_positions(*patch_grid_positions(grid_h, grid_w, device), grid_h, grid_w)  # (N,) each
+            t_x, t_y = coord_augmented_positions(model, *patch_grid_positions(grid_h, grid_w, device),
+                                                 grid_h, grid_w)  # (N,) each
             positions = F.pad(torch.stack([t_x, t_y], dim=-1), (0, 0, model.num_prefix_tokens, 0))  # (T, 2): class token at 0
             tables = fused_rotations(model, grid_h, grid_w, device)
-            scale = model.rope_policy(grid_h, grid_w, device)[0]  # the gradient reaches freqs through it
+            scale = rope_policy(model, grid_h, grid_w, device)[0]  # the gradient reaches freqs through it
             rotated = freqs if scale is None else freqs * scale.to(freqs.dtype)  # (2, L, heads * D/2)
             return [FusedRope(rot, rotated[:, layer], positions) for layer, rot in enumerate(tables)]
         cfg = model.cfg
@@ -1141,7 +1196,6 @@ def fused_block_ropes(model: 'RopeViT', grid_h: int, grid_w: int, device) -> Lis
             pinned = freqs.detach() if freqs is not None else None
             cache[key] = (pinned, [FusedRope(rot) for rot in fused_rotations(model, grid_h, grid_w, device)])
         return cache[key][1]
-
 
 
 def _complex_pairs(x: torch.Tensor) -> torch.Tensor:
@@ -1228,10 +1282,4 @@ class RotateQK(torch.autograd.Function):
                     summed = summed.sum(0, keepdim=True)
                 grad_rot = summed * rot / rot.abs().square()
         return (grad_qkv, grad_rot, None, None, grad_freqs, None)[:len(ctx.needs_input_grad)]
-
-
-def _split_heads(qkv: torch.Tensor, num_heads: int, batch: int) -> torch.Tensor:
-    """(B * T, 3 * heads * D) -> (3, B, heads, T, D) view: channels [q | k | v], each head-major."""
-    return qkv.view(batch, -1, 3, num_heads, qkv.shape[-1] // (3 * num_heads)).permute(2, 0, 3, 1, 4)
-
 
