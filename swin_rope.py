@@ -1,16 +1,30 @@
-"""Swin Transformer with RPB, RoPE-Axial, RoPE-Mixed and RoPE+RPB, at any resolution at run time.
+"""Swin Transformer with RoPE-Axial, RoPE-Mixed, RPB or RoPE + RPB: a minimal torch-only reference.
 
 Paper: "Rotary Position Embedding for Vision Transformer", Heo, Park, Han, Yun, ECCV 2024,
-arXiv 2403.13298 (section 3.2: RoPE-Axial Eq. 12-13, RoPE-Mixed Eq. 14-15; section 3.1: RPB Eq. 3-6).
-The model is the Swin Transformer (Liu et al., arXiv 2103.14030) of the official naver-ai/rope-vit
-code (`models/swin_transformer_rope.py`, `SwinTransformer/models/swin_transformer.py`): same
-state-dict keys and shapes, same init, same math, so the published `{'model': state_dict}` files
-load with strict=True through `load_checkpoint`. Checked in the tests against
-`torchvision.models.swin_t` (RPB baseline, same weights), against explicit softmax attention, and
-against the equations themselves (Eq. 15: window logits depend only on relative offsets).
+arXiv 2403.13298. It puts 2-D RoPE (section 3.2: RoPE-Axial Eq. 12, RoPE-Mixed Eq. 14-15) into
+the windows of the Swin Transformer (Liu et al., arXiv 2103.14030), instead of or next to Swin's
+relative position bias (RPB, section 3.1, Eq. 3-6). State-dict keys, init and math are those of
+the official naver-ai/rope-vit code (`models/swin_transformer_rope.py`,
+`SwinTransformer/models/swin_transformer.py`), so its published {'model': state_dict} files load
+strictly. Torch only and self-contained on purpose: copy this one file (rope_vit.py holds the
+same RoPE helpers for the ViT).
 
-Torch only and self-contained on purpose: copy this one file into your code. (The RoPE helpers
-exist a second time in rope_vit.py.)
+Reading order: the paper's model first, from the RoPE equations through create_model, ending at
+the banner "End of the paper's model"; then what goes beyond the paper (RoPE position policies
+and coordinate augmentation, per-stage feature maps), checkpoints and published weights, and
+last the fused speed path that eager forward() takes (the same math; `fused_path` is the switch).
+
+Usage
+    import torch, swin_rope
+    model = swin_rope.create_model('swin_rope_mixed_tiny_patch4_window7_224')
+    swin_rope.load_checkpoint(model, 'swin_rope_mixed_tiny.pth')   # published {'model': sd} file
+    model.eval()                                                   # (or pretrained=True above)
+    for r in (96, 224, 384):                                       # one instance, any valid size
+        logits = model(torch.randn(1, 3, r, r))                    # (1, 1000)
+    logits, attn = model.forward_with_attention(torch.randn(1, 3, 224, 224))
+    maps = model.forward_intermediates(torch.randn(1, 3, 224, 224), intermediates_only=True)
+    # maps: (1, 96, 56, 56), (1, 192, 28, 28), (1, 384, 14, 14), (1, 768, 7, 7)
+    custom = swin_rope.create_model('swin_tiny', pe='rope_mixed_rpb', num_classes=10)
 
 Shape legend
     B   batch                       C    channels of the current stage
@@ -18,48 +32,9 @@ Shape legend
     w   window side;  N = w * w tokens per window;  nW = (H / w) * (W / w) windows per image
     B_  = B * nW windows in the batch (batch outermost, windows row-major, tokens row-major)
 
-Resolution rule (run time, no rebuild; `model.check_img_size(H, W)` tells what is allowed)
-    With img_size the resolution the model was built for (its smaller side if a tuple) and
-    window_size the window there (7 at 224), an H x W input uses the window
-        w = window_size * min(H, W) / img_size          (224 -> 7, 96 -> 3, 160 -> 5, 384 -> 12)
-    which must be an integer, and H, W must be multiples of patch_size * 2**(stages-1) (32 for the
-    published models). As in the official code, a stage whose smaller grid side is <= w uses a
-    window of that side and no shift; every other stage uses w and, on odd blocks, shift w // 2.
-    Every stage grid must tile into its windows: for the published models that means a square
-    r x r with r a multiple of 32, or a non-square H x W whose longer side is a multiple of the
-    shorter one (e.g. 160 x 320, 224 x 448), the window then following min(H, W).
-    RoPE positions are window-local integers (0..w-1)^2, extrapolated past 6 when w > 7.
-    RPB tables are resized from the stored window to (2w-1)^2: bicubic (align_corners=False,
-    no antialias; the official evaluation, `rpb_resize='bicubic'`) or zero-padded / cropped
-    (`rpb_resize='zero_pad'`: no bias for offsets never seen in training, the paper's text).
-    Window positions, relative indices, shift masks, resized tables and RoPE factors are built
-    for the actual grid and cached per size; none of them is in the state dict.
-
-Released weights and features
-    `create_model(name, pretrained=True)` downloads the released file (PRETRAINED_URLS: the paper's
-    RoPE models; the original Swin release for the RPB baselines) once into torch.hub's cache and
-    loads it strictly; `load_checkpoint` also reads `.safetensors` with a torch-only reader.
-    `forward_intermediates` returns each stage's map before its downsampling (strides 4-32), the
-    features detection and segmentation heads take.
-
-State dict
-    Keys and shapes are the official ones (OFFICIAL_NOTES section 2), minus the derived tensors
-    `attn_mask`, `attn.relative_position_index`, `attn.rope_t_x`, `attn.rope_t_y`: the official
-    loaders delete them anyway, and `load_checkpoint` drops them (and `relative_coords_table`)
-    before a strict load. `attn.rope_freqs` (2, nH, d/2) is a Parameter for Mixed and a
-    persistent buffer for Axial, as published, so parameter counts equal the official ones.
-
-Usage
-    import torch, swin_rope
-    model = swin_rope.create_model('swin_rope_mixed_tiny_patch4_window7_224')
-    swin_rope.load_checkpoint(model, 'swin_rope_mixed_tiny.pth')   # published {'model': sd} file
-    model.eval()
-    for r in (96, 224, 384):                                       # one instance, any valid size
-        logits = model(torch.randn(1, 3, r, r))                    # (1, 1000)
-    logits, attn = model.forward_with_attention(torch.randn(1, 3, 224, 224))
-    custom = swin_rope.create_model('swin_tiny', pe='rope_mixed_rpb', num_classes=10)
-    maps = model.forward_intermediates(torch.randn(1, 3, 224, 224), intermediates_only=True)
-    # maps: (1, 96, 56, 56), (1, 192, 28, 28), (1, 384, 14, 14), (1, 768, 7, 7)
+Resolution rule: an H x W input, sides multiples of patch_size * 2**(stages-1) (32 for the
+published models), runs with the window w = window_size * min(H, W) / img_size (224 -> 7,
+384 -> 12), which must be an integer that tiles every stage grid (`model.check_img_size(H, W)`).
 """
 import json
 import math
@@ -72,15 +47,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PE_VARIANTS = ('rpb', 'rope_axial', 'rope_mixed', 'rope_axial_rpb', 'rope_mixed_rpb', 'none')
-RPB_RESIZE_MODES = ('bicubic', 'zero_pad')
-SHIFT_MASK_VALUE = -100.0  # official value between shifted regions (not -inf)
-# Key fragments of derived tensors in published files; rebuilt here for the actual grid.
-DERIVED_KEY_FRAGMENTS = ('rope_t_', 'relative_position_index', 'relative_coords_table', 'attn_mask')
 
 
+# ==============================================================================================
+# The paper's model
+# ==============================================================================================
+
 # ----------------------------------------------------------------------------------------------
-# RoPE math (pure functions)
+# 2-D RoPE (section 3.2)
 # ----------------------------------------------------------------------------------------------
+# A head of d channels is d/2 complex pairs. Token n at window position p_n = (x_n, y_n) turns
+# pair t of q and of k by the angle phi_t = theta^x_t x_n + theta^y_t y_n (Eq. 14), so that the
+# product of q_n and k_m depends on p_n - p_m only (Eq. 15).
+# RoPE-Axial (Eq. 12): the first d/4 pairs turn with x, the last d/4 with y (the official Swin
+# layout), at the fixed magnitudes theta^(-4k/d) of Eq. 13. RoPE-Mixed (Eq. 14): every pair turns
+# with both axes, (theta^x_t, theta^y_t) learned per head and initialised at those magnitudes in
+# a random direction per head. Positions are local to each window; the rotation is written with
+# real numbers (Eq. 11).
 
 def rope_magnitudes(head_dim: int, theta: float) -> torch.Tensor:
     """Eq. 13 frequency magnitudes mag_k = theta^(-4k/d), k = 0 .. d/4-1.
@@ -153,13 +136,653 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ----------------------------------------------------------------------------------------------
-# Resolution change (section 3.3): how window-local RoPE positions follow the window
+# Patch embedding
 # ----------------------------------------------------------------------------------------------
-# The paper extrapolates: a larger window uses the integer positions 0 .. w-1 of its larger
-# window. The other policies change every angle theta_j p (one axis, frequency j, position p)
+
+class PatchEmbed(nn.Module):
+    """Conv patchify (p x p, stride p) then LayerNorm: (B, 3, H, W) -> (B, H/p, W/p, C)."""
+
+    def __init__(self, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x):
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
+
+
+# ----------------------------------------------------------------------------------------------
+# Windows: partition, cyclic shift, shifted-window mask
+# ----------------------------------------------------------------------------------------------
+# Attention runs inside w x w windows. Odd blocks first roll the grid by -shift (w // 2) on both
+# axes, so that their windows straddle the previous block's borders; tokens the roll brings
+# together from opposite edges of the image are kept apart by an additive mask. Every step that
+# turns a grid into windows and back is here; which w and shift a stage uses is decided by
+# SwinTransformer.stage_windows.
+
+SHIFT_MASK_VALUE = -100.0  # official value between shifted regions (not -inf)
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B*nW, w*w, C); windows row-major with batch outermost."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window, window, W // window, window, C)  # (B, H/w, w, W/w, w, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, C)  # (B*nW, N, C)
+
+
+def window_reverse(windows: torch.Tensor, window: int, H: int, W: int) -> torch.Tensor:
+    """(B*nW, w*w, C) -> (B, H, W, C); inverse of window_partition."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // window, W // window, window, window, C)  # (B, H/w, W/w, w, w, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)  # (B, H, W, C)
+
+
+def shift_and_partition(x: torch.Tensor, window: int, shift: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B*nW, w*w, C): roll by -shift on both axes (shift 0: none), then windows."""
+    if shift:
+        x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))  # (B, H, W, C)
+    return window_partition(x, window)  # (B*nW, N, C)
+
+
+def reverse_and_unshift(windows: torch.Tensor, window: int, shift: int, H: int, W: int) -> torch.Tensor:
+    """(B*nW, w*w, C) -> (B, H, W, C); inverse of shift_and_partition."""
+    x = window_reverse(windows, window, H, W)  # (B, H, W, C)
+    if shift:
+        x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+    return x
+
+
+def shift_window_mask(H: int, W: int, window: int, shift: int, device=None) -> torch.Tensor:
+    """Additive mask of shifted-window attention: 0 within a region, -100 across regions.
+
+    After roll(-shift), the grid holds 3 x 3 regions (slices [0:-w], [-w:-s], [-s:] per axis);
+    tokens of different regions share a window but were not neighbours in the image.
+    Returns (nW, N, N) float32.
+    """
+    labels = torch.zeros(1, H, W, 1, device=device)
+    bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    region = 0
+    for rows in bounds:
+        for cols in bounds:
+            labels[:, rows, cols, :] = region
+            region += 1
+    labels = window_partition(labels, window).squeeze(-1)  # (nW, N)
+    different = labels[:, None, :] != labels[:, :, None]  # (nW, N, N)
+    return torch.zeros(different.shape, device=device).masked_fill(different, SHIFT_MASK_VALUE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Window attention with RPB (section 3.1) and/or RoPE
+# ----------------------------------------------------------------------------------------------
+# RPB (Eq. 3-6): one learned bias per head for each of the (2w-1)^2 offsets p_n - p_m inside a
+# window, added to the logits. At a window other than the stored one the table is resized.
+
+RPB_RESIZE_MODES = ('bicubic', 'zero_pad')
+
+
+def relative_position_index(window: int, device=None) -> torch.Tensor:
+    """Eq. 5 index: B_nm = table[(dy + w-1) * (2w-1) + (dx + w-1)], d = p_n - p_m.
+
+    Returns (N, N) int64, the layout of the official `relative_position_index` buffer.
+    """
+    t_x, t_y = window_positions(window, device)
+    dx = (t_x[:, None] - t_x[None, :]).long() + window - 1  # (N, N)
+    dy = (t_y[:, None] - t_y[None, :]).long() + window - 1  # (N, N)
+    return dy * (2 * window - 1) + dx  # (N, N)
+
+
+def resize_rpb_table(table: torch.Tensor, window: int, mode: str = 'bicubic') -> torch.Tensor:
+    """RPB table (Eq. 3) for another window: ((2w0-1)^2, nH) -> ((2w-1)^2, nH), same dtype.
+
+    'bicubic': the official evaluation (`SwinTransformer/utils.py:load_pretrained`): the table is
+    viewed as an image (1, nH, dy, dx) and resized with F.interpolate(bicubic, align_corners=False,
+    no antialias). 'zero_pad': the paper's text: offsets the table never saw get bias 0 (a smaller
+    window crops the centre). At the table's own window both return its values exactly (bicubic
+    weights 0, 1, 0, 0; no padding), so a traced graph, which always goes through here, has no
+    window baked in.
+    """
+    length, num_heads = table.shape
+    side = math.isqrt(length)
+    new_side = 2 * window - 1
+    grid = table.t().reshape(1, num_heads, side, side)  # (1, nH, 2w0-1, 2w0-1)
+    if mode == 'bicubic':
+        grid = F.interpolate(grid, size=(new_side, new_side), mode='bicubic', align_corners=False)
+    elif mode == 'zero_pad':
+        pad = (new_side - side) // 2  # negative pads crop
+        grid = F.pad(grid, (pad, pad, pad, pad))
+    else:
+        raise ValueError(f"unknown rpb_resize {mode!r}; valid: {', '.join(RPB_RESIZE_MODES)}")
+    return grid.reshape(num_heads, new_side * new_side).t()  # ((2w-1)^2, nH)
+
+
+def relative_position_bias(table: torch.Tensor, window: int) -> torch.Tensor:
+    """Eq. 5-6: the bias B_nm of every head from a table of the window: ((2w-1)^2, nH) -> (nH, N, N)."""
+    index = relative_position_index(window, table.device)  # (N, N)
+    return table[index.reshape(-1)].reshape(window * window, window * window, -1) \
+        .permute(2, 0, 1).contiguous()  # (nH, N, N)
+
+
+def additive_mask(bias: Optional[torch.Tensor], shift_mask: Optional[torch.Tensor],
+                  batch_windows: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """B (nH, N, N) plus the shift mask (nW, N, N), either may be None, as one term added to
+    the logits: (B_, nH|1, N, N) in the logits' dtype, or None."""
+    mask = bias[None] if bias is not None else None  # (1, nH, N, N)
+    if shift_mask is not None:
+        nW, N = shift_mask.shape[0], shift_mask.shape[-1]
+        mask = shift_mask[:, None] if mask is None else mask + shift_mask[:, None]  # (nW, nH|1, N, N)
+        mask = mask.to(dtype).expand(batch_windows // nW, -1, -1, -1, -1)  # (B, nW, nH|1, N, N)
+        return mask.reshape(batch_windows, -1, N, N)  # (B_, nH|1, N, N)
+    return mask.to(dtype) if mask is not None else None
+
+
+class WindowAttention(nn.Module):
+    """Window multi-head self-attention with RPB (Eq. 6), RoPE (Eq. 14-15), both, or neither.
+
+    Logits: RoPE(q * scale) . RoPE(k) + B + shift mask, softmax, times v; the RoPE rotation comes
+    after the scale and the bias after the rotated product, as in the official code. The scale is
+    folded into q's rotation factors (equal to rotating q * scale up to float rounding), and the
+    bias and shift mask are added as one term.
+    `window_size` is the window this block was built for: the size of the stored RPB table.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, use_rpb: bool,
+                 rope: Optional[str], rope_theta: float, rpb_resize: str, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.window_size = window_size
+        self.use_rpb = use_rpb
+        self.rope = rope  # None, 'axial' or 'mixed'
+        self.rope_theta = rope_theta
+        self.rope_positions = ('extrapolate', 0.25, 1.0)  # (policy, yarn_alpha, yarn_beta): set by the model
+        self.rope_coord_augment = None  # (shift_x, shift_y, scale_x, scale_y): set by the model
+        self.rpb_resize = rpb_resize
+        self.return_attn = False  # set by forward_with_attention: readable path, probabilities kept
+        self.last_attn = None
+        self._cache = {}  # the fused path's RoPE factors and bias per window (last section)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        if use_rpb:
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * window_size - 1) ** 2, num_heads))  # ((2w-1)^2, nH)
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        if rope == 'mixed':
+            self.rope_freqs = nn.Parameter(init_rope_freqs(num_heads, self.head_dim, rope_theta, True))
+        elif rope == 'axial':
+            self.register_buffer('rope_freqs', init_rope_freqs(num_heads, self.head_dim, rope_theta, False))
+
+    def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B_, N, C) windows -> (3, B_, nH, N, d): q, k, v split into heads."""
+        B_, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, self.head_dim)  # (B_, N, 3, nH, d)
+        return qkv.permute(2, 0, 3, 1, 4)  # (3, B_, nH, N, d)
+
+    def rope_tables(self, window: int) -> tuple:
+        """Eq. 10 (cos, sin) for the run-time window, each (2, 1, nH, N, d/2): [0] rotates q
+        (the scale folded in), [1] rotates k. Positions are the window's integers (0 .. w-1)^2,
+        extrapolated past the training window as in section 3.3; adapt_rope_to_window (beyond the
+        paper) may move them, scale the frequencies and set YaRN's temperature."""
+        t_x, t_y = window_positions(window, self.rope_freqs.device)  # (N,) each
+        freqs, t_x, t_y, temperature = adapt_rope_to_window(self, window, t_x, t_y)  # as they are by default
+        cos, sin = rope_cos_sin(rope_angles(freqs, t_x, t_y))  # (nH, N, d/2) each
+        scales = torch.tensor([self.scale * temperature, temperature],
+                              device=cos.device)[:, None, None, None, None]  # (2, 1, 1, 1, 1): q, k
+        return cos * scales, sin * scales  # (2, 1, nH, N, d/2) each
+
+    def position_bias(self, window: int) -> torch.Tensor:
+        """Eq. 5-6 bias for the run-time window: (nH, N, N), the table resized to it."""
+        table = resize_rpb_table(self.relative_position_bias_table, window, self.rpb_resize)  # ((2w-1)^2, nH)
+        return relative_position_bias(table, window)  # (nH, N, N)
+
+    def forward(self, x: torch.Tensor, window: int, shift_mask: Optional[torch.Tensor] = None):
+        """x (B_, N, C) windows, shift_mask (nW, N, N) or None. Returns (B_, N, C).
+
+        softmax(q k^T * scale + B + mask) v written out; fused_path says when the eager forward
+        takes fused_window_attention instead (the same math, last section).
+        """
+        if fused_path(self.return_attn):
+            return fused_window_attention(self, x, window, shift_mask)
+        B_, N, C = x.shape
+        qkv = self.qkv_heads(x)  # (3, B_, nH, N, d)
+        v = qkv[2]
+        if self.rope is None:
+            q, k, scale = qkv[0], qkv[1], self.scale
+        else:  # Eq. 11
+            q, k = apply_rope(qkv[:2], *self.rope_tables(window)).unbind(0)  # 2 x (B_, nH, N, d)
+            scale = 1.0  # already in the q factors
+        bias = self.position_bias(window) if self.use_rpb else None  # (nH, N, N)
+        mask = additive_mask(bias, shift_mask, B_, q.dtype)  # (B_, nH|1, N, N) or None
+        logits = (q * scale) @ k.transpose(-2, -1)  # (B_, nH, N, N)
+        if mask is not None:
+            logits = logits + mask
+        attn = logits.softmax(dim=-1)
+        if self.return_attn:
+            self.last_attn = attn.detach()
+        out = attn @ v  # (B_, nH, N, d)
+        return self.proj(out.transpose(1, 2).reshape(B_, N, C))  # (B_, N, C)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block
+# ----------------------------------------------------------------------------------------------
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (Swin recipe); identity in eval mode."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, ...)
+        return x * mask / keep
+
+    def extra_repr(self):
+        return f'drop_prob={self.drop_prob}'
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm Swin block: x += attn(norm1(x)) in (shifted) windows, x += mlp(norm2(x))."""
+
+    def __init__(self, dim, num_heads, window_size, shifted, mlp_ratio, drop_path, use_rpb,
+                 rope, rope_theta, rpb_resize, qkv_bias=True):
+        super().__init__()
+        self.shifted = shifted  # odd block: shift by window // 2 when the stage allows it
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window_size, use_rpb, rope, rope_theta,
+                                    rpb_resize, qkv_bias)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, window: int, shift: int, shift_mask: Optional[torch.Tensor]):
+        """x (B, H, W, C); shift 0 means no cyclic shift. Returns (B, H, W, C)."""
+        B, H, W, C = x.shape
+        y = shift_and_partition(self.norm1(x), window, shift)  # (B_, N, C)
+        y = self.attn(y, window, shift_mask if shift else None)  # (B_, N, C)
+        y = reverse_and_unshift(y, window, shift, H, W)  # (B, H, W, C)
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Patch merging, stage
+# ----------------------------------------------------------------------------------------------
+
+class PatchMerging(nn.Module):
+    """2x2 neighbours -> channels in the order (even row, even col), (odd row, even col),
+    (even row, odd col), (odd row, odd col); LayerNorm(4C); Linear(4C -> 2C, no bias)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x):
+        """(B, H, W, C) -> (B, H/2, W/2, 2C)."""
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
+                      dim=-1)  # (B, H/2, W/2, 4C)
+        return self.reduction(self.norm(x))
+
+
+class SwinStage(nn.Module):
+    def __init__(self, dim, depth, num_heads, window_size, mlp_ratio, drop_paths, downsample,
+                 use_rpb, rope, rope_theta, rpb_resize, qkv_bias=True):
+        super().__init__()
+        self.blocks = nn.ModuleList([
+            SwinBlock(dim, num_heads, window_size, i % 2 == 1, mlp_ratio, drop_paths[i], use_rpb,
+                      rope, rope_theta, rpb_resize, qkv_bias) for i in range(depth)])
+        self.downsample = PatchMerging(dim) if downsample else None
+
+    def forward_blocks(self, x, window, shift, shift_mask):
+        """(B, H, W, C) through the stage's blocks, before the downsampling: its feature map."""
+        for block in self.blocks:
+            x = block(x, window, shift if block.shifted else 0, shift_mask)
+        return x
+
+    def forward(self, x, window, shift, shift_mask):
+        x = self.forward_blocks(x, window, shift, shift_mask)
+        return self.downsample(x) if self.downsample is not None else x
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class SwinConfig:
+    """Hyper-parameters; the defaults are Swin-T with RPB (`swin_tiny_patch4_window7_224`)."""
+    pe: str = 'rpb'
+    num_classes: int = 1000
+    img_size: Union[int, tuple] = 224
+    patch_size: int = 4
+    in_chans: int = 3
+    embed_dim: int = 96
+    depths: tuple = (2, 2, 6, 2)
+    num_heads: tuple = (3, 6, 12, 24)
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.2
+    rope_theta: Optional[float] = None  # None: 50 for axial, 10 for mixed (published configs)
+    rpb_resize: str = 'bicubic'
+    # Beyond the paper: how RoPE follows a change of window (rope_position_scale): one of
+    # ROPE_POSITIONS, scaled from each block's built window (window_size, or its stage grid where
+    # that is smaller); yarn's ramp in turns.
+    rope_positions: str = 'extrapolate'
+    yarn_alpha: float = 0.25
+    yarn_beta: float = 1.0
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer with the position encoding `cfg.pe`; see the module docstring."""
+
+    def __init__(self, cfg: SwinConfig):
+        super().__init__()
+        if cfg.pe not in PE_VARIANTS:
+            raise ValueError(f"unknown pe {cfg.pe!r}; valid: {', '.join(PE_VARIANTS)}")
+        if cfg.rpb_resize not in RPB_RESIZE_MODES:
+            raise ValueError(f"unknown rpb_resize {cfg.rpb_resize!r}; "
+                             f"valid: {', '.join(RPB_RESIZE_MODES)}")
+        if len(cfg.depths) != len(cfg.num_heads):
+            raise ValueError(f'depths {tuple(cfg.depths)} and num_heads {tuple(cfg.num_heads)} '
+                             'differ in length')
+        self.cfg = cfg
+        self.pe = cfg.pe
+        self.num_classes = cfg.num_classes
+        self.patch_size = cfg.patch_size
+        self.img_size = cfg.img_size if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
+        # the side whose window is window_size: the only side for a square img_size
+        self._base_side = self.img_size if isinstance(self.img_size, int) else min(self.img_size)
+        self.window_size = cfg.window_size
+        self.depths = tuple(cfg.depths)
+        self.num_heads = tuple(cfg.num_heads)
+        self.embed_dim = cfg.embed_dim
+        self.num_stages = len(self.depths)
+        self.num_features = cfg.embed_dim * 2 ** (self.num_stages - 1)
+        self.use_rpb = cfg.pe in ('rpb', 'rope_axial_rpb', 'rope_mixed_rpb')
+        self.rope = 'mixed' if 'mixed' in cfg.pe else 'axial' if 'axial' in cfg.pe else None
+        self.rope_theta = None
+        if self.rope is not None:
+            default_theta = 10.0 if self.rope == 'mixed' else 50.0  # published Swin configs
+            self.rope_theta = cfg.rope_theta if cfg.rope_theta is not None else default_theta
+        for s, heads in enumerate(self.num_heads):
+            dim = cfg.embed_dim * 2 ** s
+            if dim % heads or (self.rope and (dim // heads) % 4):
+                raise ValueError(f'stage {s}: dim {dim} must split into {heads} heads'
+                                 + (' of a head dim divisible by 4 (RoPE)' if self.rope else ''))
+        built_h, built_w = (self.img_size, self.img_size) if isinstance(self.img_size, int) else self.img_size
+        built = self.stage_windows(built_h, built_w)  # also validates the config
+
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        drop_paths = torch.linspace(0, cfg.drop_path_rate, sum(self.depths), device='cpu').tolist()
+        self.layers = nn.ModuleList()
+        for s, depth in enumerate(self.depths):
+            start = sum(self.depths[:s])
+            self.layers.append(SwinStage(
+                cfg.embed_dim * 2 ** s, depth, self.num_heads[s], built[s][0], cfg.mlp_ratio,
+                drop_paths[start:start + depth], s < self.num_stages - 1, self.use_rpb,
+                self.rope, self.rope_theta, cfg.rpb_resize, cfg.qkv_bias))
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self._mask_cache = {}
+        self.apply(self._init_weights)
+        self.rope_positions = cfg.rope_positions  # validates and hands it to every block
+        self.rope_coord_augment = None
+
+    # Beyond the paper (section "RoPE at another window"): the position policy and the training-time
+    # coordinate augmentation, handed to every block.
+    @property
+    def rope_positions(self) -> str:
+        """The position policy (ROPE_POSITIONS); assign to change it between forwards."""
+        return self.cfg.rope_positions
+
+    @rope_positions.setter
+    def rope_positions(self, policy: str) -> None:
+        check_rope_positions(policy, self.cfg.yarn_alpha, self.cfg.yarn_beta)
+        self.cfg.rope_positions = policy
+        for attn in self._attentions():
+            attn.rope_positions = (policy, self.cfg.yarn_alpha, self.cfg.yarn_beta)
+
+    @property
+    def rope_coord_augment(self) -> Optional[tuple]:
+        """(shift_x, shift_y, scale_x, scale_y) of augment_positions, set per batch by a training loop; None: off."""
+        return self._rope_coord_augment
+
+    @rope_coord_augment.setter
+    def rope_coord_augment(self, value: Optional[tuple]) -> None:
+        self._rope_coord_augment = None if value is None else tuple(float(v) for v in value)
+        for attn in self._attentions():
+            attn.rope_coord_augment = self._rope_coord_augment
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _attentions(self) -> list:
+        """Every block's WindowAttention, in stage order."""
+        return [blk.attn for stage in self.layers for blk in stage.blocks]
+
+    # -- resolution ------------------------------------------------------------------------------
+    def _window_for(self, H: int, W: int):
+        """Run-time (window, [(window, shift) per stage]) or an error string."""
+        unit = self.patch_size * 2 ** (self.num_stages - 1)
+        base = self._base_side
+        if H <= 0 or W <= 0 or H % unit or W % unit:
+            return (f'both sides must be positive multiples of {unit} '
+                    f'(patch {self.patch_size} x 2^{self.num_stages - 1} merges)')
+        if (self.window_size * min(H, W)) % base:
+            return (f'the window window_size * min(H, W) / img_size = '
+                    f'{self.window_size} * {min(H, W)} / {base} must be an integer')
+        window = self.window_size * min(H, W) // base
+        plan = []
+        for s in range(self.num_stages):
+            rh, rw = H // (self.patch_size * 2 ** s), W // (self.patch_size * 2 ** s)
+            if min(rh, rw) <= window:  # official rule: the window covers the grid, no shift
+                plan.append((min(rh, rw), 0))
+            else:
+                plan.append((window, window // 2))
+            if rh % plan[-1][0] or rw % plan[-1][0]:
+                return f'stage {s} grid {rh}x{rw} does not tile into {plan[-1][0]}x{plan[-1][0]} windows'
+        return plan
+
+    def stage_windows(self, H: int, W: int) -> list:
+        """[(window, shift)] per stage for an H x W input (shift applies to odd blocks).
+
+        With img_size the resolution the model was built for (its smaller side if a tuple) and
+        window_size the window there (7 at 224), an H x W input uses the window
+            w = window_size * min(H, W) / img_size          (224 -> 7, 96 -> 3, 160 -> 5, 384 -> 12)
+        which must be an integer, and H, W must be multiples of patch_size * 2**(stages-1) (32 for
+        the published models). As in the official code, a stage whose smaller grid side is <= w
+        uses a window of that side and no shift; every other stage uses w and, on odd blocks,
+        shift w // 2. Every stage grid must tile into its windows: for the published models that
+        means a square r x r with r a multiple of 32, or a non-square H x W whose longer side is a
+        multiple of the shorter one (e.g. 160 x 320, 224 x 448), the window then following
+        min(H, W). No rebuild: positions, relative indices, shift masks, resized RPB tables and
+        RoPE factors are made for the actual grid.
+        Raises ValueError for a size this rule does not allow.
+        """
+        plan = self._window_for(H, W)
+        if isinstance(plan, str):
+            unit = self.patch_size * 2 ** (self.num_stages - 1)
+            side = max(min(H, W), 1)
+            valid = [r for r in range(unit, 4 * max(H, W, unit) + 64 * unit, unit)
+                     if not isinstance(self._window_for(r, r), str)]
+            below = [r for r in valid if r <= side][-2:]
+            above = [r for r in valid if r > side][:2]
+            raise ValueError(
+                f'input size {H}x{W} is not allowed: {plan}. Rule: sides multiples of {unit}, '
+                f'window = {self.window_size} * min(H, W) / {self._base_side} an integer, every '
+                'stage grid tiling into its windows (published models: r x r with r a multiple '
+                'of 32, or H x W with the longer side a multiple of the shorter). '
+                f'Nearest valid square sizes: {below + above}')
+        return plan
+
+    def check_img_size(self, H: int, W: int) -> None:
+        """Raise ValueError (rule and nearest valid sizes) if H x W is not an allowed input."""
+        self.stage_windows(H, W)
+
+    def _shift_mask(self, H, W, window, shift, device):
+        """shift_window_mask of a stage grid, (nW, N, N); on the fused path kept per size."""
+        if fused_path():
+            return cached_shift_mask(self._mask_cache, H, W, window, shift, device)
+        return shift_window_mask(H, W, window, shift, device)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> (B, num_features): final LayerNorm, mean over tokens."""
+        plan = self.stage_windows(x.shape[-2], x.shape[-1])
+        x = self.patch_embed(x)  # (B, H/p, W/p, C)
+        for s, stage in enumerate(self.layers):
+            window, shift = plan[s]
+            H, W = x.shape[1], x.shape[2]
+            mask = self._shift_mask(H, W, window, shift, x.device) if shift else None  # (nW, N, N)
+            x = stage(x, window, shift, mask)
+        return self.norm(x).mean(dim=(1, 2))  # (B, num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> logits (B, num_classes)."""
+        return self.head(self.forward_features(x))
+
+    def forward_with_attention(self, x: torch.Tensor):
+        """Logits and every block's attention probabilities from an explicit softmax path.
+
+        Returns (logits (B, num_classes), list over blocks in stage order of dicts
+        {'attn': (B*nW, nH, w*w, w*w), 'window': w, 'shift': s, 'stage': i}); tokens row-major
+        inside a window, windows row-major with batch outermost, in the rolled frame when s > 0.
+        """
+        plan = self.stage_windows(x.shape[-2], x.shape[-1])
+        attns = self._attentions()
+        for a in attns:
+            a.return_attn = True
+        try:
+            logits = self(x)
+            out = []
+            for s, stage in enumerate(self.layers):
+                for blk in stage.blocks:
+                    out.append({'attn': blk.attn.last_attn, 'window': plan[s][0],
+                                'shift': plan[s][1] if blk.shifted else 0, 'stage': s})
+        finally:
+            for a in attns:
+                a.return_attn = False
+                a.last_attn = None
+        return logits, out
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False):
+        """Feature maps of chosen stages for dense prediction (beyond the paper: stage_feature_maps)."""
+        return stage_feature_maps(self, x, indices, norm, stop_early, output_fmt, intermediates_only)
+
+    def no_weight_decay(self) -> set:
+        """RPB tables and RoPE-Mixed frequencies (names as in named_parameters())."""
+        return {name for name, _ in self.named_parameters()
+                if name.endswith('relative_position_bias_table') or name.endswith('rope_freqs')}
+
+    def clear_caches(self) -> None:
+        """Drop cached masks / tables / RoPE factors (they are also invalidated automatically)."""
+        self._mask_cache.clear()
+        for attn in self._attentions():
+            attn._cache.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets and create_model
+# ----------------------------------------------------------------------------------------------
+
+_SIZES = {
+    'swin_tiny': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
+    'swin_small': dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),
+    'swin_base': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
+}
+
+
+def _published_names() -> dict:
+    names = {}
+    for size in ('tiny', 'small', 'base'):
+        names[f'swin_{size}_patch4_window7_224'] = (f'swin_{size}', 'rpb')
+        for rope in ('axial', 'mixed'):
+            names[f'swin_rope_{rope}_{size}_patch4_window7_224'] = (f'swin_{size}', f'rope_{rope}')
+            names[f'swin_rope_{rope}_rpb_{size}_patch4_window7_224'] = (f'swin_{size}', f'rope_{rope}_rpb')
+    return names
+
+
+_PUBLISHED = _published_names()
+
+
+def list_models() -> list:
+    """Size names (take pe=...) and published names (pe fixed)."""
+    return list(_SIZES) + list(_PUBLISHED)
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs) -> SwinTransformer:
+    """Build `name` (a size name with pe=..., default 'rpb'; or a published name) with
+    SwinConfig fields as keyword overrides (num_classes, img_size, patch_size, in_chans,
+    embed_dim, depths, num_heads, window_size, mlp_ratio, drop_path_rate, rope_theta, rpb_resize).
+    `pretrained=True` (names in PRETRAINED_URLS) loads the released weights with load_pretrained:
+    downloaded once, then read from torch.hub's cache.
+    """
+    if pretrained and name not in PRETRAINED_URLS:
+        raise ValueError(f'pretrained=True needs a name with released weights; {name!r} is not one of: '
+                         f'{", ".join(PRETRAINED_URLS)}')
+    if name in _PUBLISHED:
+        size, pe = _PUBLISHED[name]
+        if kwargs.get('pe', pe) != pe:
+            raise ValueError(f'{name} fixes pe={pe!r}; use the size name {size!r} for pe={kwargs["pe"]!r}')
+        kwargs['pe'] = pe
+    elif name in _SIZES:
+        size = name
+    else:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(list_models())}")
+    valid_fields = [f.name for f in fields(SwinConfig)]
+    unknown = [k for k in kwargs if k not in valid_fields]
+    if unknown:
+        raise ValueError(f"unknown argument(s) {', '.join(unknown)} for {name}; "
+                         f"valid: {', '.join(valid_fields)}")
+    pe = kwargs.get('pe', 'rpb')
+    if pe not in PE_VARIANTS:
+        raise ValueError(f"unknown pe {pe!r}; valid: {', '.join(PE_VARIANTS)}")
+    model = SwinTransformer(SwinConfig(**{**_SIZES[size], **kwargs}))
+    if pretrained:
+        load_pretrained(model, name)
+    return model
+
+
+# ==============================================================================================
+# End of the paper's model. What follows: beyond the paper, checkpoints, the fused speed path.
+# ==============================================================================================
+
+
+# ----------------------------------------------------------------------------------------------
+# Beyond the paper: RoPE at another window (position policies, coordinate augmentation)
+# ----------------------------------------------------------------------------------------------
+# The paper extrapolates (section 3.3): a larger window uses the integer positions 0 .. w-1 of its
+# larger window. The other policies change every angle theta_j p (one axis, frequency j, position p)
 # into (c_j theta_j) p, c_j depending on s = current window / training window (the window the
 # block was built for). All are the identity at the training window, so they never change
 # training. (The same helpers as in rope_vit.py, where a grid plays the window's part.)
+# Coordinate augmentation moves the positions during training only (a training loop sets it).
 
 ROPE_POSITIONS = ('extrapolate', 'interpolate', 'ntk', 'yarn')
 
@@ -234,561 +857,66 @@ def check_rope_positions(policy: str, yarn_alpha: float, yarn_beta: float) -> No
         raise ValueError(f'yarn needs 0 <= yarn_alpha < yarn_beta (turns), got {yarn_alpha} and {yarn_beta}')
 
 
-# ----------------------------------------------------------------------------------------------
-# Windows, relative position bias, shift mask
-# ----------------------------------------------------------------------------------------------
+def adapt_rope_to_window(attn: WindowAttention, window: int, t_x: torch.Tensor, t_y: torch.Tensor) -> tuple:
+    """(frequencies, t_x, t_y, temperature) for WindowAttention.rope_tables at the run-time window.
 
-def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, H, W, C) -> (B*nW, w*w, C); windows row-major with batch outermost."""
-    B, H, W, C = x.shape
-    x = x.view(B, H // window, window, W // window, window, C)  # (B, H/w, w, W/w, w, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, C)  # (B*nW, N, C)
-
-
-def window_reverse(windows: torch.Tensor, window: int, H: int, W: int) -> torch.Tensor:
-    """(B*nW, w*w, C) -> (B, H, W, C); inverse of window_partition."""
-    C = windows.shape[-1]
-    x = windows.view(-1, H // window, W // window, window, window, C)  # (B, H/w, W/w, w, w, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)  # (B, H, W, C)
-
-
-def relative_position_index(window: int, device=None) -> torch.Tensor:
-    """Eq. 5 index: B_nm = table[(dy + w-1) * (2w-1) + (dx + w-1)], d = p_n - p_m.
-
-    Returns (N, N) int64, the layout of the official `relative_position_index` buffer.
+    The block's coordinate augmentation moves the positions; its policy scales the frequencies
+    per axis (rope_position_scale, from the block's built window) and gives YaRN's temperature.
+    Off (the default: 'extrapolate', no augmentation) they come back unchanged, temperature 1.
     """
-    t_x, t_y = window_positions(window, device)
-    dx = (t_x[:, None] - t_x[None, :]).long() + window - 1  # (N, N)
-    dy = (t_y[:, None] - t_y[None, :]).long() + window - 1  # (N, N)
-    return dy * (2 * window - 1) + dx  # (N, N)
-
-
-def resize_rpb_table(table: torch.Tensor, window: int, mode: str = 'bicubic') -> torch.Tensor:
-    """RPB table (Eq. 3) for another window: ((2w0-1)^2, nH) -> ((2w-1)^2, nH), same dtype.
-
-    'bicubic': the official evaluation (`SwinTransformer/utils.py:load_pretrained`): the table is
-    viewed as an image (1, nH, dy, dx) and resized with F.interpolate(bicubic, align_corners=False,
-    no antialias). 'zero_pad': the paper's text: offsets the table never saw get bias 0 (a smaller
-    window crops the centre).
-    """
-    length, num_heads = table.shape
-    side = math.isqrt(length)
-    new_side = 2 * window - 1
-    if not torch.compiler.is_compiling() and side == new_side:
-        return table  # traced graphs always resize (exact at the same size), so that no window is baked in
-    grid = table.t().reshape(1, num_heads, side, side)  # (1, nH, 2w0-1, 2w0-1)
-    if mode == 'bicubic':
-        grid = F.interpolate(grid, size=(new_side, new_side), mode='bicubic', align_corners=False)
-    elif mode == 'zero_pad':
-        pad = (new_side - side) // 2  # negative pads crop
-        grid = F.pad(grid, (pad, pad, pad, pad))
-    else:
-        raise ValueError(f"unknown rpb_resize {mode!r}; valid: {', '.join(RPB_RESIZE_MODES)}")
-    return grid.reshape(num_heads, new_side * new_side).t()  # ((2w-1)^2, nH)
-
-
-def shift_window_mask(H: int, W: int, window: int, shift: int, device=None) -> torch.Tensor:
-    """Additive mask of shifted-window attention: 0 within a region, -100 across regions.
-
-    After roll(-shift), the grid holds 3 x 3 regions (slices [0:-w], [-w:-s], [-s:] per axis);
-    tokens of different regions share a window but were not neighbours in the image.
-    Returns (nW, N, N) float32.
-    """
-    labels = torch.zeros(1, H, W, 1, device=device)
-    bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    region = 0
-    for rows in bounds:
-        for cols in bounds:
-            labels[:, rows, cols, :] = region
-            region += 1
-    labels = window_partition(labels, window).squeeze(-1)  # (nW, N)
-    different = labels[:, None, :] != labels[:, :, None]  # (nW, N, N)
-    return torch.zeros(different.shape, device=device).masked_fill(different, SHIFT_MASK_VALUE)
+    if attn.rope_coord_augment is not None:
+        shift_x, shift_y, scale_x, scale_y = attn.rope_coord_augment
+        t_x, t_y = augment_positions(t_x, window, shift_x, scale_x), augment_positions(t_y, window, shift_y, scale_y)
+    policy, yarn_alpha, yarn_beta = attn.rope_positions
+    scale = [rope_position_scale(policy, f, attn.window_size, window, attn.rope_theta,
+                                 attn.head_dim // 4, yarn_alpha, yarn_beta)
+             for f in attn.rope_freqs.detach().float().unbind(0)]  # theta^x, theta^y factors
+    freqs = attn.rope_freqs
+    if any(c is not None for c in scale):
+        freqs = freqs * torch.stack([torch.ones_like(f) if c is None else c
+                                     for f, c in zip(freqs.detach().float(), scale)])  # (2, nH, d/2)
+    return freqs, t_x, t_y, yarn_attention_scale(policy, window / attn.window_size)
 
 
 # ----------------------------------------------------------------------------------------------
-# Modules
+# Beyond the paper: feature maps per stage (dense prediction)
 # ----------------------------------------------------------------------------------------------
 
-class DropPath(nn.Module):
-    """Stochastic depth per sample (Swin recipe); identity in eval mode."""
+def stage_feature_maps(model: SwinTransformer, x: torch.Tensor, indices=None, norm: bool = False,
+                       stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False):
+    """Feature maps of chosen stages for dense prediction (timm's convention).
 
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, ...)
-        return x * mask / keep
-
-    def extra_repr(self):
-        return f'drop_prob={self.drop_prob}'
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class WindowAttention(nn.Module):
-    """Window multi-head self-attention with RPB (Eq. 6), RoPE (Eq. 14-15), both, or neither.
-
-    Logits: RoPE(q * scale) . RoPE(k) + B + shift mask, softmax, times v; the RoPE rotation comes
-    after the scale and the bias after the rotated product, as in the official code. The scale is
-    folded into q's rotation factors (equal to rotating q * scale up to float rounding), and the
-    bias and shift mask reach F.scaled_dot_product_attention as one additive mask.
-    `window_size` is the window this block was built for: the size of the stored RPB table.
+    indices: None (every stage), an int n (the last n) or a list of stage indices (negative
+    from the end). Stage s gives its blocks' output before the downsampling that ends it,
+    (B, embed_dim * 2^s, H / (patch * 2^s), W / (patch * 2^s)) for 'NCHW' or channels last
+    for 'NHWC': strides 4, 8, 16, 32 for the published models, as Swin's detection and
+    segmentation backbones use. norm: the final LayerNorm on the last stage's map (the only
+    one of its width). stop_early: skip the stages after the last one asked for (then no
+    final features). Returns the list, or (final features (B, H/32, W/32, C) after the final
+    norm, list) unless intermediates_only. Any input size the model accepts works.
     """
-
-    def __init__(self, dim: int, num_heads: int, window_size: int, use_rpb: bool,
-                 rope: Optional[str], rope_theta: float, rpb_resize: str, qkv_bias: bool = True):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.window_size = window_size
-        self.use_rpb = use_rpb
-        self.rope = rope  # None, 'axial' or 'mixed'
-        self.rope_theta = rope_theta
-        self.rope_positions = ('extrapolate', 0.25, 1.0)  # (policy, yarn_alpha, yarn_beta): set by the model
-        self.rope_coord_augment = None  # (shift_x, shift_y, scale_x, scale_y): set by the model
-        self.rpb_resize = rpb_resize
-        self.return_attn = False  # forward_with_attention switches on the explicit softmax path
-        self.last_attn = None
-        self._cache = {}
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        if use_rpb:
-            self.relative_position_bias_table = nn.Parameter(
-                torch.zeros((2 * window_size - 1) ** 2, num_heads))  # ((2w-1)^2, nH)
-            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        if rope == 'mixed':
-            self.rope_freqs = nn.Parameter(init_rope_freqs(num_heads, self.head_dim, rope_theta, True))
-        elif rope == 'axial':
-            self.register_buffer('rope_freqs', init_rope_freqs(num_heads, self.head_dim, rope_theta, False))
-
-    def rope_tables(self, window: int) -> tuple:
-        """Eq. 10 (cos, sin) for the run-time window, each (2, 1, nH, N, d/2): [0] rotates q
-        (the scale folded in), [1] rotates k. The position policy scales the frequencies per
-        axis (rope_position_scale, from the block's built window) and YaRN's temperature both."""
-        def build():
-            t_x, t_y = window_positions(window, self.rope_freqs.device)
-            if self.rope_coord_augment is not None:
-                shift_x, shift_y, scale_x, scale_y = self.rope_coord_augment
-                t_x, t_y = augment_positions(t_x, window, shift_x, scale_x), augment_positions(t_y, window, shift_y, scale_y)
-            policy, yarn_alpha, yarn_beta = self.rope_positions
-            scale = [rope_position_scale(policy, f, self.window_size, window, self.rope_theta,
-                                         self.head_dim // 4, yarn_alpha, yarn_beta)
-                     for f in self.rope_freqs.detach().float().unbind(0)]  # theta^x, theta^y factors
-            freqs = self.rope_freqs
-            if any(c is not None for c in scale):
-                freqs = freqs * torch.stack([torch.ones_like(f) if c is None else c
-                                             for f, c in zip(freqs.detach().float(), scale)])  # (2, nH, d/2)
-            cos, sin = rope_cos_sin(rope_angles(freqs, t_x, t_y))  # (nH, N, d/2) each
-            temperature = yarn_attention_scale(policy, window / self.window_size)
-            scales = torch.tensor([self.scale * temperature, temperature],
-                                  device=cos.device)[:, None, None, None, None]  # (2, 1, 1, 1, 1)
-            return cos * scales, sin * scales  # (2, 1, nH, N, d/2) each
-        return cached(self._cache, ('rope', window, self.rope_positions, self.rope_coord_augment), self.rope_freqs, build)
-
-    def position_bias(self, window: int) -> torch.Tensor:
-        """Eq. 5-6 bias for the run-time window: (nH, N, N), table resized if w differs."""
-        table = self.relative_position_bias_table
-
-        def build():
-            resized = resize_rpb_table(table, window, self.rpb_resize)  # ((2w-1)^2, nH)
-            index = relative_position_index(window, table.device)  # (N, N)
-            return resized[index.reshape(-1)].reshape(window * window, window * window, -1) \
-                .permute(2, 0, 1).contiguous()  # (nH, N, N)
-        return cached(self._cache, ('rpb', window, self.rpb_resize), table, build)
-
-    def forward(self, x: torch.Tensor, window: int, shift_mask: Optional[torch.Tensor] = None):
-        """x (B_, N, C) windows, shift_mask (nW, N, N) or None. Returns (B_, N, C)."""
-        B_, N, C = x.shape
-        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, self.head_dim)  # (B_, N, 3, nH, d)
-        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B_, nH, N, d)
-        v = qkv[2]
-        if self.rope is None:
-            q, k, scale = qkv[0], qkv[1], self.scale
-        elif self.return_attn or torch.compiler.is_compiling():  # Eq. 11, the readable formula
-            q, k = apply_rope(qkv[:2], *self.rope_tables(window)).unbind(0)  # 2 x (B_, nH, N, d)
-            scale = 1.0  # already in the q factors
-        else:  # eager: the same rotation, fused (last section)
-            q, k = rotate_fused(qkv[:2], self, window).unbind(0)  # 2 x (B_, nH, N, d)
-            scale = 1.0
-
-        mask = self.position_bias(window)[None] if self.use_rpb else None  # (1, nH, N, N)
-        if shift_mask is not None:
-            nW = shift_mask.shape[0]
-            mask = shift_mask[:, None] if mask is None else mask + shift_mask[:, None]  # (nW, nH|1, N, N)
-            mask = mask.to(q.dtype).expand(B_ // nW, -1, -1, -1, -1)  # (B, nW, nH|1, N, N)
-            mask = mask.reshape(B_, -1, N, N)  # (B_, nH|1, N, N)
-        elif mask is not None:
-            mask = mask.to(q.dtype)
-
-        if self.return_attn or torch.compiler.is_compiling():  # explicit, same math: softmax(q k^T * scale + B + mask) v
-            # (traced graphs take it too: the export decomposition of SDPA with a mask mislabels strides)
-            logits = (q * scale) @ k.transpose(-2, -1)  # (B_, nH, N, N)
-            if mask is not None:
-                logits = logits + mask
-            attn = logits.softmax(dim=-1)
-            if self.return_attn:
-                self.last_attn = attn.detach()
-            out = attn @ v  # (B_, nH, N, d)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B_, nH, N, d)
-        out = out.transpose(1, 2).reshape(B_, N, C)  # (B_, N, C)
-        return self.proj(out)
-
-
-class SwinBlock(nn.Module):
-    """Pre-norm Swin block: x += attn(norm1(x)) in (shifted) windows, x += mlp(norm2(x))."""
-
-    def __init__(self, dim, num_heads, window_size, shifted, mlp_ratio, drop_path, use_rpb,
-                 rope, rope_theta, rpb_resize, qkv_bias=True):
-        super().__init__()
-        self.shifted = shifted  # odd block: shift by window // 2 when the stage allows it
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, window_size, use_rpb, rope, rope_theta,
-                                    rpb_resize, qkv_bias)
-        self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x, window: int, shift: int, shift_mask: Optional[torch.Tensor]):
-        """x (B, H, W, C); shift 0 means no cyclic shift. Returns (B, H, W, C)."""
-        B, H, W, C = x.shape
-        y = self.norm1(x)
-        if shift:
-            y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))  # (B, H, W, C)
-        y = window_partition(y, window)  # (B_, N, C)
-        y = self.attn(y, window, shift_mask if shift else None)  # (B_, N, C)
-        y = window_reverse(y, window, H, W)  # (B, H, W, C)
-        if shift:
-            y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
-        x = x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-class PatchMerging(nn.Module):
-    """2x2 neighbours -> channels in the order (even row, even col), (odd row, even col),
-    (even row, odd col), (odd row, odd col); LayerNorm(4C); Linear(4C -> 2C, no bias)."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.norm = nn.LayerNorm(4 * dim)
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-
-    def forward(self, x):
-        """(B, H, W, C) -> (B, H/2, W/2, 2C)."""
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
-                      dim=-1)  # (B, H/2, W/2, 4C)
-        return self.reduction(self.norm(x))
-
-
-class SwinStage(nn.Module):
-    def __init__(self, dim, depth, num_heads, window_size, mlp_ratio, drop_paths, downsample,
-                 use_rpb, rope, rope_theta, rpb_resize, qkv_bias=True):
-        super().__init__()
-        self.blocks = nn.ModuleList([
-            SwinBlock(dim, num_heads, window_size, i % 2 == 1, mlp_ratio, drop_paths[i], use_rpb,
-                      rope, rope_theta, rpb_resize, qkv_bias) for i in range(depth)])
-        self.downsample = PatchMerging(dim) if downsample else None
-
-    def forward_blocks(self, x, window, shift, shift_mask):
-        """(B, H, W, C) through the stage's blocks, before the downsampling: its feature map."""
-        for block in self.blocks:
-            x = block(x, window, shift if block.shifted else 0, shift_mask)
-        return x
-
-    def forward(self, x, window, shift, shift_mask):
-        x = self.forward_blocks(x, window, shift, shift_mask)
-        return self.downsample(x) if self.downsample is not None else x
-
-
-class PatchEmbed(nn.Module):
-    """Conv patchify (p x p, stride p) then LayerNorm: (B, 3, H, W) -> (B, H/p, W/p, C)."""
-
-    def __init__(self, patch_size, in_chans, embed_dim):
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dim)
-
-    def forward(self, x):
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
-
-
-@dataclass
-class SwinConfig:
-    """Hyper-parameters; the defaults are Swin-T with RPB (`swin_tiny_patch4_window7_224`)."""
-    pe: str = 'rpb'
-    num_classes: int = 1000
-    img_size: Union[int, tuple] = 224
-    patch_size: int = 4
-    in_chans: int = 3
-    embed_dim: int = 96
-    depths: tuple = (2, 2, 6, 2)
-    num_heads: tuple = (3, 6, 12, 24)
-    window_size: int = 7
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    drop_path_rate: float = 0.2
-    rope_theta: Optional[float] = None  # None: 50 for axial, 10 for mixed (published configs)
-    rpb_resize: str = 'bicubic'
-    # How RoPE follows a change of window (rope_position_scale): one of ROPE_POSITIONS, scaled from
-    # each block's built window (window_size, or its stage grid where that is smaller); yarn's ramp in turns.
-    rope_positions: str = 'extrapolate'
-    yarn_alpha: float = 0.25
-    yarn_beta: float = 1.0
-
-
-class SwinTransformer(nn.Module):
-    """Swin Transformer with the position encoding `cfg.pe`; see the module docstring."""
-
-    def __init__(self, cfg: SwinConfig):
-        super().__init__()
-        if cfg.pe not in PE_VARIANTS:
-            raise ValueError(f"unknown pe {cfg.pe!r}; valid: {', '.join(PE_VARIANTS)}")
-        if cfg.rpb_resize not in RPB_RESIZE_MODES:
-            raise ValueError(f"unknown rpb_resize {cfg.rpb_resize!r}; "
-                             f"valid: {', '.join(RPB_RESIZE_MODES)}")
-        if len(cfg.depths) != len(cfg.num_heads):
-            raise ValueError(f'depths {tuple(cfg.depths)} and num_heads {tuple(cfg.num_heads)} '
-                             'differ in length')
-        self.cfg = cfg
-        self.pe = cfg.pe
-        self.num_classes = cfg.num_classes
-        self.patch_size = cfg.patch_size
-        self.img_size = cfg.img_size if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
-        # the side whose window is window_size: the only side for a square img_size
-        self._base_side = self.img_size if isinstance(self.img_size, int) else min(self.img_size)
-        self.window_size = cfg.window_size
-        self.depths = tuple(cfg.depths)
-        self.num_heads = tuple(cfg.num_heads)
-        self.embed_dim = cfg.embed_dim
-        self.num_stages = len(self.depths)
-        self.num_features = cfg.embed_dim * 2 ** (self.num_stages - 1)
-        self.use_rpb = cfg.pe in ('rpb', 'rope_axial_rpb', 'rope_mixed_rpb')
-        self.rope = 'mixed' if 'mixed' in cfg.pe else 'axial' if 'axial' in cfg.pe else None
-        self.rope_theta = None
-        if self.rope is not None:
-            default_theta = 10.0 if self.rope == 'mixed' else 50.0  # published Swin configs
-            self.rope_theta = cfg.rope_theta if cfg.rope_theta is not None else default_theta
-        for s, heads in enumerate(self.num_heads):
-            dim = cfg.embed_dim * 2 ** s
-            if dim % heads or (self.rope and (dim // heads) % 4):
-                raise ValueError(f'stage {s}: dim {dim} must split into {heads} heads'
-                                 + (' of a head dim divisible by 4 (RoPE)' if self.rope else ''))
-        built_h, built_w = (self.img_size, self.img_size) if isinstance(self.img_size, int) else self.img_size
-        built = self.stage_windows(built_h, built_w)  # also validates the config
-
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
-        drop_paths = torch.linspace(0, cfg.drop_path_rate, sum(self.depths), device='cpu').tolist()
-        self.layers = nn.ModuleList()
-        for s, depth in enumerate(self.depths):
-            start = sum(self.depths[:s])
-            self.layers.append(SwinStage(
-                cfg.embed_dim * 2 ** s, depth, self.num_heads[s], built[s][0], cfg.mlp_ratio,
-                drop_paths[start:start + depth], s < self.num_stages - 1, self.use_rpb,
-                self.rope, self.rope_theta, cfg.rpb_resize, cfg.qkv_bias))
-        self.norm = nn.LayerNorm(self.num_features)
-        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
-        self._mask_cache = {}
-        self.apply(self._init_weights)
-        self.rope_positions = cfg.rope_positions  # validates and hands it to every block
-        self.rope_coord_augment = None
-
-    @property
-    def rope_positions(self) -> str:
-        """The position policy (ROPE_POSITIONS); assign to change it between forwards."""
-        return self.cfg.rope_positions
-
-    @rope_positions.setter
-    def rope_positions(self, policy: str) -> None:
-        check_rope_positions(policy, self.cfg.yarn_alpha, self.cfg.yarn_beta)
-        self.cfg.rope_positions = policy
-        for module in self.modules():
-            if isinstance(module, WindowAttention):
-                module.rope_positions = (policy, self.cfg.yarn_alpha, self.cfg.yarn_beta)
-
-    @property
-    def rope_coord_augment(self) -> Optional[tuple]:
-        """(shift_x, shift_y, scale_x, scale_y) of augment_positions, set per batch by a training loop; None: off."""
-        return self._rope_coord_augment
-
-    @rope_coord_augment.setter
-    def rope_coord_augment(self, value: Optional[tuple]) -> None:
-        self._rope_coord_augment = None if value is None else tuple(float(v) for v in value)
-        for module in self.modules():
-            if isinstance(module, WindowAttention):
-                module.rope_coord_augment = self._rope_coord_augment
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    # -- resolution ------------------------------------------------------------------------------
-    def _window_for(self, H: int, W: int):
-        """Run-time (window, [(window, shift) per stage]) or an error string."""
-        unit = self.patch_size * 2 ** (self.num_stages - 1)
-        base = self._base_side
-        if H <= 0 or W <= 0 or H % unit or W % unit:
-            return (f'both sides must be positive multiples of {unit} '
-                    f'(patch {self.patch_size} x 2^{self.num_stages - 1} merges)')
-        if (self.window_size * min(H, W)) % base:
-            return (f'the window window_size * min(H, W) / img_size = '
-                    f'{self.window_size} * {min(H, W)} / {base} must be an integer')
-        window = self.window_size * min(H, W) // base
-        plan = []
-        for s in range(self.num_stages):
-            rh, rw = H // (self.patch_size * 2 ** s), W // (self.patch_size * 2 ** s)
-            if min(rh, rw) <= window:  # official rule: the window covers the grid, no shift
-                plan.append((min(rh, rw), 0))
-            else:
-                plan.append((window, window // 2))
-            if rh % plan[-1][0] or rw % plan[-1][0]:
-                return f'stage {s} grid {rh}x{rw} does not tile into {plan[-1][0]}x{plan[-1][0]} windows'
-        return plan
-
-    def stage_windows(self, H: int, W: int) -> list:
-        """[(window, shift)] per stage for an H x W input (shift applies to odd blocks).
-
-        Raises ValueError for a size the rule of the module docstring does not allow.
-        """
-        plan = self._window_for(H, W)
-        if isinstance(plan, str):
-            unit = self.patch_size * 2 ** (self.num_stages - 1)
-            side = max(min(H, W), 1)
-            valid = [r for r in range(unit, 4 * max(H, W, unit) + 64 * unit, unit)
-                     if not isinstance(self._window_for(r, r), str)]
-            below = [r for r in valid if r <= side][-2:]
-            above = [r for r in valid if r > side][:2]
-            raise ValueError(
-                f'input size {H}x{W} is not allowed: {plan}. Rule: sides multiples of {unit}, '
-                f'window = {self.window_size} * min(H, W) / {self._base_side} an integer, every '
-                'stage grid tiling into its windows (published models: r x r with r a multiple '
-                'of 32, or H x W with the longer side a multiple of the shorter). '
-                f'Nearest valid square sizes: {below + above}')
-        return plan
-
-    def check_img_size(self, H: int, W: int) -> None:
-        """Raise ValueError (rule and nearest valid sizes) if H x W is not an allowed input."""
-        self.stage_windows(H, W)
-
-    def _shift_mask(self, H, W, window, shift, device):
-        if torch.compiler.is_compiling():
-            return shift_window_mask(H, W, window, shift, device)
-        key = _cache_key(H, W, window, shift, device)
-        mask = self._mask_cache.get(key)
-        if mask is None:
-            if len(self._mask_cache) > 32:
-                self._mask_cache.clear()
-            mask = self._mask_cache[key] = shift_window_mask(H, W, window, shift, device)
-        return mask
-
-    # -- forward ---------------------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> (B, num_features): final LayerNorm, mean over tokens."""
-        plan = self.stage_windows(x.shape[-2], x.shape[-1])
-        x = self.patch_embed(x)  # (B, H/p, W/p, C)
-        for s, stage in enumerate(self.layers):
-            window, shift = plan[s]
-            H, W = x.shape[1], x.shape[2]
-            mask = self._shift_mask(H, W, window, shift, x.device) if shift else None  # (nW, N, N)
-            x = stage(x, window, shift, mask)
-        return self.norm(x).mean(dim=(1, 2))  # (B, num_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> logits (B, num_classes)."""
-        return self.head(self.forward_features(x))
-
-    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = 'NCHW',
-                              intermediates_only: bool = False):
-        """Feature maps of chosen stages for dense prediction (timm's convention).
-
-        indices: None (every stage), an int n (the last n) or a list of stage indices (negative
-        from the end). Stage s gives its blocks' output before the downsampling that ends it,
-        (B, embed_dim * 2^s, H / (patch * 2^s), W / (patch * 2^s)) for 'NCHW' or channels last
-        for 'NHWC': strides 4, 8, 16, 32 for the published models, as Swin's detection and
-        segmentation backbones use. norm: the final LayerNorm on the last stage's map (the only
-        one of its width). stop_early: skip the stages after the last one asked for (then no
-        final features). Returns the list, or (final features (B, H/32, W/32, C) after the final
-        norm, list) unless intermediates_only. Any input size the model accepts works.
-        """
-        if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take = _take_indices(self.num_stages, indices)
-        last = max(take) if stop_early else self.num_stages - 1
-        if last < self.num_stages - 1 and not intermediates_only:
-            raise ValueError('stop_early leaves no final features: pass intermediates_only=True with it')
-        plan = self.stage_windows(x.shape[-2], x.shape[-1])
-        x = self.patch_embed(x)  # (B, H/p, W/p, C)
-        intermediates = []
-        for s in range(last + 1):
-            window, shift = plan[s]
-            H, W = x.shape[1], x.shape[2]
-            mask = self._shift_mask(H, W, window, shift, x.device) if shift else None  # (nW, N, N)
-            x = self.layers[s].forward_blocks(x, window, shift, mask)  # (B, H, W, C)
-            if s in take:
-                y = self.norm(x) if norm and s == self.num_stages - 1 else x
-                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else y)
-            if self.layers[s].downsample is not None:
-                x = self.layers[s].downsample(x)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def forward_with_attention(self, x: torch.Tensor):
-        """Logits and every block's attention probabilities from an explicit softmax path.
-
-        Returns (logits (B, num_classes), list over blocks in stage order of dicts
-        {'attn': (B*nW, nH, w*w, w*w), 'window': w, 'shift': s, 'stage': i}); tokens row-major
-        inside a window, windows row-major with batch outermost, in the rolled frame when s > 0.
-        """
-        plan = self.stage_windows(x.shape[-2], x.shape[-1])
-        attns = [blk.attn for stage in self.layers for blk in stage.blocks]
-        for a in attns:
-            a.return_attn = True
-        try:
-            logits = self(x)
-            out = []
-            for s, stage in enumerate(self.layers):
-                for blk in stage.blocks:
-                    out.append({'attn': blk.attn.last_attn, 'window': plan[s][0],
-                                'shift': plan[s][1] if blk.shifted else 0, 'stage': s})
-        finally:
-            for a in attns:
-                a.return_attn = False
-                a.last_attn = None
-        return logits, out
-
-    def no_weight_decay(self) -> set:
-        """RPB tables and RoPE-Mixed frequencies (names as in named_parameters())."""
-        return {name for name, _ in self.named_parameters()
-                if name.endswith('relative_position_bias_table') or name.endswith('rope_freqs')}
-
-    def clear_caches(self) -> None:
-        """Drop cached masks / tables / RoPE factors (they are also invalidated automatically)."""
-        self._mask_cache.clear()
-        for m in self.modules():
-            if isinstance(m, WindowAttention):
-                m._cache.clear()
+    if output_fmt not in ('NCHW', 'NHWC'):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+    take = _take_indices(model.num_stages, indices)
+    last = max(take) if stop_early else model.num_stages - 1
+    if last < model.num_stages - 1 and not intermediates_only:
+        raise ValueError('stop_early leaves no final features: pass intermediates_only=True with it')
+    plan = model.stage_windows(x.shape[-2], x.shape[-1])
+    x = model.patch_embed(x)  # (B, H/p, W/p, C)
+    intermediates = []
+    for s in range(last + 1):
+        window, shift = plan[s]
+        H, W = x.shape[1], x.shape[2]
+        mask = model._shift_mask(H, W, window, shift, x.device) if shift else None  # (nW, N, N)
+        x = model.layers[s].forward_blocks(x, window, shift, mask)  # (B, H, W, C)
+        if s in take:
+            y = model.norm(x) if norm and s == model.num_stages - 1 else x
+            intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else y)
+        if model.layers[s].downsample is not None:
+            x = model.layers[s].downsample(x)
+    if intermediates_only:
+        return intermediates
+    return model.norm(x), intermediates
 
 
 def _take_indices(count: int, indices) -> List[int]:
@@ -810,8 +938,18 @@ def _take_indices(count: int, indices) -> List[int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints and published weights
 # ----------------------------------------------------------------------------------------------
+# Keys and shapes are those of the official code's state dict, minus its derived tensors
+# `attn_mask`, `attn.relative_position_index`, `attn.rope_t_x` and `attn.rope_t_y`: this file
+# rebuilds them for the actual grid, the official loaders delete them anyway, and load_checkpoint
+# drops them (and `relative_coords_table`) before a strict load. `attn.rope_freqs` (2, nH, d/2) is a
+# Parameter for Mixed and a persistent buffer for Axial, as published, so parameter counts equal
+# the official ones. An RPB table stored for another window is resized bicubically on load.
+
+# Key fragments of derived tensors in published files; rebuilt here for the actual grid.
+DERIVED_KEY_FRAGMENTS = ('rope_t_', 'relative_position_index', 'relative_coords_table', 'attn_mask')
+
 
 class LoadResult(NamedTuple):
     missing_keys: list
@@ -959,30 +1097,6 @@ def load_checkpoint(model: SwinTransformer, path_or_state_dict, strict: bool = T
     return LoadResult(missing_keys=missing + misshaped, unexpected_keys=unexpected)
 
 
-# ----------------------------------------------------------------------------------------------
-# Presets
-# ----------------------------------------------------------------------------------------------
-
-_SIZES = {
-    'swin_tiny': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
-    'swin_small': dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),
-    'swin_base': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
-}
-
-
-def _published_names() -> dict:
-    names = {}
-    for size in ('tiny', 'small', 'base'):
-        names[f'swin_{size}_patch4_window7_224'] = (f'swin_{size}', 'rpb')
-        for rope in ('axial', 'mixed'):
-            names[f'swin_rope_{rope}_{size}_patch4_window7_224'] = (f'swin_{size}', f'rope_{rope}')
-            names[f'swin_rope_{rope}_rpb_{size}_patch4_window7_224'] = (f'swin_{size}', f'rope_{rope}_rpb')
-    return names
-
-
-_PUBLISHED = _published_names()
-
-
 # Released weights: the paper's RoPE models, one hub repository per name holding the
 # {'model': state_dict} file of the official code; the RPB baselines are the original Swin
 # release (Liu et al.; the paper did not publish its own). The RoPE+RPB variants have none.
@@ -994,11 +1108,6 @@ PRETRAINED_URLS = {
        f'https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_{size}_patch4_window7_224.pth'
        for size in ('tiny', 'small', 'base')},
 }
-
-
-def list_models() -> list:
-    """Size names (take pe=...) and published names (pe fixed)."""
-    return list(_SIZES) + list(_PUBLISHED)
 
 
 def pretrained_cache_path(name: str) -> str:
@@ -1040,49 +1149,31 @@ def load_pretrained(model: SwinTransformer, name: str, progress: bool = True) ->
     return result
 
 
-def create_model(name: str, pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """Build `name` (a size name with pe=..., default 'rpb'; or a published name) with
-    SwinConfig fields as keyword overrides (num_classes, img_size, patch_size, in_chans,
-    embed_dim, depths, num_heads, window_size, mlp_ratio, drop_path_rate, rope_theta, rpb_resize).
-    `pretrained=True` (names in PRETRAINED_URLS) loads the released weights with load_pretrained:
-    downloaded once, then read from torch.hub's cache.
-    """
-    if pretrained and name not in PRETRAINED_URLS:
-        raise ValueError(f'pretrained=True needs a name with released weights; {name!r} is not one of: '
-                         f'{", ".join(PRETRAINED_URLS)}')
-    if name in _PUBLISHED:
-        size, pe = _PUBLISHED[name]
-        if kwargs.get('pe', pe) != pe:
-            raise ValueError(f'{name} fixes pe={pe!r}; use the size name {size!r} for pe={kwargs["pe"]!r}')
-        kwargs['pe'] = pe
-    elif name in _SIZES:
-        size = name
-    else:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(list_models())}")
-    valid_fields = [f.name for f in fields(SwinConfig)]
-    unknown = [k for k in kwargs if k not in valid_fields]
-    if unknown:
-        raise ValueError(f"unknown argument(s) {', '.join(unknown)} for {name}; "
-                         f"valid: {', '.join(valid_fields)}")
-    pe = kwargs.get('pe', 'rpb')
-    if pe not in PE_VARIANTS:
-        raise ValueError(f"unknown pe {pe!r}; valid: {', '.join(PE_VARIANTS)}")
-    model = SwinTransformer(SwinConfig(**{**_SIZES[size], **kwargs}))
-    if pretrained:
-        load_pretrained(model, name)
-    return model
-
-
 # ==============================================================================================
 # Speed: the same math, fused
 # ==============================================================================================
-# forward() outside torch.compile / export runs this section; forward_with_attention, compile
-# and export use the readable apply_rope. Why each piece is there, and the test that proves it:
-# * Derived tensors (RoPE tables, resized RPB bias, shift masks) are cached per window while no
-#   gradient must reach them (test_swin_eval_cache_follows_weights_and_autocast_runs); training
-#   rebuilds the RoPE tables once per block and forward, through autograd.
+# fused_path decides, for every forward, between this section and the readable formula above.
+# Why each piece is there, and the test that proves it:
+# * Derived tensors (RoPE factors, RPB bias, shift masks) are cached per window while no gradient
+#   must reach them (test_swin_eval_cache_follows_weights_and_autocast_runs); training rebuilds
+#   the RoPE factors and the bias once per block and forward, through autograd. The bias of the
+#   stored window is gathered from the table as it is, without the resize.
 # * The rotation is one complex multiply (one kernel on CPU, no stacked intermediates) instead
 #   of the four real products of apply_rope (test_swin_fused_rotation_equals_readable).
+# * Attention is F.scaled_dot_product_attention with the bias and shift mask as one additive mask.
+
+def fused_path(record_attention: bool = False) -> bool:
+    """The one switch: True where the eager forward takes this section's fused path.
+
+    Asked once per forward by WindowAttention.forward (record_attention: its return_attn) and by
+    SwinTransformer._shift_mask (whether to keep the mask per size). False:
+    * under torch.compile / torch.export, which trace the readable, real-valued formula: no
+      complex tensors in the graph (ONNX can express it), no cache lookups baked into it, and the
+      explicit softmax (the export decomposition of SDPA with a mask mislabels strides);
+    * while forward_with_attention records the probabilities, which only the explicit softmax has.
+    """
+    return not (record_attention or torch.compiler.is_compiling())
+
 
 def _cache_key(*parts):
     # Tensors made under inference_mode cannot enter autograd later: keep them apart.
@@ -1095,9 +1186,9 @@ def _tensor_version(t: torch.Tensor):
 
 
 def cached(cache: dict, key, source: torch.Tensor, build):
-    """build() once per key while `source` is unchanged and no gradient is wanted."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and source.requires_grad):
-        return build()  # traced, or training: part of the graph, recomputed once per forward
+    """build() once per key while `source` is unchanged and no gradient is wanted (fused path only)."""
+    if torch.is_grad_enabled() and source.requires_grad:
+        return build()  # training: part of the graph, recomputed once per forward
     key = _cache_key(key, _tensor_version(source))
     entry = cache.get(key)
     if entry is None:
@@ -1121,3 +1212,45 @@ def rotate_fused(qk: torch.Tensor, attn: WindowAttention, window: int) -> torch.
         if pairs.stride(-1) != 1 or any(st % 2 for st in pairs.stride()[:-1]):
             pairs = pairs.contiguous()  # view_as_complex needs (real, imag) adjacent
         return torch.view_as_real(torch.view_as_complex(pairs) * factors).flatten(-2).to(qk.dtype)
+
+
+def cached_position_bias(attn: WindowAttention, window: int) -> torch.Tensor:
+    """attn.position_bias(window), cached; the stored table is used as it is at its own window."""
+    table = attn.relative_position_bias_table
+
+    def build():
+        stored = table.shape[0] == (2 * window - 1) ** 2
+        resized = table if stored else resize_rpb_table(table, window, attn.rpb_resize)  # ((2w-1)^2, nH)
+        return relative_position_bias(resized, window)  # (nH, N, N)
+    return cached(attn._cache, ('rpb', window, attn.rpb_resize), table, build)
+
+
+def cached_shift_mask(cache: dict, H: int, W: int, window: int, shift: int, device) -> torch.Tensor:
+    """shift_window_mask(H, W, window, shift, device), built once per size (it has no weights)."""
+    key = _cache_key(H, W, window, shift, device)
+    mask = cache.get(key)
+    if mask is None:
+        if len(cache) > 32:
+            cache.clear()
+        mask = cache[key] = shift_window_mask(H, W, window, shift, device)
+    return mask
+
+
+def fused_window_attention(attn: WindowAttention, x: torch.Tensor, window: int,
+                           shift_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """WindowAttention.forward on the fused path: cached factors and bias, the complex rotation, SDPA.
+
+    x (B_, N, C) windows, shift_mask (nW, N, N) or None. Returns (B_, N, C).
+    """
+    B_, N, C = x.shape
+    qkv = attn.qkv_heads(x)  # (3, B_, nH, N, d)
+    v = qkv[2]
+    if attn.rope is None:
+        q, k, scale = qkv[0], qkv[1], attn.scale
+    else:
+        q, k = rotate_fused(qkv[:2], attn, window).unbind(0)  # 2 x (B_, nH, N, d)
+        scale = 1.0  # already in the q factors
+    bias = cached_position_bias(attn, window) if attn.use_rpb else None  # (nH, N, N)
+    mask = additive_mask(bias, shift_mask, B_, q.dtype)  # (B_, nH|1, N, N) or None
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B_, nH, N, d)
+    return attn.proj(out.transpose(1, 2).reshape(B_, N, C))  # (B_, N, C)
