@@ -2,7 +2,7 @@
 
 "Rotary Position Embedding for Vision Transformer", Heo et al., ECCV 2024, arXiv 2403.13298.
 Reproduces the paper's multi-resolution tables (Tables 0.A.1-0.A.8, Fig. 3) and its attention
-analysis (Figs. 1-2, PAPER.md section 3.3) for this project's checkpoints, the published
+analysis (Figs. 1-2, section 3.3.3) for this project's checkpoints, the published
 checkpoints and timm's weights of the same models, in one command.
 
 Our own checkpoints carry their configuration (model, PE, data, training resolution):
@@ -25,7 +25,7 @@ per resolution in the table, mean and min-max band in the plot, the summary in m
 Distributed evaluation over several processes (exact: every image counted once):
     torchrun --nproc_per_node=8 eval_multires.py --model ... --checkpoint ... --data-path /imagenet
 
-Evaluation protocol (DESIGN.md, as the official DeiT-III and Swin code): for a test resolution r,
+Evaluation protocol (as the official DeiT-III and Swin evaluation code): for a test resolution r,
 resize the shorter side to r / crop_ratio (bicubic), centre-crop r x r, ImageNet mean/std;
 crop_ratio 1.0 for ViT and 224/256 for Swin unless --crop-ratio says otherwise. The model is
 built once at its training resolution and run at every r (APE resized bicubically, RoPE at the
@@ -37,14 +37,14 @@ resolution), multires.png (top-1 vs resolution, training resolution marked); wit
 attention_entropy.png; with --analyze-frequencies frequencies.csv, frequencies.json and
 frequencies.png. Every file is written to a temporary name and renamed.
 
-Attention analysis (PAPER.md 3.3), from model.forward_with_attention: per layer, the mean over
-images, heads and patch-token queries of the attention distance (sum over keys of probability x
-Euclidean distance in patches between query and key; the class-token key counts as 0) and of the
-attention entropy in nats (over all keys, class token included). The class token's own query row
-is left out: it has no position, and the paper averages over the spatial tokens. ViT: every layer
-but the last (which only feeds the class token), as the paper; every layer for a model without a
-class token (global_pool='avg'). Swin: every block, with window-local distances (positions inside
-the w x w window, in patches of that stage).
+Attention analysis (the paper's section 3.3.3), from model.forward_with_attention: per layer, the
+mean over images, heads and patch-token queries of the attention distance (sum over keys of
+probability x Euclidean distance in patches between query and key; the class-token key counts as 0)
+and of the attention entropy in nats (over all keys, class token included). The class token's own
+query row is left out: it has no position, and the paper averages over the spatial tokens. ViT:
+every layer but the last (which only feeds the class token), as the paper; every layer for a model
+without a class token (global_pool='avg'). Swin: every block, with window-local distances
+(positions inside the w x w window, in patches of that stage).
 """
 import argparse
 import csv
@@ -57,17 +57,19 @@ import sys
 import torch
 import torch.distributed
 
+import data
+import recovery
 import rope_vit
 import swin_rope
 import train
-from train import UserError
+from recovery import UserError
 
 # Attention analysis resolutions when --attention-resolutions is not given (scaled like the sweep).
 DEFAULT_ATTENTION_RESOLUTIONS = (224, 320, 512)
 
 
 # ----------------------------------------------------------------------------------------------
-# Attention metrics (PAPER.md section 3.3)
+# Attention metrics (the paper's section 3.3.3, Figs. 1-2)
 # ----------------------------------------------------------------------------------------------
 
 def _patch_distances(grid_hw, device, dtype):
@@ -105,7 +107,7 @@ def _layer_metrics(attn, grid_hw, has_cls_token):
 
 
 def attention_metrics(attn, grid_hw, has_cls_token=True):
-    """Mean attention distance (patches) and mean attention entropy (nats), PAPER.md 3.3.
+    """Mean attention distance (patches) and mean attention entropy (nats), the paper's 3.3.3.
 
     attn: attention probabilities of one layer, (B, heads, T, T) with rows = queries summing to 1,
         or a list of such tensors, one per layer. T = N (+1 with a class token at index 0); the N
@@ -170,13 +172,13 @@ def analyze_attention(model, cfg, resolutions, num_images, batch_size, device, a
     out = {}
     for resolution in resolutions:
         model.check_img_size(resolution, resolution)
-        dataset = train.build_eval_dataset(cfg, resolution, data_path=data_path,
+        dataset = data.build_eval_dataset(cfg, resolution, data_path=data_path,
                                            crop_ratio=crop_ratio)
         count = min(num_images, len(dataset))
         first = torch.utils.data.Subset(dataset, range(count))
-        loader = train._Progress(train.build_eval_loader(first, batch_size), count,
+        loader = train._Progress(data.build_eval_loader(first, batch_size), count,
                                  f'{desc_base} attention @ {resolution}', world_size,
-                                 enabled=progress and train.is_main_process())
+                                 enabled=progress and recovery.is_main_process())
         names, sums, seen = None, None, 0
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                              enabled=amp_dtype is not None):
@@ -491,7 +493,7 @@ def _one_line(message):
 
 def _published_config(name, checkpoint, args):
     """A configuration for weights that carry none (published / timm): ImageNet-style folder data."""
-    state_dict = train.unwrap_state_dict(checkpoint)
+    state_dict = recovery.unwrap_state_dict(checkpoint)
     head = state_dict.get('head.weight')
     num_classes = int(head.shape[0]) if isinstance(head, torch.Tensor) and head.dim() == 2 else 1000
     family = train.model_family(name)
@@ -510,7 +512,7 @@ def _load_entry(path, model_name, args):
     model_name: None for this project's checkpoints (configuration stored inside), else the
     architecture of published / timm weights.
     """
-    checkpoint = train.read_checkpoint(path)  # torch.load(weights_only=True) or safetensors
+    checkpoint = recovery.read_checkpoint(path)  # torch.load(weights_only=True) or safetensors
     if not isinstance(checkpoint, dict):
         raise UserError(f'checkpoint {path} does not hold a state dict')
     if model_name:
@@ -724,7 +726,7 @@ def main(args):
                 raise UserError(f'{entry["model_name"]} has no forward_with_attention: '
                                 'attention analysis is not available for it')
         # Building the validation set once checks that the data exists (an error otherwise).
-        dataset = train.build_eval_dataset(entry['cfg'], entry['resolutions'][0],
+        dataset = data.build_eval_dataset(entry['cfg'], entry['resolutions'][0],
                                            data_path=args.data_path, crop_ratio=entry['crop_ratio'])
         classes = getattr(dataset, 'classes', None)
         if classes is not None and len(classes) != entry['model'].num_classes:
@@ -765,7 +767,7 @@ def main(args):
                     data_path=args.data_path, crop_ratio=entry['crop_ratio'],
                     progress=not args.quiet, label=entry['label'])
             entry['model'] = model.cpu()
-        if train.is_main_process():
+        if recovery.is_main_process():
             _report(runs, results, analysis, args.output_dir, frequencies)
     finally:
         if dist_info.distributed and torch.distributed.is_initialized():
@@ -837,4 +839,4 @@ def _report(entries, results, analysis, output_dir, frequencies=None):
 
 
 if __name__ == '__main__':
-    train.cli(main, get_args_parser())
+    recovery.cli(main, get_args_parser())

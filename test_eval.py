@@ -14,10 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
+import data
+import eval_multires
+import recovery
 import rope_vit
 import swin_rope
 import train
-import eval_multires
 
 from testkit import _eval_train_res
 
@@ -276,8 +278,8 @@ def test_eval_bad_input_exit_2_one_line_nothing_written(_eval_tiny_run, capsys):
     corrupt = work / 'corrupt.pth'
     corrupt.write_bytes(b'this is not a checkpoint' * 100)
     truncated = work / 'truncated.pth'
-    data = checkpoint.read_bytes()
-    truncated.write_bytes(data[:len(data) // 2])
+    content = checkpoint.read_bytes()
+    truncated.write_bytes(content[:len(content) // 2])
     other = work / 'other_arch.pth'
     state = torch.load(checkpoint, map_location='cpu', weights_only=True)
     state['args'] = dict(state['args'], pe='ape',
@@ -298,10 +300,10 @@ def test_eval_bad_input_exit_2_one_line_nothing_written(_eval_tiny_run, capsys):
     # One case through a real process (the script's entry point and its exit status) ...
     arch_out = work / 'out_architecture_subprocess'
     process = _eval_run_cli(cases['architecture'][0] + ['--output-dir', str(arch_out)], work)
-    # ... and every case in this process through train.cli, the function the main guard runs.
+    # ... and every case in this process through recovery.cli, the function the main guard runs.
     for name, (argv, expected) in cases.items():
         with pytest.raises(SystemExit) as exit_info:
-            train.cli(eval_multires.main, eval_multires.get_args_parser(),
+            recovery.cli(eval_multires.main, eval_multires.get_args_parser(),
                       argv + ['--output-dir', str(work / f'out_{name.replace(" ", "_")}')])
         stderr = capsys.readouterr().err
         assert exit_info.value.code == 2, (name, stderr)
@@ -347,7 +349,7 @@ def test_eval_published_weights_on_an_image_folder(tmp_path):
     assert entry['crop_ratio'] == 1.0 and entry['pe'] == 'rope_mixed' and entry['model'] == name
 
     def top1_of_model(resolution):  # independent of the sweep: the original model on the images
-        dataset = train.build_eval_dataset({'dataset': 'folder', 'data_path': str(tmp_path / 'data'),
+        dataset = data.build_eval_dataset({'dataset': 'folder', 'data_path': str(tmp_path / 'data'),
                                             'eval_crop_ratio': 1.0}, resolution)
         images = torch.stack([dataset[i][0] for i in range(len(dataset))])
         targets = torch.tensor([dataset[i][1] for i in range(len(dataset))])

@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+import recovery
 import train
 
 from testkit import (_TRAIN_FAULT_ARGS, _TRAIN_SCRIPT, _TRAIN_SMALL, _TRAIN_TIMEOUT, _train_cli,
@@ -131,7 +132,7 @@ def test_train_torchrun_two_processes_outputs_and_recovery_rotation(_train_refer
     model.load_state_dict(ckpt['model'])
     # Saves every 5 steps (global steps 5, 10, ..., 45) and at every epoch end; the newest two
     # are kept: the last mid-epoch one (step 45 = epoch 4, step 9: 9 x 16 images) and the end.
-    assert [os.path.basename(p) for p in train.recovery_files(str(full))] == [
+    assert [os.path.basename(p) for p in recovery.recovery_files(str(full))] == [
         'recovery_e0004_i000000000.pth', 'recovery_e0003_i000000144.pth']
     assert os.path.samefile(full / 'checkpoint.pth', full / 'recovery_e0004_i000000000.pth')
     assert done.stdout.count('saved recovery_') == 9   # the epoch ends say 'epoch N done'
@@ -139,7 +140,7 @@ def test_train_torchrun_two_processes_outputs_and_recovery_rotation(_train_refer
     # A mid-epoch checkpoint holds where the epoch was, per rank.
     mid = _train_state(full / 'recovery_e0003_i000000144.pth')
     assert (mid['epoch'], mid['images'], len(mid['epoch_sums'])) == (2, 144, 2)
-    assert train._digest_matches(mid) and train._digest_matches(ckpt)
+    assert recovery._digest_matches(mid) and recovery._digest_matches(ckpt)
 
 
 def test_train_sigkill_at_a_random_moment_then_resume_auto_is_bit_identical(
@@ -220,9 +221,9 @@ def test_train_sigterm_stops_every_rank_at_one_step_saves_once_and_resumes_bit_i
     assert 'train.py", line' not in output, output[-3000:]   # torchrun's own traceback only
     # Bounded: well inside torchrun's 30 s before it sends SIGKILL (measured: about 0.3 s).
     assert stop_seconds < 20, stop_seconds
-    assert train.recovery_files(str(cut))[0] == saved and not list(cut.glob('*.tmp'))
+    assert recovery.recovery_files(str(cut))[0] == saved and not list(cut.glob('*.tmp'))
     state = _train_state(saved)
-    assert train._digest_matches(state) and len(state['rng']) == 2
+    assert recovery._digest_matches(state) and len(state['rng']) == 2
     resumed = subprocess.run(
         _train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut), '--resume', 'auto']),
         cwd=tmp_path, env=_train_env(), capture_output=True, text=True, timeout=_TRAIN_TIMEOUT)
@@ -378,11 +379,11 @@ def test_train_mid_epoch_stop_by_signal_resumes_bit_identical_with_augmentation_
     status = _train_cli(args + ['--output-dir', str(cut), '--num-workers', '2'])
     err = capsys.readouterr().err
     saved = cut / 'recovery_e0000_i000000008.pth'
-    assert status == train.EXIT_STOPPED == 75
+    assert status == recovery.EXIT_STOPPED == 75
     assert err == (f'stopped by SIGUSR1 at epoch 1/2, step 2/3: saved {saved}; run the same '
                    'command with --resume auto to continue (exit status 75)\n'), err
     assert saves == [8]   # one save, at the step the signal came in
-    assert train._digest_matches(_train_state(saved)) and not list(cut.glob('*.tmp'))
+    assert recovery._digest_matches(_train_state(saved)) and not list(cut.glob('*.tmp'))
     monkeypatch.setattr(torch, 'save', real_save)
 
     # Resumed, stopped again in the epoch's last step (so after its evaluation and save), and
@@ -422,7 +423,7 @@ def test_train_failed_checkpoint_write_stops_with_one_line_and_keeps_previous_fi
     status = _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--epochs', '3',
                                         '--resume', 'auto'])
     err = capsys.readouterr().err
-    assert status == train.EXIT_SAVE_FAILED == 74
+    assert status == recovery.EXIT_SAVE_FAILED == 74
     assert err.startswith(f'error: cannot write {out / "recovery_e0002_i000000008.pth"}: No space '
                           'left on device; the files written before are kept') \
         and err.count('\n') == 1, err
@@ -437,7 +438,7 @@ def test_train_failed_checkpoint_write_stops_with_one_line_and_keeps_previous_fi
         if str(path).startswith(str(out)) and any(c in mode for c in 'wax+'):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
         return real_open(path, mode, *a, **kw)
-    monkeypatch.setattr(train, 'open', read_only, raising=False)
+    monkeypatch.setattr(recovery, 'open', read_only, raising=False)
     status = _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--epochs', '3',
                                         '--resume', 'auto'])
     err = capsys.readouterr().err
@@ -491,7 +492,7 @@ def test_train_save_error_warn_trains_on_and_removes_nothing_until_a_save_succee
 def test_train_resume_auto_falls_back_past_damaged_checkpoints_naming_both(
         _train_small_reference, tmp_path, capsys):
     newest, previous = 'recovery_e0002_i000000000.pth', 'recovery_e0001_i000000024.pth'
-    assert [os.path.basename(p) for p in train.recovery_files(str(_train_small_reference))] \
+    assert [os.path.basename(p) for p in recovery.recovery_files(str(_train_small_reference))] \
         == [newest, previous]
     for damage in ('truncated', 'random bytes inside', 'random bytes'):
         out = tmp_path / damage.replace(' ', '_')
@@ -558,7 +559,7 @@ def test_train_resume_auto_continues_only_its_own_run_and_a_torchrun_restart_imp
             "run's saves replace them (recovery_e0002_i000000000.pth, "
             'recovery_e0001_i000000024.pth)') in printed
     # Its first save removed the first run's recovery checkpoints; --resume auto continues it.
-    assert [os.path.basename(p) for p in train.recovery_files(str(out))] == [
+    assert [os.path.basename(p) for p in recovery.recovery_files(str(out))] == [
         'recovery_e0000_i000000008.pth']
     monkeypatch.delenv('TORCHELASTIC_RUN_ID')
     monkeypatch.delenv('TORCHELASTIC_RESTART_COUNT')
@@ -577,5 +578,5 @@ def test_train_resume_auto_continues_only_its_own_run_and_a_torchrun_restart_imp
                                       '--resume', 'auto']) == 75
     printed = capsys.readouterr().out
     assert 'note: 3 checkpoint(s) of an earlier run' in printed and 'starting from scratch' in printed
-    assert [os.path.basename(p) for p in train.recovery_files(str(other))] == [
+    assert [os.path.basename(p) for p in recovery.recovery_files(str(other))] == [
         'recovery_e0000_i000000008.pth']

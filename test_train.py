@@ -12,23 +12,26 @@ import pytest
 import torch
 from PIL import Image
 
-import train
+import builtin_data
+import data
 import eval_multires
+import recovery
+import train
 
 from testkit import (_TRAIN_SCRIPT, _TRAIN_TINY, _eval_train_res, _train_cli, _train_env,
     _train_state, _train_write_folder)
 
 
 def test_train_image_folder_deit3_recipe_skips_corrupt_images(tmp_path, capsys):
-    data = tmp_path / 'data'
-    _train_write_folder(data, corrupt=True)
+    folder = tmp_path / 'data'
+    _train_write_folder(folder, corrupt=True)
     # Fine-tune from weights of another class count (8) and resolution (32 px: APE grid 4x4).
     source = train.build_model({'model': 'vit_tiny', 'model_kwargs': dict(
         pe='rope_mixed_ape', num_classes=8, img_size=32, patch_size=8, embed_dim=32, depth=1,
         num_heads=2)})
     torch.save({'model': source.state_dict()}, tmp_path / 'source.pth')
     out = tmp_path / 'out'
-    status = _train_cli(['--model', 'vit_tiny', '--pe', 'rope_mixed_ape', '--data-path', str(data),
+    status = _train_cli(['--model', 'vit_tiny', '--pe', 'rope_mixed_ape', '--data-path', str(folder),
                          '--finetune', str(tmp_path / 'source.pth'),
                          '--output-dir', str(out), '--epochs', '1', '--batch-size', '4',
                          '--num-workers', '0', '--img-size', '16', '--patch-size', '8',
@@ -47,8 +50,8 @@ def test_train_image_folder_deit3_recipe_skips_corrupt_images(tmp_path, capsys):
     assert record['skipped'] >= 1           # the corrupt val image, plus train copies if drawn
     assert 'skipping undecodable image' in captured.err
     assert 'skipped' in captured.out
-    val = train.build_eval_dataset(args, 16)
-    stats = train.evaluate(train.build_model(args), train.build_eval_loader(val, 4),
+    val = data.build_eval_dataset(args, 16)
+    stats = train.evaluate(train.build_model(args), data.build_eval_loader(val, 4),
                            torch.device('cpu'))
     assert (stats['n'], stats['skipped']) == (6, 1)
 
@@ -72,15 +75,15 @@ def test_train_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys, monkey
 
 def test_train_glyph_window_min_area(tmp_path, capsys):
     # The default is RandomResizedCrop's 0.08, and the same scenes as before the option existed.
-    assert train.make_glyph_scene('train', 7, 0) == train.make_glyph_scene('train', 7, 0, 0.08)
+    assert builtin_data.make_glyph_scene('train', 7, 0) == builtin_data.make_glyph_scene('train', 7, 0, 0.08)
     for i in range(100):
-        half = train.make_glyph_scene('train', i, 0, window_min_area=0.5)
+        half = builtin_data.make_glyph_scene('train', i, 0, window_min_area=0.5)
         x0, y0, side = half['window']
-        box = train.glyph_box(half['glyph'])
+        box = builtin_data.glyph_box(half['glyph'])
         assert side ** 2 >= 0.5 and x0 < box[0] and box[2] < x0 + side
         # 1: every training view is the whole scene, as a validation view (the ablation's
         # "no random window"); the scene itself is unchanged.
-        whole = train.make_glyph_scene('train', i, 0, window_min_area=1.0)
+        whole = builtin_data.make_glyph_scene('train', i, 0, window_min_area=1.0)
         assert whole['window'] == [0.0, 0.0, 1.0]
         assert {k: v for k, v in whole.items() if k != 'window'} == \
             {k: v for k, v in half.items() if k != 'window'}
@@ -91,7 +94,7 @@ def test_train_glyph_window_min_area(tmp_path, capsys):
                                      '--output-dir', str(run)]) == 0
     cfg = _train_state(run / 'checkpoint.pth')['args']
     assert cfg['glyph_window_min_area'] == 1.0
-    assert train.build_train_dataset(cfg).scene_options == {'window_min_area': 1.0}
+    assert data.build_train_dataset(cfg).scene_options == {'window_min_area': 1.0}
     capsys.readouterr()
     # It means nothing for the direction task or folders, and must lie in (0, 1].
     for bad in (['--data', 'shapes', '--glyph-window-min-area', '0.5'],
@@ -130,21 +133,21 @@ def test_train_several_resolutions_render_each_step_at_its_drawn_size(tmp_path, 
     assert train.train_step_resolution({'seed': 3, 'train_resolutions': None}, 0, 0) is None
     # The loader, resumed at step 2 of epoch 1: each batch at its step's size, each image the
     # scene of its index rendered at that size (the sampler's order, the seeds, the scenes).
-    data = train.GlyphsDataset('train', 16, 16)
-    order = torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0,
+    glyphs = builtin_data.GlyphsDataset('train', 16, 16)
+    order = torch.utils.data.DistributedSampler(glyphs, num_replicas=1, rank=0, shuffle=True, seed=0,
                                                 drop_last=True)
-    sampler = train.EpochSampler(order, 0, 0, 4, lambda e, s: train.train_step_resolution(cfg, e, s))
+    sampler = data.EpochSampler(order, 0, 0, 4, lambda e, s: train.train_step_resolution(cfg, e, s))
     sampler.set_epoch(1, start=8)
-    data.set_epoch(1)
+    glyphs.set_epoch(1)
     indices = list(order)
-    loader = torch.utils.data.DataLoader(train.SeededSamples(data), batch_size=4, sampler=sampler,
+    loader = torch.utils.data.DataLoader(data.SeededSamples(glyphs), batch_size=4, sampler=sampler,
                                          drop_last=True)
     sizes = []
     for step, (images, labels) in enumerate(loader, start=2):
         size = train.train_step_resolution(cfg, 1, step)
         sizes.append(size)
         assert images.shape == (4, 3, size, size)
-        image, label = data.at_resolution(indices[4 * step + 1], size)
+        image, label = glyphs.at_resolution(indices[4 * step + 1], size)
         assert torch.equal(images[1], image) and labels[1] == label
     assert len(sizes) == 2 and set(sizes) <= {12, 16, 20}
     # train.py: stored, used, and checked against the patch size and the data.
@@ -217,8 +220,8 @@ def test_train_lamb_step_matches_hand_computation():
 
 
 def test_train_repeated_aug_sampler_spreads_copies_over_ranks():
-    data = list(range(12))
-    samplers = [train.RepeatedAugSampler(data, 3, rank, repeats=3, seed=1) for rank in range(3)]
+    items = list(range(12))
+    samplers = [data.RepeatedAugSampler(items, 3, rank, repeats=3, seed=1) for rank in range(3)]
     for s in samplers:
         s.set_epoch(5)
     lists = [list(s) for s in samplers]
@@ -314,7 +317,7 @@ def test_train_and_eval_every_numeric_flag_is_range_checked_before_anything_is_w
             limit, shown = limits[dest], kinds[dest](value)   # the message shows it parsed
             out = tmp_path / 'out'
             try:
-                train.cli(main, parser, base + ['--output-dir', str(out), flag, value])
+                recovery.cli(main, parser, base + ['--output-dir', str(out), flag, value])
                 status = 0
             except SystemExit as e:
                 status = e.code
@@ -336,8 +339,8 @@ def test_train_eval_transform_equals_the_official_pil_pipeline():
         official = classic.Compose([
             classic.Resize(int(resolution / crop_ratio), interpolation=classic.InterpolationMode.BICUBIC),
             classic.CenterCrop(resolution), classic.ToTensor(),
-            classic.Normalize(train.IMAGENET_MEAN, train.IMAGENET_STD)])(image)
-        ours = train._eval_transform(resolution, crop_ratio)(image)
+            classic.Normalize(builtin_data.IMAGENET_MEAN, builtin_data.IMAGENET_STD)])(image)
+        ours = data._eval_transform(resolution, crop_ratio)(image)
         torch.testing.assert_close(ours, official, atol=1e-6, rtol=0)
 
 

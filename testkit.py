@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import recovery
 import rope_vit
 import swin_rope
 import train
@@ -155,7 +156,7 @@ def _train_torchrun(args, nproc=2, launcher=()):
 def _train_cli(argv):
     """Run train.py's command line in this process; returns the exit status (0 when none)."""
     try:
-        train.cli(train.main, train.get_args_parser(), argv)
+        recovery.cli(train.main, train.get_args_parser(), argv)
     except SystemExit as e:
         return e.code
     return 0

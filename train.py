@@ -16,6 +16,15 @@ Continue an interrupted run / fine-tune at another resolution:
     torchrun ... train.py --model vit_base --data-path /imagenet --finetune out/b192/best.pth \\
         --img-size 224 --epochs 20
 
+Where things live: the built-in data (glyphs, shapes: scene generation, rendering, the cache of
+validation images) in builtin_data.py; folder data, the recipes' transforms and the samplers in
+data.py; the fault handling (errors and exit statuses, atomic writes, checkpoints and their
+digests, recovery checkpoints, --resume auto, stop signals, the save-error policy) in
+recovery.py. This file, top-down: the recipes; model, optimizer (LAMB, AdamW) and schedule; the
+training loop (train_one_epoch, evaluate); main, whose epoch loop drives it; then what main
+builds on: the configuration (flags, limits, resolve_config), random states, the evaluation
+across test resolutions, the process group.
+
 Recipes (`--recipe`, chosen from --model and --data-path when absent; every flag overrides them):
   deit3  vit_* on folders: LAMB, BCE loss, 3-Augment, repeated augmentation x3 (DeiT-III, as
          the paper trained its ViTs).
@@ -42,227 +51,30 @@ signal with the state saved: run the same command with --resume auto.
 """
 import argparse
 import datetime
-import itertools
-import json
 import math
 import os
 import random
-import re
-import shutil
-import signal
 import sys
-import threading
 import time
 import uuid
-import zlib
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-import torchvision
+from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
 
 import rope_vit
 import swin_rope
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-# ----------------------------------------------------------------------------------------------
-# Errors and the command-line wrapper
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line on stderr, exit status 2."""
-
-
-class TrainingDiverged(Exception):
-    """The loss became NaN / inf: reported as one line on stderr, exit status 1."""
-
-
-class SaveFailed(Exception):
-    """A checkpoint, log or configuration file could not be written (disk full, read-only
-    folder): one line on stderr, exit status EXIT_SAVE_FAILED."""
-
-
-class Stopped(Exception):
-    """SIGTERM / SIGUSR1 stopped training after a recovery checkpoint was written: one line on
-    stderr saying how to continue, exit status EXIT_STOPPED."""
-
-
-# sysexits.h codes, so that a batch script can tell "run me again" from "fix something first".
-EXIT_SAVE_FAILED = 74   # EX_IOERR
-EXIT_STOPPED = 75       # EX_TEMPFAIL: preempted, state saved; the same command with --resume auto
-_EXIT_STATUS = {UserError: 2, TrainingDiverged: 1, SaveFailed: EXIT_SAVE_FAILED,
-                Stopped: EXIT_STOPPED}
-
-
-def _rank_from_env():
-    return int(os.environ.get('RANK', '0'))
-
-
-def cli(main_fn, parser, argv=None):
-    """Parse argv, run main_fn(args); user errors become `error: ...` on stderr and exit 2.
-
-    The other exceptions of _EXIT_STATUS end the same way (one line from rank 0) with their own
-    status: 1 diverged, 74 a file could not be written, 75 stopped by a signal (resumable).
-    """
-    def one_line_error(message):
-        sys.stderr.write(f'error: {message}\n')
-        sys.exit(2)
-    parser.error = one_line_error   # argparse would print the whole usage block first
-    args = parser.parse_args(argv)
-    status = 0
-    try:
-        main_fn(args)
-    except tuple(_EXIT_STATUS) as e:
-        status = _EXIT_STATUS[type(e)]
-        if _rank_from_env() == 0:   # every rank sees the same input; one line is enough
-            sys.stderr.write(f'{"" if isinstance(e, Stopped) else "error: "}{e}\n')
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    if status:
-        sys.exit(status)
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed helpers
-
-class DistInfo(NamedTuple):
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    distributed: bool
-
-
-def init_distributed():
-    """Join the torchrun process group (gloo on CPU, NCCL on CUDA) or run as one plain process.
-
-    Reads RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them; calling it again returns the
-    same information without re-initialising.
-    """
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    rank = int(os.environ.get('RANK', '0'))
-    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-    if torch.cuda.is_available():
-        device = torch.device('cuda', local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device('cpu')
-    distributed = world_size > 1
-    if distributed and not dist.is_initialized():
-        backend = 'nccl' if device.type == 'cuda' else 'gloo'
-        shared_store = os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
-        if shared_store and os.environ.get('GROUP_WORLD_SIZE', '1') == '1':
-            # torchrun keeps one store server across restarts of the worker group
-            # (--max-restarts), and torch 2.14 gives the workers no namespace per attempt: a
-            # restarted worker can read a dead peer's address left by the attempt before and
-            # fail to connect. One namespace per attempt, as torch's env:// used to do; with a
-            # single agent every worker has the same restart count. (Several agents may count
-            # differently: there TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives a store per attempt.)
-            store = dist.PrefixStore(
-                f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
-                dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']),
-                              world_size, is_master=False))
-            dist.init_process_group(backend=backend, store=store, world_size=world_size,
-                                    rank=rank)
-        else:
-            dist.init_process_group(backend=backend, init_method='env://',
-                                    world_size=world_size, rank=rank)
-            if (shared_store and rank == 0
-                    and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', '0')) > 0):
-                sys.stderr.write('warning: torchrun keeps one store across restarts of this '
-                                 'several-node group, where a restarted worker may fail to '
-                                 'connect; launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 '
-                                 '(README: Long runs on a cluster)\n')
-    return DistInfo(rank, world_size, local_rank, device, distributed)
-
-
-def is_main_process():
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _log(*parts):
-    """print() on rank 0 only (the other ranks stay silent)."""
-    if is_main_process():
-        print(*parts, flush=True)
-
-
-def _all_reduce_sum(t):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-# ----------------------------------------------------------------------------------------------
-# Valid ranges of the numeric flags, checked in one place before anything is written
-
-class Limit(NamedTuple):
-    """The interval a numeric flag must lie in (None: unbounded; an open end is excluded).
-    NaN and infinities never pass."""
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def admits(self, value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return False
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        return self.high is None or value < self.high or (not self.high_open
-                                                            and value == self.high)
-
-    def __str__(self):
-        def number(x):
-            return str(int(x)) if float(x).is_integer() else f'{x:g}'
-        if self.high is None:
-            if self.low == 0 and self.low_open:
-                return 'positive'
-            return f"{'>' if self.low_open else '>='} {number(self.low)}"
-        return (f"in {'(' if self.low_open else '['}{number(self.low)}, {number(self.high)}"
-                f"{')' if self.high_open else ']'}")
-
-
-POSITIVE = Limit(0, low_open=True)
-NON_NEGATIVE = Limit(0)
-# Seeds feed torch.Generator.manual_seed(seed + epoch), which takes at most a signed 64-bit value;
-# 32 bits are the range every seeding API accepts.
-SEED = Limit(0, 2 ** 32 - 1)
-
-# Every int / float flag of train.py (test_rope.py checks that none is missing).
-TRAIN_LIMITS = {
-    'rope_coord_shift': NON_NEGATIVE, 'rope_coord_jitter': Limit(1), 'rope_coord_rescale': Limit(1),
-    'epochs': POSITIVE, 'batch_size': POSITIVE, 'lr': POSITIVE, 'min_lr': NON_NEGATIVE,
-    'warmup_lr': NON_NEGATIVE, 'warmup_epochs': NON_NEGATIVE, 'opt_eps': POSITIVE,
-    'weight_decay': NON_NEGATIVE, 'clip_grad': NON_NEGATIVE,
-    'smoothing': Limit(0, 1, high_open=True),        # 1 would leave no signal in the targets
-    'color_jitter': NON_NEGATIVE, 'repeated_aug': Limit(1), 'reprob': Limit(0, 1),
-    'mixup': NON_NEGATIVE, 'cutmix': NON_NEGATIVE,
-    'drop_path': Limit(0, 1, high_open=True),        # 1 would drop every residual branch
-    'img_size': POSITIVE, 'patch_size': POSITIVE, 'embed_dim': POSITIVE, 'depth': POSITIVE,
-    'num_heads': POSITIVE, 'eval_crop_ratio': Limit(0, 1, low_open=True),
-    'eval_resolutions': POSITIVE, 'eval_batch_size': POSITIVE, 'builtin_train': POSITIVE,
-    'builtin_val': POSITIVE, 'builtin_seed': SEED, 'seed': SEED, 'num_workers': NON_NEGATIVE,
-    'glyph_window_min_area': Limit(0, 1, low_open=True), 'train_resolutions': POSITIVE,
-    'print_freq': POSITIVE, 'save_every_steps': NON_NEGATIVE,
-}
-
-
-def check_limits(values, limits):
-    """UserError naming the first flag whose value lies outside its Limit. `values` maps argparse
-    destinations to values (vars(args) or a resolved configuration); None means "not given" and
-    passes; a list is checked item by item."""
-    for key, limit in limits.items():
-        value = values.get(key)
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if item is not None and not limit.admits(item):
-                raise UserError(f'--{key.replace("_", "-")} must be {limit}, got {item}')
+from builtin_data import BUILTIN_DATASETS, GLYPH_WINDOW_MIN_AREA
+from data import (EpochSampler, RepeatedAugSampler, SeededSamples, _derived_seed, build_eval_dataset,
+                  build_eval_loader, build_train_dataset)
+from recovery import (Checkpointer, SaveFailed, StopSignals, Stopped, TrainingDiverged, UserError,
+                      _log_records, _max_over_ranks, _on_rank0, _prepare_output_dir, _save_atomic,
+                      _stop_message, cli, find_resume, is_main_process, read_checkpoint,
+                      recovery_files, unwrap_state_dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,646 +122,6 @@ RECIPES = {
 _RECIPE_KEYS = ('opt', 'weight_decay', 'epochs', 'warmup_epochs', 'warmup_lr', 'min_lr', 'loss',
                 'smoothing', 'aug', 'color_jitter', 'repeated_aug', 'reprob', 'mixup', 'cutmix',
                 'clip_grad', 'eval_crop_ratio', 'batch_size', 'num_workers', 'save_every_steps')
-
-
-def _size_of(model_name):
-    for size in ('tiny', 'small', 'base', 'large'):
-        if size in model_name:
-            return size
-    return None
-
-
-def model_module(model_name):
-    """rope_vit or swin_rope, whichever knows the name; UserError listing both otherwise."""
-    if model_name in swin_rope.list_models():
-        return swin_rope
-    if model_name in rope_vit.list_models():
-        return rope_vit
-    raise UserError(f'unknown model {model_name!r}; valid: '
-                    + ', '.join(rope_vit.list_models() + swin_rope.list_models()))
-
-
-def resolve_config(args, world_size):
-    """Fill every None flag from the recipe; returns the plain-dict configuration (`args`)."""
-    model_name = args.model or ('vit_tiny' if args.data_path is None else 'vit_small')
-    module = model_module(model_name)
-    is_swin = module is swin_rope
-    recipe_name = args.recipe or ('demo' if args.data_path is None else
-                                  'swin' if is_swin else 'deit3')
-    if recipe_name not in RECIPES:
-        raise UserError(f'unknown recipe {recipe_name!r}; valid: {", ".join(RECIPES)}')
-    recipe = RECIPES[recipe_name]
-    cfg = {k: v for k, v in vars(args).items()}
-    cfg['model'] = model_name
-    for key in _RECIPE_KEYS:
-        if cfg[key] is None:
-            cfg[key] = recipe[key]
-    cfg['recipe'] = recipe_name
-    size = _size_of(model_name)
-    if cfg['drop_path'] is None:
-        cfg['drop_path'] = recipe['drop_path'].get(size, 0.0)
-    if cfg['img_size'] is None:
-        cfg['img_size'] = recipe['img_size_by_size'].get(size, recipe['img_size'])
-    if args.data_path is None:
-        cfg['dataset'] = args.data or next(iter(BUILTIN_DATASETS))
-    elif args.data is not None:
-        raise UserError(f'--data {args.data} names built-in data and --data-path '
-                        f'{args.data_path} a folder: give one of them')
-    else:
-        cfg['dataset'] = 'folder'
-    if cfg['dataset'] == 'glyphs':
-        if cfg['glyph_window_min_area'] is None:
-            cfg['glyph_window_min_area'] = GLYPH_WINDOW_MIN_AREA
-    elif cfg['glyph_window_min_area'] is not None:
-        raise UserError(f"--glyph-window-min-area applies to the glyphs data only, not to "
-                        f"{cfg['dataset']}")
-    if cfg['train_resolutions'] is not None and cfg['dataset'] not in BUILTIN_DATASETS:
-        raise UserError('--train-resolutions renders each step at its own size and applies to '
-                        'the built-in data only')
-    if cfg['dataset'] in BUILTIN_DATASETS:
-        for key in ('builtin_train', 'builtin_val'):
-            if cfg[key] is None:
-                cfg[key] = RECIPES['demo'][key]
-        if cfg['aug'] != 'none':
-            why = ('would change the directions the shapes labels describe' if
-                   cfg['dataset'] == 'shapes' else 'does not apply to glyphs, whose training '
-                   'views are random windows rendered with each scene (a flip would turn 2 into '
-                   '5)')
-            raise UserError(f"--aug {cfg['aug']} {why}; use --aug none with the built-in data")
-
-    check_limits(cfg, TRAIN_LIMITS)   # the user's values and the recipe's alike
-
-    total_batch = cfg['batch_size'] * world_size
-    cfg['world_size'] = world_size
-    cfg['total_batch'] = total_batch
-    if cfg['lr'] is None:
-        cfg['lr'] = recipe['lr'] * total_batch / recipe['lr_ref_batch']
-        cfg['lr_rule'] = (f"lr = {recipe['lr']:g} x total batch {total_batch} / "
-                          f"{recipe['lr_ref_batch']} = {cfg['lr']:.4g} (linear scaling; "
-                          "--lr sets it directly)")
-    else:
-        cfg['lr_rule'] = f"lr = {cfg['lr']:g} from --lr (no scaling)"
-
-    # The keyword arguments create_model gets besides the name (stored for eval_multires.py).
-    kwargs = {}
-    if model_name in _VIT_SIZES or model_name in _SWIN_SIZES:
-        kwargs['pe'] = cfg['pe'] or 'rope_mixed'
-    elif cfg['pe'] is not None:
-        raise UserError(f'--pe does not apply to the published model {model_name!r}, which fixes '
-                        f'its position embedding; use a size name ({", ".join(_VIT_SIZES)}, '
-                        f'{", ".join(_SWIN_SIZES)}) to choose --pe')
-    vit_flags = {k: cfg[k] for k in ('patch_size', 'embed_dim', 'depth', 'num_heads', 'global_pool')
-                 if cfg[k] is not None}
-    if is_swin:
-        if vit_flags:
-            raise UserError('--' + ', --'.join(k.replace('_', '-') for k in vit_flags)
-                            + ' apply to ViT models only')
-        # The official Swin convention: window = resolution / 32 (7 at 224, 6 at 192, ...).
-        kwargs['window_size'] = max(1, cfg['img_size'] // 32)
-    else:
-        if recipe_name == 'demo' and model_name == 'vit_tiny':
-            kwargs.update(recipe['vit_overrides'])
-        kwargs.update(vit_flags)
-    kwargs.update(num_classes=None, img_size=cfg['img_size'], drop_path_rate=cfg['drop_path'])
-    cfg['model_kwargs'] = kwargs
-    cfg['data_path'] = os.path.abspath(args.data_path) if args.data_path else None
-    if cfg['output_dir'] is None:
-        cfg['output_dir'] = os.path.join('output', f"{model_name}_{kwargs.get('pe', 'published')}")
-    if os.path.exists(cfg['output_dir']) and not os.path.isdir(cfg['output_dir']):
-        raise UserError(f"--output-dir {cfg['output_dir']} exists and is not a folder")
-    return cfg
-
-
-# ----------------------------------------------------------------------------------------------
-# Built-in data: `shapes`. A scene is a continuous description (unit-square coordinates); the
-# label is the direction of a small square from a large disk, in 8 compass directions (north =
-# up in the image), so it depends on where things are relative to each other, not on colours.
-
-SHAPES_CLASSES = ('east', 'north-east', 'north', 'north-west',
-                  'west', 'south-west', 'south', 'south-east')
-_SHAPES_SPLITS = {'train': 0, 'val': 1}
-
-
-def make_scene(split, index, seed):
-    """The scene (a dict of floats) number `index` of `split`; a pure function of its arguments."""
-    rng = np.random.default_rng([seed, _SHAPES_SPLITS[split], index])
-    label = int(rng.integers(len(SHAPES_CLASSES)))
-    # Keep 15 degrees between a scene's direction and the edge of its 45-degree bin, so that no
-    # label is ambiguous at any resolution.
-    angle = label * math.pi / 4 + rng.uniform(-math.pi / 12, math.pi / 12)
-    distance = rng.uniform(0.32, 0.55)
-    disk_radius = rng.uniform(0.11, 0.15)
-    square_half = rng.uniform(0.05, 0.075)
-    dx, dy = distance * math.cos(angle), -distance * math.sin(angle)   # image y points down
-    margin = 0.17   # > disk radius and > half the square's diagonal: both stay inside the image
-    disk_xy = [rng.uniform(max(margin, margin - d), min(1 - margin, 1 - margin - d))
-               for d in (dx, dy)]
-    # A dark background and bright objects of random colours: colour says "object here", never
-    # which direction.
-    background = rng.uniform(0.0, 0.2, size=3)
-    colours = []
-    while len(colours) < 2:
-        c = rng.uniform(0.0, 1.0, size=3)
-        if np.abs(c - background).max() >= 0.5:
-            colours.append(c)
-    return dict(label=label, background=background.tolist(),
-                gradient=rng.uniform(-0.1, 0.1, size=2).tolist(),
-                disk=(disk_xy[0], disk_xy[1], disk_radius), disk_colour=colours[0].tolist(),
-                square=(disk_xy[0] + dx, disk_xy[1] + dy, square_half,
-                        rng.uniform(0.0, math.pi / 2)),
-                square_colour=colours[1].tolist())
-
-
-def render_scene(scene, resolution):
-    """Render a scene at `resolution` x `resolution`: float32 (3, r, r) in [0, 1].
-
-    Each shape has a signed distance d (in image units) to its outline; its coverage of a pixel
-    is clip(0.5 - d * r, 0, 1), a one-pixel linear ramp that approximates the pixel's area inside
-    the shape, so small renderings are anti-aliased and agree with downsampled large ones.
-    """
-    centres = (np.arange(resolution, dtype=np.float64) + 0.5) / resolution
-    x, y = centres[None, :], centres[:, None]                          # (1, r), (r, 1)
-    gx, gy = scene['gradient']
-    shade = gx * (x - 0.5) + gy * (y - 0.5)                            # (r, r)
-    image = np.asarray(scene['background'])[:, None, None] + shade[None]   # (3, r, r)
-
-    cx, cy, radius = scene['disk']
-    disk_distance = np.sqrt((x - cx) ** 2 + (y - cy) ** 2) - radius
-    sx, sy, half, rot = scene['square']
-    lx = (x - sx) * math.cos(rot) + (y - sy) * math.sin(rot)           # square's own frame
-    ly = -(x - sx) * math.sin(rot) + (y - sy) * math.cos(rot)
-    square_distance = np.maximum(np.abs(lx), np.abs(ly)) - half
-    for distance, colour in ((disk_distance, scene['disk_colour']),
-                             (square_distance, scene['square_colour'])):
-        coverage = np.clip(0.5 - distance * resolution, 0.0, 1.0)[None]   # (1, r, r)
-        image = image * (1 - coverage) + np.asarray(colour)[:, None, None] * coverage
-    return np.clip(image, 0.0, 1.0).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# Built-in data: `glyphs` (the default), a miniature ImageNet. A scene is a seven-segment digit
-# 0-9 (the label) drawn over a shaded, textured background among small blobs and rings; the
-# class is the arrangement of strokes only (2 and 5, 6 and 9 are made of the same parts in
-# other places), never their colour, size or position. Validation shows the whole scene, the
-# glyph at a moderate scale near the centre; training shows a random square window of it, like
-# ImageNet's RandomResizedCrop (area 8-100 %, aspect 1) but always holding the whole glyph.
-# Every view is rendered directly from the continuous description, so the same scene can be
-# drawn at any resolution.
-
-GLYPH_CLASSES = tuple(str(d) for d in range(10))
-# The seven segments as line segments in the glyph's own frame: u in [-1, 1] left to right, v in
-# [-1, 1] top to bottom (a = top, b / c = upper / lower right, d = bottom, e / f = lower / upper
-# left, g = middle).
-GLYPH_SEGMENTS = {'a': (-1, -1, 1, -1), 'b': (1, -1, 1, 0), 'c': (1, 0, 1, 1),
-                  'd': (-1, 1, 1, 1), 'e': (-1, 0, -1, 1), 'f': (-1, -1, -1, 0),
-                  'g': (-1, 0, 1, 0)}
-GLYPH_DIGITS = ('abcdef', 'bc', 'abdeg', 'abcdg', 'bcfg', 'acdfg', 'acdefg', 'abc', 'abcdefg',
-                'abcdfg')
-_GLYPH_SPLITS = {'train': 0, 'val': 1}
-GLYPH_WINDOW_MIN_AREA = 0.08   # RandomResizedCrop's smallest area fraction
-
-
-def _contrasting_colour(rng, against, contrast=0.3):
-    """A random RGB colour whose mean (brightness) differs from `against`'s by at least about
-    `contrast`: lighter or darker, whichever leaves room (either, at random, when both do)."""
-    level = float(np.mean(against))
-    lighter = (rng.uniform() < 0.5 if 0.02 + contrast <= level <= 0.98 - contrast
-               else level < 0.5)
-    target = (rng.uniform(level + contrast, 0.98) if lighter
-              else rng.uniform(0.02, level - contrast))
-    tint = rng.uniform(-0.2, 0.2, size=3)
-    return np.clip(target + tint - tint.mean(), 0.0, 1.0)
-
-
-def glyph_outline(glyph):
-    """The seven segments of `glyph` (a scene's 'glyph' entry) in scene coordinates: (7, 4) rows
-    x0, y0, x1, y1 in the order of GLYPH_SEGMENTS. Width, height, slant (x shifts by -slant * v,
-    an italic), then rotation, then the centre."""
-    ends = np.array(list(GLYPH_SEGMENTS.values()), dtype=np.float64).reshape(7, 2, 2)
-    u, v = ends[..., 0] * glyph['half_width'], ends[..., 1] * glyph['half_height']
-    u = u - glyph['slant'] * v
-    cos, sin = math.cos(glyph['rotation']), math.sin(glyph['rotation'])
-    x = glyph['centre'][0] + cos * u - sin * v
-    y = glyph['centre'][1] + sin * u + cos * v
-    return np.stack([x, y], axis=-1).reshape(7, 4)
-
-
-def glyph_box(glyph):
-    """(x0, y0, x1, y1): the box around all seven segments with their stroke, whatever the digit
-    (so that a window drawn around it says nothing about the class)."""
-    ends = glyph_outline(glyph).reshape(14, 2)
-    pad = glyph['stroke']
-    return (*(ends.min(axis=0) - pad), *(ends.max(axis=0) + pad))
-
-
-def make_glyph_scene(split, index, seed, window_min_area=GLYPH_WINDOW_MIN_AREA):
-    """The glyphs scene number `index` of `split` (a dict of floats); a pure function of its
-    arguments. Training scenes also hold their window (x0, y0, side), of area at least
-    `window_min_area` (1: the whole scene); validation ones view the whole unit square."""
-    rng = np.random.default_rng([seed, _GLYPH_SPLITS[split], index])
-    label = int(rng.integers(len(GLYPH_CLASSES)))
-    background = rng.uniform(0.15, 0.85, size=3)
-    height = rng.uniform(0.34, 0.48)
-    glyph = dict(centre=rng.uniform(0.42, 0.58, size=2).tolist(), half_height=height / 2,
-                 half_width=height / 2 * rng.uniform(0.45, 0.62),
-                 slant=rng.uniform(-0.1, 0.25), rotation=rng.uniform(-0.17, 0.17),   # +-10 deg
-                 stroke=height * rng.uniform(0.05, 0.085),                            # half width
-                 colour=_contrasting_colour(rng, background).tolist())
-    box = glyph_box(glyph)
-    distractors = []
-    for _ in range(rng.integers(3, 8)):
-        kind = 'ring' if rng.uniform() < 0.5 else 'blob'
-        radius = rng.uniform(0.025, 0.07)
-        x, y = rng.uniform(0.0, 1.0, size=2)
-        # Outside the glyph's box (with a gap): a distractor never touches or completes the digit.
-        gap = radius + 0.03
-        if box[0] - gap < x < box[2] + gap and box[1] - gap < y < box[3] + gap:
-            continue
-        distractors.append(dict(kind=kind, centre=[float(x), float(y)], radius=float(radius),
-                                width=float(rng.uniform(0.25, 0.45) * radius),
-                                colour=_contrasting_colour(rng, background).tolist()))
-    scene = dict(label=label, background=background.tolist(),
-                 gradient=rng.uniform(-0.15, 0.15, size=2).tolist(),
-                 # Low-frequency texture: a few plane waves of 0.5-2 cycles per scene.
-                 waves=[dict(frequency=(rng.uniform(0.5, 2.0) * np.array(
-                                 [math.cos(a := rng.uniform(0, 2 * math.pi)), math.sin(a)])).tolist(),
-                             phase=float(rng.uniform(0, 2 * math.pi)),
-                             amplitude=rng.uniform(-0.07, 0.07, size=3).tolist())
-                        for _ in range(3)],
-                 distractors=distractors, glyph=glyph, window=[0.0, 0.0, 1.0])
-    if split == 'train':
-        # RandomResizedCrop with aspect 1 and area U(0.08, 1), conditioned on holding the glyph
-        # (with a margin of 0.02): the area is drawn from the part of that range that can.
-        need = max(box[2] - box[0], box[3] - box[1]) + 0.04
-        side = math.sqrt(rng.uniform(max(window_min_area, need ** 2), 1.0))
-        x0 = rng.uniform(max(0.0, box[2] + 0.02 - side), min(1.0 - side, box[0] - 0.02))
-        y0 = rng.uniform(max(0.0, box[3] + 0.02 - side), min(1.0 - side, box[1] - 0.02))
-        scene['window'] = [float(x0), float(y0), float(side)]
-    return scene
-
-
-def _capsule_distance(x, y, segments, half_width):
-    """Signed distance to strokes of half width `half_width` along `segments` (k, 4): (k, r, r)."""
-    ax, ay, bx, by = (segments[:, i, None, None] for i in range(4))
-    dx, dy = bx - ax, by - ay
-    px, py = x - ax, y - ay
-    t = np.clip((px * dx + py * dy) / (dx * dx + dy * dy), 0.0, 1.0)
-    return np.sqrt((px - t * dx) ** 2 + (py - t * dy) ** 2) - half_width
-
-
-def glyph_coverage(scene, x, y, pixel, segments=None):
-    """Coverage in [0, 1] of the glyph's lit segments (or the named `segments`) at points x, y."""
-    glyph = scene['glyph']
-    lit = GLYPH_DIGITS[scene['label']] if segments is None else segments
-    rows = [i for i, name in enumerate(GLYPH_SEGMENTS) if name in lit]
-    distance = _capsule_distance(x, y, glyph_outline(glyph)[rows], glyph['stroke']).min(axis=0)
-    return np.clip(0.5 - distance / pixel, 0.0, 1.0)
-
-
-def render_glyph_scene(scene, resolution, segments=None):
-    """Render a glyphs scene's window at `resolution` x `resolution`: float32 (3, r, r) in [0, 1].
-
-    Output pixel centres map into the window (x0, y0, side) of the unit square; each shape's
-    coverage is the one-pixel ramp clip(0.5 - d / pixel, 0, 1) of its signed distance d, as in
-    render_scene, with pixel = side / r. `segments` (e.g. 'abg') draws those segments instead of
-    the digit's.
-    """
-    x0, y0, side = scene['window']
-    pixel = side / resolution
-    centres = (np.arange(resolution, dtype=np.float64) + 0.5) * pixel
-    x, y = x0 + centres[None, :], y0 + centres[:, None]                 # (1, r), (r, 1)
-    gx, gy = scene['gradient']
-    image = (np.asarray(scene['background'])[:, None, None]
-             + (gx * (x - 0.5) + gy * (y - 0.5))[None])
-    waves = scene['waves']
-    fx = np.array([w['frequency'][0] for w in waves])[:, None, None]
-    fy = np.array([w['frequency'][1] for w in waves])[:, None, None]
-    phase = np.array([w['phase'] for w in waves])[:, None, None]
-    texture = np.sin(2 * math.pi * (fx * x + fy * y) + phase)           # (n, r, r)
-    image = image + np.tensordot(np.array([w['amplitude'] for w in waves]).T, texture, axes=1)
-    if scene['distractors']:
-        things = scene['distractors']
-        cx = np.array([d['centre'][0] for d in things])[:, None, None]
-        cy = np.array([d['centre'][1] for d in things])[:, None, None]
-        radius = np.array([d['radius'] for d in things])[:, None, None]
-        ring = np.array([d['kind'] == 'ring' for d in things])[:, None, None]
-        width = np.array([d['width'] for d in things])[:, None, None]
-        centre_distance = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
-        distance = np.where(ring, np.abs(centre_distance - radius) - width,
-                            centre_distance - radius)
-        coverage = np.clip(0.5 - distance / pixel, 0.0, 1.0)            # (k, r, r)
-        for k, thing in enumerate(things):
-            c = coverage[k][None]
-            image = image * (1 - c) + np.asarray(thing['colour'])[:, None, None] * c
-    c = glyph_coverage(scene, x, y, pixel, segments)[None]
-    image = image * (1 - c) + np.asarray(scene['glyph']['colour'])[:, None, None] * c
-    return np.clip(image, 0.0, 1.0).astype(np.float32)
-
-
-class _RenderCache:
-    """Validation images of the built-in data, kept per process once rendered.
-
-    Validation scenes never change, yet training scores them after every epoch and
-    eval_multires.py once per checkpoint and position policy; rendering (1-2 ms an image on
-    one CPU core) then costs as much as the tiny demo model's forward pass. Images are kept
-    until `limit_bytes` is reached (then new ones are rendered every time, as without a cache).
-    """
-
-    def __init__(self, limit_bytes):
-        self.limit_bytes, self.used_bytes, self.images = limit_bytes, 0, {}
-
-    def get(self, key, render):
-        """The (image, label) stored under `key`, or render() stored if it still fits."""
-        found = self.images.get(key)
-        if found is None:
-            found = render()
-            size = found[0].numel() * found[0].element_size()
-            if self.used_bytes + size <= self.limit_bytes:
-                self.images[key] = found
-                self.used_bytes += size
-        return found
-
-    def clear(self):
-        self.images.clear()
-        self.used_bytes = 0
-
-
-# 512 MiB: the glyph validation set (1000 scenes) at all 8 demo test resolutions takes 167 MB.
-VAL_RENDER_CACHE = _RenderCache(512 * 2 ** 20)
-
-
-class BuiltinDataset(Dataset):
-    """`num_scenes` scenes of one split of a built-in task rendered at `resolution`,
-    ImageNet-normalised; a subclass names the task's CLASSES and its make / render functions.
-
-    set_epoch(e) makes a training set show scenes e * num_scenes ... (e + 1) * num_scenes - 1,
-    fresh ones every epoch; the validation split never calls it and stays fixed, so its images
-    are rendered once per process (VAL_RENDER_CACHE; callers must not change them in place).
-    """
-    CLASSES = ()
-
-    def __init__(self, split, num_scenes, resolution, seed=0, **scene_options):
-        self.split, self.num_scenes, self.seed = split, num_scenes, seed
-        self.scene_options = scene_options   # keyword arguments of make (e.g. window_min_area)
-        self.resolution = resolution
-        self.offset = 0
-        self.classes = list(self.CLASSES)
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
-    def set_epoch(self, epoch):
-        self.offset = epoch * self.num_scenes
-
-    def __len__(self):
-        return self.num_scenes
-
-    def __getitem__(self, index):
-        return self.at_resolution(index, self.resolution)
-
-    def at_resolution(self, index, resolution):
-        """Scene `index` rendered at `resolution` (the same scene at every resolution)."""
-        scene_index = self.offset + index
-        if self.split != 'val':   # training scenes are fresh every epoch: nothing to keep
-            return self._render(scene_index, resolution)
-        key = (type(self).__name__, self.seed, tuple(sorted(self.scene_options.items())),
-               scene_index, int(resolution))
-        return VAL_RENDER_CACHE.get(key, lambda: self._render(scene_index, resolution))
-
-    def _render(self, scene_index, resolution):
-        scene = self.make(self.split, scene_index, self.seed, **self.scene_options)
-        image = torch.from_numpy(self.render(scene, resolution))
-        return (image - self.mean) / self.std, scene['label']
-
-
-class ShapesDataset(BuiltinDataset):
-    """The `shapes` task: the direction of a square from a disk (make_scene, render_scene)."""
-    CLASSES = SHAPES_CLASSES
-    make, render = staticmethod(make_scene), staticmethod(render_scene)
-
-
-class GlyphsDataset(BuiltinDataset):
-    """The `glyphs` task: seven-segment digits (make_glyph_scene, render_glyph_scene)."""
-    CLASSES = GLYPH_CLASSES
-    make, render = staticmethod(make_glyph_scene), staticmethod(render_glyph_scene)
-
-
-# --data NAME: the built-in tasks, the default first.
-BUILTIN_DATASETS = {'glyphs': GlyphsDataset, 'shapes': ShapesDataset}
-
-
-def builtin_setting(cfg, key):
-    """cfg's builtin_<key> (train, val, seed) of the built-in data; configurations written
-    before glyphs existed call it shapes_<key>."""
-    return cfg[f'builtin_{key}'] if f'builtin_{key}' in cfg else cfg[f'shapes_{key}']
-
-
-# ----------------------------------------------------------------------------------------------
-# Folder data (ImageNet layout)
-
-class SkippingImageFolder(torchvision.datasets.ImageFolder):
-    """ImageFolder whose undecodable images come back as (zeros, -1): skipped and counted later.
-
-    Returning a placeholder instead of raising keeps the default collate and the step count of
-    every rank intact; train_one_epoch and evaluate drop targets < 0 and report how many.
-    """
-
-    def __init__(self, root, transform, out_size):
-        super().__init__(root, transform=transform)
-        self.out_size = out_size
-
-    def __getitem__(self, index):
-        path, target = self.samples[index]
-        try:
-            image = self.loader(path)
-        except (OSError, ValueError, SyntaxError) as e:   # PIL's errors for corrupt/truncated files
-            sys.stderr.write(f'warning: skipping undecodable image {path}: {e}\n')
-            return torch.zeros(3, self.out_size, self.out_size), -1
-        return self.transform(image), target
-
-
-def _eval_transform(resolution, crop_ratio):
-    """DESIGN.md protocol: shorter side to r / crop_ratio (bicubic), centre crop r, normalise.
-
-    Resize and crop act on the PIL image (PIL's bicubic filter), as the official DeiT-III and
-    Swin evaluation code does, so published checkpoints see the same pixels as in the paper.
-    """
-    return v2.Compose([
-        v2.Resize(int(math.floor(resolution / crop_ratio)),
-                  interpolation=v2.InterpolationMode.BICUBIC),
-        v2.CenterCrop(resolution),
-        v2.PILToTensor(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def _train_transform(cfg):
-    size = cfg['img_size']
-    steps = [v2.PILToTensor()]
-    if cfg['aug'] == 'three':
-        # DeiT-III 3-Augment: random resized crop + flip, then one of grey / solarise / blur,
-        # then colour jitter.
-        steps += [v2.RandomResizedCrop(size, scale=(0.08, 1.0),
-                                       interpolation=v2.InterpolationMode.BICUBIC),
-                  v2.RandomHorizontalFlip(),
-                  v2.RandomChoice([v2.Grayscale(num_output_channels=3),
-                                   v2.RandomSolarize(threshold=128, p=1.0),
-                                   v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))])]
-        if cfg['color_jitter'] > 0:
-            steps.append(v2.ColorJitter(*(3 * [cfg['color_jitter']])))
-    elif cfg['aug'] == 'randaug':
-        steps += [v2.RandomResizedCrop(size, interpolation=v2.InterpolationMode.BICUBIC),
-                  v2.RandomHorizontalFlip(),
-                  # Bilinear: the tensor kernels of rotate / affine have no bicubic mode.
-                  v2.RandAugment(num_ops=2, magnitude=9,
-                                 interpolation=v2.InterpolationMode.BILINEAR)]
-        if cfg['color_jitter'] > 0:
-            steps.append(v2.ColorJitter(*(3 * [cfg['color_jitter']])))
-    else:   # 'none': the evaluation pipeline at the training resolution
-        return _eval_transform(size, cfg['eval_crop_ratio'])
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if cfg['reprob'] > 0:
-        steps.append(v2.RandomErasing(p=cfg['reprob'], value='random'))
-    return v2.Compose(steps)
-
-
-def _image_folder(cfg, split, transform, out_size):
-    root = os.path.join(cfg['data_path'], split)
-    if not os.path.isdir(root):
-        raise UserError(f"{cfg['data_path']} has no {split}/ folder (expected "
-                        f"{split}/<class>/<images>)")
-    try:
-        return SkippingImageFolder(root, transform, out_size)
-    except (FileNotFoundError, OSError) as e:
-        raise UserError(f'no images in {root}: {e}') from None
-
-
-def build_train_dataset(cfg):
-    if cfg['dataset'] in BUILTIN_DATASETS:
-        options = ({'window_min_area': cfg['glyph_window_min_area']}
-                   if cfg.get('glyph_window_min_area') is not None else {})
-        return BUILTIN_DATASETS[cfg['dataset']]('train', builtin_setting(cfg, 'train'),
-                                                cfg['img_size'], builtin_setting(cfg, 'seed'),
-                                                **options)
-    if not os.path.isdir(cfg['data_path']):
-        raise UserError(f"data folder {cfg['data_path']} does not exist")
-    return _image_folder(cfg, 'train', _train_transform(cfg), cfg['img_size'])
-
-
-def build_eval_dataset(cfg, resolution, data_path=None, crop_ratio=None):
-    """The validation split at test resolution `resolution` (DESIGN.md protocol).
-
-    Folder data: shorter side resized to r / crop_ratio (bicubic), centre crop r, ImageNet
-    mean/std; built-in data (`glyphs`, `shapes`): the same validation scenes rendered directly
-    at r. `data_path` and `crop_ratio` default to the ones in `cfg`.
-    """
-    if cfg['dataset'] in BUILTIN_DATASETS:
-        return BUILTIN_DATASETS[cfg['dataset']]('val', builtin_setting(cfg, 'val'), resolution,
-                                                builtin_setting(cfg, 'seed'))
-    path = data_path or cfg['data_path']
-    if path is None or not os.path.isdir(path):
-        raise UserError(f'data folder {path} does not exist (pass --data-path)')
-    crop_ratio = crop_ratio or cfg['eval_crop_ratio']
-    return _image_folder(dict(cfg, data_path=path), 'val', _eval_transform(resolution, crop_ratio),
-                         resolution)
-
-
-def build_eval_loader(dataset, batch_size, num_workers=0):
-    """A loader over this rank's share (indices rank, rank + world, ...): no sample twice."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    shard = Subset(dataset, range(rank, len(dataset), world))
-    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-
-
-class RepeatedAugSampler(torch.utils.data.Sampler):
-    """Repeated augmentation (Hoffer et al. 2020; DeiT): every image appears `repeats` times per
-    epoch, each copy on another rank with its own augmentation; each rank still yields
-    len(dataset) // world_size samples, so an epoch costs as much as without repetition.
-
-    The order is a function of (seed, epoch) only: call set_epoch(epoch) before each epoch.
-    """
-
-    def __init__(self, dataset, num_replicas, rank, repeats=3, seed=0):
-        self.dataset_len = len(dataset)
-        self.num_replicas, self.rank, self.repeats, self.seed = num_replicas, rank, repeats, seed
-        self.epoch = 0
-        self.per_rank_total = math.ceil(self.dataset_len * repeats / num_replicas)
-        self.num_selected = self.dataset_len // num_replicas
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.num_selected
-
-    def __iter__(self):
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.dataset_len, generator=generator)
-        repeated = order.repeat_interleave(self.repeats).tolist()   # a a a b b b ...
-        total = self.per_rank_total * self.num_replicas
-        repeated += repeated[:total - len(repeated)]                # pad to a multiple of world
-        mine = repeated[self.rank:total:self.num_replicas]          # copies land on other ranks
-        return iter(mine[:self.num_selected])
-
-
-def _derived_seed(*keys):
-    """A 64-bit seed that is a pure function of the integers `keys` (numpy's SeedSequence)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """One rank's training order, resumable inside an epoch, with a seed for every sample.
-
-    Wraps a DistributedSampler or RepeatedAugSampler. set_epoch(epoch, start) makes the next
-    pass begin at position `start` of the epoch's order: the samples before it are neither loaded
-    nor drawn. It yields (index, seed) pairs for SeededSamples; the seed is a function of (seed,
-    epoch, rank, position), so a sample's augmentation does not depend on which loader worker
-    draws it, how many workers there are, or where a run was resumed.
-    """
-
-    def __init__(self, sampler, seed, rank, batch_size=1, step_resolution=None):
-        self.sampler, self.seed, self.rank = sampler, seed, rank
-        self.epoch, self.start = 0, 0
-        # step_resolution(epoch, step): the resolution of that step's batch (several-resolution
-        # training); each sample then comes as (index, seed, resolution)
-        self.batch_size, self.step_resolution = batch_size, step_resolution
-
-    def set_epoch(self, epoch, start=0):
-        self.sampler.set_epoch(epoch)
-        self.epoch, self.start = epoch, start
-
-    def __len__(self):
-        return len(self.sampler) - self.start
-
-    def __iter__(self):
-        seeds = np.random.SeedSequence([self.seed, self.epoch, self.rank, 1]).generate_state(
-            len(self.sampler), np.uint64) >> 1   # >> 1: torch.manual_seed takes int64
-        pairs = zip(iter(self.sampler), seeds.tolist())
-        if self.step_resolution is not None:
-            pairs = ((index, seed, self.step_resolution(self.epoch, position // self.batch_size))
-                     for position, (index, seed) in enumerate(pairs))
-        return itertools.islice(pairs, self.start, None)
-
-
-class SeededSamples(Dataset):
-    """dataset[(index, seed)] = dataset[index] drawn with torch's RNG seeded by `seed`; the
-    caller's RNG is left as it was (in the main process it also drives drop path and mixup).
-    torchvision's v2 transforms draw from torch's CPU RNG only, so only that one is seeded:
-    torch.manual_seed would also seed every accelerator's generator, which on a CPU-only torch
-    records a stack trace per call (about 1.7 ms a sample, as long as rendering a glyph scene)
-    and on a GPU would leave the CUDA generator changed."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        index, seed, *resolution = key   # (index, seed) or (index, seed, resolution): built-in data
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            return self.dataset.at_resolution(index, *resolution) if resolution else self.dataset[index]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1047,421 +219,6 @@ def build_scheduler(optimizer, cfg, steps_per_epoch, done_steps=0):
             group['initial_lr'] = lr
     # LambdaLR counts its own construction as a step: last_epoch = done_steps - 1 lands on it.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=done_steps - 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints and random states
-
-def read_checkpoint(path):
-    """The model file's reader (torch.load(weights_only=True) on CPU, or the tensors of a
-    .safetensors file such as timm's hub copies); UserError for a missing / corrupt file."""
-    if not os.path.isfile(path):
-        raise UserError(f'checkpoint {path} does not exist')
-    try:
-        return rope_vit.read_checkpoint_file(path)
-    except ValueError as e:   # pickle, zip, unpickler and safetensors errors: not a usable file
-        raise UserError(str(e).strip().splitlines()[0]) from None
-
-
-def _digest_matches(checkpoint):
-    """False when a checkpoint of ours no longer matches the digest it was written with (damaged
-    bytes, or edited and saved again); True otherwise, and for files without one."""
-    if not (isinstance(checkpoint, dict) and 'digest' in checkpoint):
-        return True
-    return state_digest({k: v for k, v in checkpoint.items() if k != 'digest'}) \
-        == checkpoint['digest']
-
-
-def _read_training_state(path):
-    """A sound training checkpoint of train.py from `path`, or ValueError with a short reason."""
-    try:
-        state = read_checkpoint(path)
-    except UserError as e:
-        raise ValueError(str(e).split(': ', 1)[-1]) from None
-    if not isinstance(state, dict) or any(k not in state for k in _TRAINING_KEYS):
-        raise ValueError('not a training checkpoint of train.py')
-    if not _digest_matches(state):
-        raise ValueError('its content does not match its digest: damaged bytes')
-    return state
-
-
-def unwrap_state_dict(checkpoint):
-    """The state dict inside `{'model': sd}` (published files, our checkpoints) or
-    `{'state_dict': sd}`; a bare state dict is returned as it is."""
-    for key in ('model', 'state_dict'):
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    return checkpoint
-
-
-def state_digest(obj, crc=0):
-    """CRC-32 of a checkpoint's content: every tensor's dtype, shape and bytes, every other value's
-    repr, in order. torch.load accepts a file whose tensor bytes were overwritten; a digest
-    stored with the file tells such a file from a sound one."""
-    if isinstance(obj, torch.Tensor):
-        flat = obj.detach().cpu().contiguous().reshape(-1)
-        crc = zlib.crc32(f'{flat.dtype}{tuple(obj.shape)}'.encode(), crc)
-        return zlib.crc32(flat.view(torch.uint8).numpy(), crc)
-    if isinstance(obj, dict):
-        crc = zlib.crc32(f'{{{len(obj)}'.encode(), crc)
-        for key, value in obj.items():
-            crc = state_digest(value, state_digest(key, crc))
-        return crc
-    if isinstance(obj, (list, tuple)):
-        crc = zlib.crc32(f'[{len(obj)}'.encode(), crc)
-        for value in obj:
-            crc = state_digest(value, crc)
-        return crc
-    return zlib.crc32(repr(obj).encode(), crc)
-
-
-def _fsync_dir(path):
-    """Make a rename in path's folder durable: after a node crash the folder may otherwise
-    still list the old file, or none."""
-    try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass   # some file systems cannot sync a folder; the rename is atomic all the same
-    finally:
-        os.close(fd)
-
-
-def _remove_quietly(path):
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
-def _write_temporary(obj, path):
-    """Write obj to path + '.tmp' and fsync it; returns that name. On failure nothing is left
-    behind and the OSError names `path`.
-
-    .json: obj as JSON; .jsonl: a list of records, one per line; anything else: torch.save.
-    """
-    tmp = f'{path}.tmp'
-    try:
-        with open(tmp, 'w' if path.endswith(('.json', '.jsonl')) else 'wb') as f:
-            if path.endswith('.jsonl'):
-                f.writelines(json.dumps(record) + '\n' for record in obj)
-            elif path.endswith('.json'):
-                json.dump(obj, f, indent=2)
-            else:
-                torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException as e:
-        _remove_quietly(tmp)
-        # torch.save's zip writer answers a failed write (ENOSPC, EFBIG) with a RuntimeError
-        # of its own while closing; the OSError is in the exception's context.
-        while e is not None and not isinstance(e, OSError):
-            e = e.__cause__ or e.__context__
-        if e is None:
-            raise
-        raise OSError(e.errno, e.strerror or str(e), path) from e
-    return tmp
-
-
-def _commit(tmp, path):
-    """Rename a written temporary file onto `path` (atomic) and make the rename durable."""
-    try:
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove_quietly(tmp)
-        raise OSError(e.errno, e.strerror or str(e), path) from e
-    _fsync_dir(path)
-
-
-def _save_atomic(obj, path):
-    """Write to a temporary name, fsync, rename: a crash or a failed write (disk full, read-only
-    folder) leaves the old file or the new one, never a part, and no temporary file behind."""
-    _commit(_write_temporary(obj, path), path)
-
-
-def _publish(source, path):
-    """Make `path` the same file as `source`, atomically: a hard link, which costs no second
-    write, or a copy on file systems without links."""
-    tmp = f'{path}.tmp'
-    try:
-        _remove_quietly(tmp)
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-            with open(tmp, 'rb+') as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove_quietly(tmp)
-        raise OSError(e.errno, e.strerror or str(e), path) from e
-    _fsync_dir(path)
-
-
-def _rng_state():
-    """This process's torch / CUDA / numpy / python RNG states, as weights_only-loadable types."""
-    np_state = np.random.get_state(legacy=False)
-    state = {'torch': torch.get_rng_state(),
-             'numpy': {'key': torch.from_numpy(np_state['state']['key'].astype(np.int64)),
-                       'pos': int(np_state['state']['pos']),
-                       'has_gauss': int(np_state['has_gauss']), 'gauss': float(np_state['gauss'])},
-             'python': [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    numpy_state = state['numpy']
-    np.random.set_state({'bit_generator': 'MT19937',
-                         'state': {'key': numpy_state['key'].numpy().astype(np.uint32),
-                                   'pos': numpy_state['pos']},
-                         'has_gauss': numpy_state['has_gauss'], 'gauss': numpy_state['gauss']})
-    version, internal, gauss = state['python']
-    random.setstate((version, tuple(internal), gauss))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-def _seed_everything(seed, epoch, rank):
-    """Every random draw of an epoch (augmentation, mixup, drop path, loader workers) is a function
-    of (seed, epoch, rank): what makes a resumed run equal to an uninterrupted one. Epoch -1 seeds
-    the initial weights."""
-    s = int(np.random.SeedSequence([seed, epoch + 1, rank]).generate_state(1)[0])
-    torch.manual_seed(s)
-    np.random.seed(s)
-    random.seed(s)
-
-
-def _gather(obj):
-    """[obj of rank 0, obj of rank 1, ...] on every rank (a one-item list without a group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    objects = [None] * dist.get_world_size()
-    dist.all_gather_object(objects, obj)
-    return objects
-
-
-def _max_over_ranks(values, device):
-    """Element-wise maximum of a list of numbers over the ranks: the same decision everywhere."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-# ----------------------------------------------------------------------------------------------
-# Recovery: checkpoints inside an epoch, resume from the newest sound one, stop on a signal
-
-_RECOVERY_NAME = re.compile(r'recovery_e(\d+)_i(\d+)\.pth')
-
-
-def recovery_name(epochs_done, images):
-    """The recovery checkpoint of the state after `epochs_done` whole epochs and `images` images
-    (all ranks together) of the next: recovery_e0003_i000000640.pth. Images rather than steps,
-    so that names keep their order when a run is resumed on another world size."""
-    return f'recovery_e{epochs_done:04d}_i{images:09d}.pth'
-
-
-def recovery_files(output_dir):
-    """Paths of the recovery checkpoints in output_dir, newest position first."""
-    try:
-        names = os.listdir(output_dir)
-    except OSError:
-        return []
-    found = [(int(m[1]), int(m[2]), os.path.join(output_dir, name)) for name in names
-             if (m := _RECOVERY_NAME.fullmatch(name))]
-    return [path for _, _, path in sorted(found, reverse=True)]
-
-
-def _resume_candidates(output_dir):
-    """What --resume auto may continue from, newest first: the recovery checkpoints, then
-    checkpoint.pth when it is not a link to one of them (folders of earlier versions)."""
-    found = recovery_files(output_dir)
-    epoch_end = os.path.join(output_dir, 'checkpoint.pth')
-    if os.path.isfile(epoch_end) and not any(os.path.samefile(epoch_end, p) for p in found):
-        found.append(epoch_end)
-    return found
-
-
-def _folder_config(output_dir):
-    """The config.json of the run that last started in output_dir, or None."""
-    try:
-        with open(os.path.join(output_dir, 'config.json')) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return config if isinstance(config, dict) else None
-
-
-class Resume(NamedTuple):
-    path: str | None    # None: a fresh start
-    state: dict | None
-    damaged: list       # [(path, reason)]: newer candidates that could not be read
-    others: list        # sound checkpoints of an earlier run in the same folder, not used
-    restart: bool       # auto implied by a torchrun restart
-    run_id: str | None  # the run this one continues (its checkpoints are the ones auto takes)
-    continues: bool     # False: a new run_id (a fresh start, or --resume PATH: a new branch)
-
-
-_TRAINING_KEYS = ('model', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'args')
-
-
-def find_resume(cfg):
-    """The checkpoint this run continues from: a Resume, whose path is None for a fresh start.
-
-    --resume PATH reads PATH. --resume auto takes the newest sound checkpoint of the output
-    folder that belongs to the run config.json names (its run_id: a run started afresh or from a
-    PATH in a used folder does not pick up the checkpoints of the one before), skipping damaged
-    files. After a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) of a run this same torchrun
-    started, auto is implied: the workers continue from what they saved before the restart.
-    """
-    torchrun_id = os.environ.get('TORCHELASTIC_RUN_ID')
-    config = _folder_config(cfg['output_dir'])
-    restart = (int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')) > 0
-               and cfg['resume'] != 'auto' and torchrun_id is not None
-               and config is not None and config.get('torchrun_id') == torchrun_id)
-    if cfg['resume'] != 'auto' and not restart:
-        state = read_checkpoint(cfg['resume']) if cfg['resume'] is not None else None
-        if state is not None and not _digest_matches(state) and _rank_from_env() == 0:
-            sys.stderr.write(f"warning: {cfg['resume']} does not match the digest train.py "
-                             'wrote with it (edited since, or damaged bytes)\n')
-        others = [p for p in recovery_files(cfg['output_dir'])
-                  if state is None or not os.path.samefile(p, cfg['resume'])]
-        return Resume(cfg['resume'], state, [], others, False, None, False)
-    damaged, others = [], []
-    for path in _resume_candidates(cfg['output_dir']):
-        try:
-            state = _read_training_state(path)
-        except ValueError as e:
-            damaged.append((path, str(e)))
-            continue
-        if config is not None and state['args'].get('run_id') != config.get('run_id'):
-            others.append(path)
-            continue
-        return Resume(path, state, damaged, others, restart, state['args'].get('run_id'), True)
-    if damaged:
-        raise UserError(f"--resume auto: no sound checkpoint in {cfg['output_dir']}; "
-                        + '; '.join(f'{p} is damaged ({why})' for p, why in damaged))
-    if restart:   # nothing saved since the start: begin again as the first attempt did
-        state = read_checkpoint(cfg['resume']) if cfg['resume'] is not None else None
-        return Resume(cfg['resume'], state, [], others, True, config.get('run_id'), True)
-    return Resume(None, None, [], others, False, None, False)
-
-
-class StopSignals:
-    """SIGTERM and SIGUSR1 (a scheduler's preemption and its time-limit warning) only record
-    their number; the training loop reads it at step boundaries, where all ranks agree, and
-    stops after writing a recovery checkpoint. The handler never raises, so a second signal
-    cannot break into that write. Forked data-loader workers inherit the handler and so ignore
-    the signals (torchrun sends them to each worker's whole process group)."""
-
-    SIGNALS = ('SIGTERM', 'SIGUSR1')
-
-    def __init__(self):
-        self.signum = 0
-        self._previous = {}
-
-    def _record(self, signum, frame):
-        self.signum = self.signum or signum
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                sig = getattr(signal, name, None)
-                if sig is not None:
-                    self._previous[sig] = signal.signal(sig, self._record)
-        return self
-
-    def __exit__(self, *exc_info):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-        return False
-
-
-def _on_rank0(action, device):
-    """Run action() on rank 0 only. Returns None on every rank when it worked, else the one-line
-    reason of its OSError (a generic one on the other ranks): all ranks decide alike. Any other
-    exception is raised again on rank 0 after the others were told, so that none waits forever."""
-    error, crash = None, None
-    if is_main_process():
-        try:
-            action()
-        except OSError as e:
-            error = f'cannot write {e.filename}: {e.strerror}' if e.filename else str(e)
-        except BaseException as e:
-            error, crash = f'{type(e).__name__} while writing', e
-    failed = torch.tensor([float(error is not None)], device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast(failed, src=0)
-    if crash is not None:
-        raise crash
-    if failed.item() and error is None:
-        error = 'rank 0 could not write to the output folder'
-    return error
-
-
-class Checkpointer:
-    """Writes the training state into the output folder (rank 0) and keeps it consistent.
-
-    Every save, inside an epoch or at its end, is a recovery checkpoint (recovery_name). The
-    newest two of this run are kept; the others, including those of an earlier run in the same
-    folder, are removed only after a newer one is on disk. At an epoch end checkpoint.pth, and
-    best.pth when the accuracy improved, become links to it and log.jsonl gets the epoch's
-    record. A failed write leaves the previous files as they were; with --on-save-error stop it
-    raises SaveFailed on every rank, with warn rank 0 prints one line and training goes on.
-    """
-
-    def __init__(self, cfg, device, previous, records):
-        self.cfg, self.device = cfg, device
-        self.previous = previous      # the newest recovery checkpoint of this run, if any
-        self.records = records        # log.jsonl, one record per finished epoch
-
-    def save(self, state, epoch_end=False, improved=False, record=None):
-        """Write `state` (+ its digest); returns its path, or None after a failure in warn mode."""
-        out = self.cfg['output_dir']
-        path = os.path.join(out, recovery_name(state['epoch'] + 1, state['images']))
-        if record is not None:
-            self.records.append(record)
-
-        def write():
-            tmp = _write_temporary(dict(state, digest=state_digest(state)), path)
-            try:
-                if epoch_end:
-                    # The epoch's other files first, its recovery checkpoint last: a kill in
-                    # between resumes from the one before and redoes the epoch identically
-                    # (log records of epochs not in the checkpoint are dropped at resume).
-                    if improved:
-                        _publish(tmp, os.path.join(out, 'best.pth'))
-                    _save_atomic(self.records, os.path.join(out, 'log.jsonl'))
-                    _publish(tmp, os.path.join(out, 'checkpoint.pth'))
-                _commit(tmp, path)
-            except BaseException:
-                _remove_quietly(tmp)
-                raise
-            keep = {path, self.previous}
-            for old in recovery_files(out):
-                if old not in keep:
-                    _remove_quietly(old)
-        error = _on_rank0(write, self.device)
-        if error is None:
-            self.previous = path
-            return path
-        self.failed(error)
-        return None
-
-    def failed(self, error):
-        """A write failed (every rank calls this): SaveFailed, or a warning with 'warn'."""
-        if self.cfg['on_save_error'] == 'stop':
-            raise SaveFailed(f'{error}; the files written before are kept (--on-save-error '
-                             'warn reports such a failure and trains on)')
-        if is_main_process():
-            sys.stderr.write(f'warning: {error}; training goes on (--on-save-error warn)\n')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1646,412 +403,7 @@ def evaluate(model, loader, device, amp_dtype=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation across test resolutions (the paper's experiment; eval_multires.py builds on it)
-
-# The paper's test resolutions (Tables 0.A.1-0.A.3 for ViT, 0.A.4-0.A.6 for Swin), trained at 224.
-PAPER_RESOLUTIONS = {
-    'vit': (96, 144, 192, 224, 256, 320, 384, 512),
-    'swin': (96, 128, 160, 192, 224, 256, 320, 384),
-}
-PAPER_TRAIN_RESOLUTION = 224
-
-_SIZE_LABELS = {'tiny': 'Ti', 'small': 'S', 'base': 'B', 'large': 'L'}
-_SWIN_SIZE_LABELS = {'tiny': 'T', 'small': 'S', 'base': 'B'}
-_PE_LABELS = {
-    'ape': 'APE', 'rpb': 'RPB', 'none': 'no PE',
-    'rope_axial': 'RoPE-Axial', 'rope_mixed': 'RoPE-Mixed',
-    'rope_axial_ape': 'APE + RoPE-Axial', 'rope_mixed_ape': 'APE + RoPE-Mixed',
-    'rope_axial_rpb': 'RPB + RoPE-Axial', 'rope_mixed_rpb': 'RPB + RoPE-Mixed',
-}
-
-
-def model_family(name):
-    """'swin' or 'vit' for a size name or a published name."""
-    return 'swin' if 'swin' in name.lower() else 'vit'
-
-
-def _train_resolution(cfg):
-    """Training resolution as one int (the height for a non-square (H, W))."""
-    size = cfg['img_size']
-    return int(size[0]) if isinstance(size, (list, tuple)) else int(size)
-
-
-def _size_step(cfg):
-    """Granularity of allowed sizes: the patch size (ViT) or patch * 2^(stages-1) (Swin: 32)."""
-    kwargs = cfg.get('model_kwargs') or {}
-    if model_family(cfg['model']) == 'swin':
-        patch = int(kwargs.get('patch_size', 4))
-        stages = len(kwargs.get('depths', (2, 2, 6, 2)))
-        return patch * 2 ** (stages - 1)
-    patch = kwargs.get('patch_size', 16)
-    return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
-
-
-def _scaled(cfg, paper_resolutions):
-    """paper_resolutions x train_res / 224, each rounded to the nearest multiple of the size step
-    (at least one step), duplicates dropped, in order."""
-    train_res = _train_resolution(cfg)
-    step = _size_step(cfg)
-    out = []
-    for r in paper_resolutions:
-        s = max(step, int(round(r * train_res / PAPER_TRAIN_RESOLUTION / step)) * step)
-        if s not in out:
-            out.append(s)
-    return out
-
-
-def default_resolutions(cfg):
-    """The paper's test resolutions for the model family, scaled to the training resolution.
-
-    At a training resolution of 224 this is exactly the paper's list. Otherwise every entry is
-    multiplied by train_res / 224 and rounded to the nearest multiple of the size step (patch size
-    for ViT, 32 for Swin), at least one step; duplicates are dropped. The training resolution
-    itself is always in the list (224 maps onto it).
-    """
-    out = _scaled(cfg, PAPER_RESOLUTIONS[model_family(cfg['model'])])
-    return sorted(set(out) | {_train_resolution(cfg)})
-
-
-def config_label(cfg):
-    """Human label from a configuration, e.g. 'ViT-S RoPE-Mixed' or 'Swin-T RPB'."""
-    name = cfg['model'].lower()
-    family = model_family(name)
-    sizes = _SWIN_SIZE_LABELS if family == 'swin' else _SIZE_LABELS
-    size = next((short for word, short in sizes.items() if word in name), None)
-    arch = ('Swin' if family == 'swin' else 'ViT') + (f'-{size}' if size else f' ({cfg["model"]})')
-    kwargs = cfg.get('model_kwargs') or {}
-    if family != 'swin' and any(k in kwargs for k in ('embed_dim', 'depth', 'num_heads')):
-        # A size name with its architecture overridden (e.g. the demo model) is not that size.
-        shape = [f'{kwargs[k]} {word}' for k, word in (('embed_dim', 'dim'), ('depth', 'layers'),
-                                                        ('patch_size', 'px patches')) if k in kwargs]
-        if kwargs.get('global_pool') == 'avg':
-            shape.append('avg pool')
-        arch = f"ViT ({', '.join(shape)})"
-    elif kwargs.get('global_pool') == 'avg':
-        arch += ' (avg pool)'
-    pe = cfg.get('pe')
-    return f'{arch} {_PE_LABELS.get(pe, pe)}' if pe else arch
-
-
-class _Progress:
-    """Iterates a loader and reports images done / total and ETA on stderr (main process only).
-
-    Counts are this process's batches times the world size (every rank holds an equal shard, to
-    within one image), capped at the total.
-    """
-
-    def __init__(self, loader, total, desc, world_size=1, enabled=True, interval_s=5.0):
-        self.loader, self.total, self.desc = loader, total, desc
-        self.world_size, self.enabled, self.interval_s = world_size, enabled, interval_s
-        self.dataset = getattr(loader, 'dataset', None)
-        self.batch_size = getattr(loader, 'batch_size', None)
-
-    def __len__(self):
-        return len(self.loader)
-
-    def _report(self, done, start):
-        elapsed = time.perf_counter() - start
-        eta = elapsed / done * (self.total - done) if done else float('nan')
-        print(f'{self.desc}: {done}/{self.total} images ({100.0 * done / max(self.total, 1):.0f}%), '
-              f'{elapsed:.1f}s elapsed, ETA {eta:.1f}s', file=sys.stderr, flush=True)
-
-    def __iter__(self):
-        start = last = time.perf_counter()
-        done = 0
-        for batch in self.loader:
-            yield batch  # the consumer processes the batch before asking for the next one
-            done = min(self.total, done + len(batch[0]) * self.world_size)
-            now = time.perf_counter()
-            if self.enabled and now - last >= self.interval_s and done < self.total:
-                self._report(done, start)
-                last = now
-        if self.enabled:
-            self._report(self.total, start)
-
-
-def _world():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-CLOSING_ROPE_POSITIONS = ('extrapolate', 'interpolate')   # the closing table's RoPE policies
-
-
-def evaluate_resolutions(model, cfg, resolutions, batch_size, device, amp_dtype=None,
-                         data_path=None, crop_ratio=None, progress=True, num_workers=0,
-                         label=None):
-    """Top-1 / top-5 of `model` at each test resolution, with the protocol of DESIGN.md.
-
-    The validation split of `cfg`'s data (or the folder `data_path`) is rendered / resized at
-    each resolution by build_eval_dataset and scored by evaluate (exact under torchrun: sums are
-    all-reduced, every image counted once). The model is not rebuilt.
-    Returns [dict(resolution, top1, top5, loss, n)] in the order of `resolutions` (top-1/top-5 in
-    %, loss = mean cross-entropy).
-    """
-    _, world_size = _world()
-    rows = []
-    model.eval()
-    desc_base = label or config_label(cfg)
-    for resolution in resolutions:
-        model.check_img_size(resolution, resolution)
-        dataset = build_eval_dataset(cfg, resolution, data_path=data_path, crop_ratio=crop_ratio)
-        loader = _Progress(build_eval_loader(dataset, batch_size, num_workers), len(dataset),
-                           f'{desc_base} @ {resolution}', world_size,
-                           enabled=progress and is_main_process())
-        stats = evaluate(model, loader, device, amp_dtype=amp_dtype)
-        rows.append({'resolution': int(resolution), 'top1': float(stats['top1']),
-                     'top5': float(stats['top5']), 'loss': float(stats['loss']),
-                     'n': int(stats['n'])})
-    return rows
-
-
-def format_table(results, train_res):
-    """The paper's layout: rows = checkpoints, columns = test resolutions, top-1 (%).
-
-    results: {label: [dict(resolution, top1, ...)]}. train_res: the training resolution (int,
-    its column header is marked with '*'), or {label: int} when checkpoints differ (then that
-    row's cell is marked), or None. A resolution missing from a row prints as '-'.
-    """
-    columns = sorted({row['resolution'] for rows in results.values() for row in rows})
-    per_label = isinstance(train_res, dict)
-    header = ['model'] + [f'{r}*' if (not per_label and r == train_res) else str(r)
-                          for r in columns]
-    lines = [header]
-    runs = set()
-    for label, rows in results.items():
-        by_res = {row['resolution']: row for row in rows}
-        own = train_res.get(label) if per_label else None
-        cells = [label]
-        for r in columns:
-            row = by_res.get(r)
-            if row is None:
-                cells.append('-')
-                continue
-            cell = f"{row['top1']:.1f}"
-            if 'top1_sd' in row:   # a mean over seeds (eval_multires.py --mean-over-seeds)
-                runs.add(row['runs'])
-                if row['runs'] > 1:   # one run has no spread to show
-                    cell += f" ± {row['top1_sd']:.1f}"
-            cells.append(cell + ('*' if r == own else ''))
-        lines.append(cells)
-    caption = 'top-1 accuracy (%); * = training resolution'
-    several = sorted(n for n in runs if n > 1)
-    if several:
-        caption += ('; mean ± sample standard deviation over '
-                    + '/'.join(str(n) for n in several) + ' runs (seeds)')
-    if 1 in runs:
-        caption += '; a row without ± is one run'
-    return _markdown_table(lines, caption)
-
-
-def _markdown_table(lines, caption):
-    """Rows of cells (the first row is the header) -> an aligned Markdown table and a caption."""
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    text = ['| ' + ' | '.join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
-                              for i, cell in enumerate(line)) + ' |' for line in lines]
-    text.insert(1, '|' + '|'.join('-' * (w + 2) for w in widths) + '|')
-    text.append(caption)
-    return '\n'.join(text)
-
-
-# ----------------------------------------------------------------------------------------------
-# The script
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows real defaults; a None default means "the recipe's" and its help says so."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def get_args_parser():
-    p = argparse.ArgumentParser(
-        'train.py', description='Train RoPE-ViT / Swin-RoPE (see the module docstring).',
-        formatter_class=HelpFormatter)
-    R = '(default: the recipe\'s)'
-    p.add_argument('--model', default=None,
-                   help='size name (vit_tiny|small|base|large, swin_tiny|small|base) or a '
-                        'published name (default: vit_small with --data-path, else a small '
-                        'vit_tiny: patch 4, width 96, depth 4)')
-    p.add_argument('--pe', default=None, help='position embedding; ViT: ape, rope_axial, '
-                   'rope_mixed, rope_axial_ape, rope_mixed_ape, none; Swin: rpb, rope_axial, '
-                   'rope_mixed, rope_axial_rpb, rope_mixed_rpb, none (default: rope_mixed)')
-    p.add_argument('--data-path', default=None,
-                   help='DIR with train/<class>/* and val/<class>/*; absent: built-in data '
-                        '(--data)')
-    p.add_argument('--data', default=None, choices=tuple(BUILTIN_DATASETS),
-                   help='built-in data when there is no --data-path: glyphs (default; '
-                        'seven-segment digits on textured backgrounds, a miniature ImageNet) or '
-                        'shapes (the direction of a square from a disk: the counter-example, '
-                        'whose label is an offset that grows with the image)')
-    p.add_argument('--recipe', default=None, choices=sorted(RECIPES),
-                   help='default: demo without --data-path, swin for swin_*, deit3 otherwise')
-    p.add_argument('--output-dir', default=None, help='default: output/<model>_<pe>')
-    p.add_argument('--epochs', type=int, default=None, help=R)
-    p.add_argument('--batch-size', type=int, default=None, help=f'per process {R}')
-    p.add_argument('--lr', type=float, default=None,
-                   help='peak learning rate, used as given (default: the recipe\'s, scaled '
-                        'linearly with the total batch)')
-    p.add_argument('--min-lr', type=float, default=None, help=R)
-    p.add_argument('--warmup-lr', type=float, default=None, help=R)
-    p.add_argument('--warmup-epochs', type=int, default=None, help=R)
-    p.add_argument('--opt', default=None, choices=('lamb', 'adamw'), help=R)
-    p.add_argument('--opt-eps', type=float, default=1e-8, help='optimizer epsilon')
-    p.add_argument('--weight-decay', type=float, default=None, help=R)
-    p.add_argument('--clip-grad', type=float, default=None, help=f'max grad norm, 0 = off {R}')
-    p.add_argument('--loss', default=None, choices=('ce', 'bce'), help=R)
-    p.add_argument('--smoothing', type=float, default=None, help=f'label smoothing {R}')
-    p.add_argument('--aug', default=None, choices=('three', 'randaug', 'none'),
-                   help=f'three = DeiT-III 3-Augment, randaug = RandAugment m9 {R}')
-    p.add_argument('--color-jitter', type=float, default=None, help=R)
-    p.add_argument('--repeated-aug', type=int, default=None,
-                   help=f'copies of each image per epoch, 1 = off {R}')
-    p.add_argument('--reprob', type=float, default=None, help=f'random erasing prob. {R}')
-    p.add_argument('--mixup', type=float, default=None, help=f'mixup alpha, 0 = off {R}')
-    p.add_argument('--cutmix', type=float, default=None, help=f'cutmix alpha, 0 = off {R}')
-    p.add_argument('--drop-path', type=float, default=None, help=R)
-    p.add_argument('--img-size', type=int, default=None, help=f'training resolution {R}')
-    p.add_argument('--patch-size', type=int, default=None, help='ViT only (model default)')
-    p.add_argument('--embed-dim', type=int, default=None, help='ViT only (model default)')
-    p.add_argument('--depth', type=int, default=None, help='ViT only (model default)')
-    p.add_argument('--num-heads', type=int, default=None, help='ViT only (model default)')
-    p.add_argument('--global-pool', choices=('token', 'avg'), default=None,
-                   help="ViT only: classify the class token (token, the model default) or the mean "
-                        "of the patch tokens with no class token (avg)")
-    p.add_argument('--eval-crop-ratio', type=float, default=None,
-                   help='test-time crop ratio (1.0 ViT, 224/256 Swin)')
-    p.add_argument('--eval-resolutions', type=int, nargs='+', default=None,
-                   help='final sweep (default: the paper\'s list scaled to --img-size)')
-    p.add_argument('--eval-batch-size', type=int, default=None, help='default: 2 x batch size')
-    p.add_argument('--builtin-train', '--shapes-train', type=int, default=None,
-                   help=f"built-in data: fresh training scenes per epoch (default "
-                        f"{RECIPES['demo']['builtin_train']})")
-    p.add_argument('--builtin-val', '--shapes-val', type=int, default=None,
-                   help=f"built-in data: fixed validation scenes (default "
-                        f"{RECIPES['demo']['builtin_val']})")
-    p.add_argument('--builtin-seed', '--shapes-seed', type=int, default=0,
-                   help='built-in data: scene seed')
-    p.add_argument('--glyph-window-min-area', type=float, default=None,
-                   help='glyphs data: smallest area fraction of the random square window a '
-                        f'training view shows, 1 = the whole scene (default {GLYPH_WINDOW_MIN_AREA}, '
-                        "RandomResizedCrop's)")
-    p.add_argument('--train-resolutions', type=int, nargs='+', default=None,
-                   help='built-in data: render each training step at one of these resolutions, '
-                        'drawn per step (the same on every rank); positions and APE follow the '
-                        'grid as at test time. Default: every step at --img-size, which still '
-                        'sets the model (its APE grid, RoPE training grid)')
-    p.add_argument('--resume', default=None,
-                   help='auto: the newest sound checkpoint of this run in --output-dir (mid-epoch '
-                        'or epoch end; damaged files are skipped with a warning; nothing there: '
-                        'a fresh start), or a checkpoint path. After a torchrun restart auto '
-                        'is implied')
-    p.add_argument('--save-every-steps', type=int, default=None,
-                   help='a recovery checkpoint every N training steps, 0 = at epoch ends only '
-                        '(default: the recipe\'s; 500 for deit3 and swin, 0 for demo)')
-    p.add_argument('--on-save-error', default='stop', choices=('stop', 'warn'),
-                   help='a checkpoint or log that cannot be written (disk full, read-only '
-                        'folder): stop (exit status 74) or warn and train on')
-    p.add_argument('--finetune', default=None,
-                   help='start from these weights (published or ours); the head is dropped '
-                        'when the class count differs, APE / RPB are resized')
-    p.add_argument('--amp', default=None, choices=('none', 'bf16', 'fp16'),
-                   help='autocast dtype (default: bf16 on CUDA, none on CPU)')
-    p.add_argument('--compile', action='store_true', help='torch.compile the model')
-    p.add_argument('--rope-coord-shift', type=float, default=0.0,
-                   help='RoPE coordinate augmentation (DINOv3), per batch in training: shift '
-                        'positions by U(-a, a) per axis, in units of half the grid; 0 = off')
-    p.add_argument('--rope-coord-jitter', type=float, default=1.0,
-                   help='... scale each axis by its own log-uniform factor in [1/f, f]; 1 = off')
-    p.add_argument('--rope-coord-rescale', type=float, default=1.0,
-                   help='... scale both axes by one log-uniform factor in [1/f, f] (DINOv3 '
-                        'ViT-7B: 2); 1 = off')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--num-workers', type=int, default=None, help=f'loader workers {R}')
-    p.add_argument('--print-freq', type=int, default=20, help='log a line every N steps')
-    return p
-
-
-def _check_resolution(model, r, what):
-    try:
-        model.check_img_size(r, r)
-    except ValueError as e:
-        raise UserError(f'{what} {r}: {e}') from None
-
-
-def _first_names(keys, limit=10):
-    if not keys:
-        return 'none'
-    more = f' (+{len(keys) - limit} more)' if len(keys) > limit else ''
-    return ', '.join(keys[:limit]) + more
-
-
-def _load_finetune(model, cfg):
-    """Weights from --finetune: the head is dropped when its shape differs (new class count);
-    the model file's load_checkpoint resizes APE / RPB; any other mismatch is an error."""
-    state = unwrap_state_dict(read_checkpoint(cfg['finetune']))
-    own = model.state_dict()
-    dropped = [k for k in list(state) if k.startswith('head.') and k in own
-               and state[k].shape != own[k].shape]
-    state = {k: v for k, v in state.items() if k not in dropped}
-    try:
-        result = model_module(cfg['model']).load_checkpoint(model, state, strict=False)
-    except ValueError as e:
-        raise UserError(f"--finetune {cfg['finetune']}: {e}") from None
-    missing = [k for k in result.missing_keys if not k.startswith('head.')]
-    if missing or result.unexpected_keys:
-        raise UserError(f"--finetune {cfg['finetune']} does not fit {cfg['model']}: "
-                        f'missing {_first_names(missing)}; '
-                        f'unexpected {_first_names(result.unexpected_keys)}')
-    return dropped
-
-
-def _log_records(output_dir, epochs_done):
-    """The records of log.jsonl for the first `epochs_done` epochs: those of epochs a resume
-    redoes are dropped, and so are lines an interrupted write of an older version left."""
-    records = []
-    try:
-        with open(os.path.join(output_dir, 'log.jsonl')) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and record.get('epoch', math.inf) <= epochs_done:
-                    records.append(record)
-    except OSError:
-        pass
-    return records
-
-
-def _prepare_output_dir(cfg, resume, records):
-    """Rank 0, before training: the folder, its configuration and log; damaged recovery
-    checkpoints set aside as *.damaged; temporary files of an interrupted save removed."""
-    out = cfg['output_dir']
-    os.makedirs(out, exist_ok=True)
-    for name in os.listdir(out):
-        if name.endswith('.tmp') and (_RECOVERY_NAME.fullmatch(name[:-4]) or name[:-4] in (
-                'config.json', 'checkpoint.pth', 'best.pth', 'log.jsonl', 'resolutions.json')):
-            _remove_quietly(os.path.join(out, name))
-    for path, _ in resume.damaged:
-        if _RECOVERY_NAME.fullmatch(os.path.basename(path)):
-            os.replace(path, f'{path}.damaged')
-    _save_atomic(cfg, os.path.join(out, 'config.json'))
-    log_path = os.path.join(out, 'log.jsonl')
-    if resume.state is not None:
-        _save_atomic(records, log_path)
-    elif os.path.isfile(log_path):
-        os.remove(log_path)   # a fresh run in a used folder starts a fresh log
-
-
-def _stop_message(signum, epoch, steps_done, steps_per_epoch, cfg, path):
-    where = (f"after epoch {epoch + 1}/{cfg['epochs']}" if steps_done == steps_per_epoch else
-             f"at epoch {epoch + 1}/{cfg['epochs']}, step {steps_done}/{steps_per_epoch}")
-    saved = (f'saved {path}' if path else
-             'its recovery checkpoint could not be written (see the warning above)')
-    return (f'stopped by {signal.Signals(signum).name} {where}: {saved}; run the same command '
-            f'with --resume auto to continue (exit status {EXIT_STOPPED})')
-
+# The run: set-up, the epoch loop, the closing table across test resolutions
 
 def main(args):
     # 1. Validate everything before touching the disk or the process group.
@@ -2297,6 +649,656 @@ def main(args):
         summary, os.path.join(cfg['output_dir'], 'resolutions.json')), device)
     if error:
         checkpointer.failed(error)
+
+
+def _check_resolution(model, r, what):
+    try:
+        model.check_img_size(r, r)
+    except ValueError as e:
+        raise UserError(f'{what} {r}: {e}') from None
+
+
+def _first_names(keys, limit=10):
+    if not keys:
+        return 'none'
+    more = f' (+{len(keys) - limit} more)' if len(keys) > limit else ''
+    return ', '.join(keys[:limit]) + more
+
+
+def _load_finetune(model, cfg):
+    """Weights from --finetune: the head is dropped when its shape differs (new class count);
+    the model file's load_checkpoint resizes APE / RPB; any other mismatch is an error."""
+    state = unwrap_state_dict(read_checkpoint(cfg['finetune']))
+    own = model.state_dict()
+    dropped = [k for k in list(state) if k.startswith('head.') and k in own
+               and state[k].shape != own[k].shape]
+    state = {k: v for k, v in state.items() if k not in dropped}
+    try:
+        result = model_module(cfg['model']).load_checkpoint(model, state, strict=False)
+    except ValueError as e:
+        raise UserError(f"--finetune {cfg['finetune']}: {e}") from None
+    missing = [k for k in result.missing_keys if not k.startswith('head.')]
+    if missing or result.unexpected_keys:
+        raise UserError(f"--finetune {cfg['finetune']} does not fit {cfg['model']}: "
+                        f'missing {_first_names(missing)}; '
+                        f'unexpected {_first_names(result.unexpected_keys)}')
+    return dropped
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: the flags, their valid ranges, the recipe filled in
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows real defaults; a None default means "the recipe's" and its help says so."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(
+        'train.py', description='Train RoPE-ViT / Swin-RoPE (see the module docstring).',
+        formatter_class=HelpFormatter)
+    R = '(default: the recipe\'s)'
+    p.add_argument('--model', default=None,
+                   help='size name (vit_tiny|small|base|large, swin_tiny|small|base) or a '
+                        'published name (default: vit_small with --data-path, else a small '
+                        'vit_tiny: patch 4, width 96, depth 4)')
+    p.add_argument('--pe', default=None, help='position embedding; ViT: ape, rope_axial, '
+                   'rope_mixed, rope_axial_ape, rope_mixed_ape, none; Swin: rpb, rope_axial, '
+                   'rope_mixed, rope_axial_rpb, rope_mixed_rpb, none (default: rope_mixed)')
+    p.add_argument('--data-path', default=None,
+                   help='DIR with train/<class>/* and val/<class>/*; absent: built-in data '
+                        '(--data)')
+    p.add_argument('--data', default=None, choices=tuple(BUILTIN_DATASETS),
+                   help='built-in data when there is no --data-path: glyphs (default; '
+                        'seven-segment digits on textured backgrounds, a miniature ImageNet) or '
+                        'shapes (the direction of a square from a disk: the counter-example, '
+                        'whose label is an offset that grows with the image)')
+    p.add_argument('--recipe', default=None, choices=sorted(RECIPES),
+                   help='default: demo without --data-path, swin for swin_*, deit3 otherwise')
+    p.add_argument('--output-dir', default=None, help='default: output/<model>_<pe>')
+    p.add_argument('--epochs', type=int, default=None, help=R)
+    p.add_argument('--batch-size', type=int, default=None, help=f'per process {R}')
+    p.add_argument('--lr', type=float, default=None,
+                   help='peak learning rate, used as given (default: the recipe\'s, scaled '
+                        'linearly with the total batch)')
+    p.add_argument('--min-lr', type=float, default=None, help=R)
+    p.add_argument('--warmup-lr', type=float, default=None, help=R)
+    p.add_argument('--warmup-epochs', type=int, default=None, help=R)
+    p.add_argument('--opt', default=None, choices=('lamb', 'adamw'), help=R)
+    p.add_argument('--opt-eps', type=float, default=1e-8, help='optimizer epsilon')
+    p.add_argument('--weight-decay', type=float, default=None, help=R)
+    p.add_argument('--clip-grad', type=float, default=None, help=f'max grad norm, 0 = off {R}')
+    p.add_argument('--loss', default=None, choices=('ce', 'bce'), help=R)
+    p.add_argument('--smoothing', type=float, default=None, help=f'label smoothing {R}')
+    p.add_argument('--aug', default=None, choices=('three', 'randaug', 'none'),
+                   help=f'three = DeiT-III 3-Augment, randaug = RandAugment m9 {R}')
+    p.add_argument('--color-jitter', type=float, default=None, help=R)
+    p.add_argument('--repeated-aug', type=int, default=None,
+                   help=f'copies of each image per epoch, 1 = off {R}')
+    p.add_argument('--reprob', type=float, default=None, help=f'random erasing prob. {R}')
+    p.add_argument('--mixup', type=float, default=None, help=f'mixup alpha, 0 = off {R}')
+    p.add_argument('--cutmix', type=float, default=None, help=f'cutmix alpha, 0 = off {R}')
+    p.add_argument('--drop-path', type=float, default=None, help=R)
+    p.add_argument('--img-size', type=int, default=None, help=f'training resolution {R}')
+    p.add_argument('--patch-size', type=int, default=None, help='ViT only (model default)')
+    p.add_argument('--embed-dim', type=int, default=None, help='ViT only (model default)')
+    p.add_argument('--depth', type=int, default=None, help='ViT only (model default)')
+    p.add_argument('--num-heads', type=int, default=None, help='ViT only (model default)')
+    p.add_argument('--global-pool', choices=('token', 'avg'), default=None,
+                   help="ViT only: classify the class token (token, the model default) or the mean "
+                        "of the patch tokens with no class token (avg)")
+    p.add_argument('--eval-crop-ratio', type=float, default=None,
+                   help='test-time crop ratio (1.0 ViT, 224/256 Swin)')
+    p.add_argument('--eval-resolutions', type=int, nargs='+', default=None,
+                   help='final sweep (default: the paper\'s list scaled to --img-size)')
+    p.add_argument('--eval-batch-size', type=int, default=None, help='default: 2 x batch size')
+    p.add_argument('--builtin-train', '--shapes-train', type=int, default=None,
+                   help=f"built-in data: fresh training scenes per epoch (default "
+                        f"{RECIPES['demo']['builtin_train']})")
+    p.add_argument('--builtin-val', '--shapes-val', type=int, default=None,
+                   help=f"built-in data: fixed validation scenes (default "
+                        f"{RECIPES['demo']['builtin_val']})")
+    p.add_argument('--builtin-seed', '--shapes-seed', type=int, default=0,
+                   help='built-in data: scene seed')
+    p.add_argument('--glyph-window-min-area', type=float, default=None,
+                   help='glyphs data: smallest area fraction of the random square window a '
+                        f'training view shows, 1 = the whole scene (default {GLYPH_WINDOW_MIN_AREA}, '
+                        "RandomResizedCrop's)")
+    p.add_argument('--train-resolutions', type=int, nargs='+', default=None,
+                   help='built-in data: render each training step at one of these resolutions, '
+                        'drawn per step (the same on every rank); positions and APE follow the '
+                        'grid as at test time. Default: every step at --img-size, which still '
+                        'sets the model (its APE grid, RoPE training grid)')
+    p.add_argument('--resume', default=None,
+                   help='auto: the newest sound checkpoint of this run in --output-dir (mid-epoch '
+                        'or epoch end; damaged files are skipped with a warning; nothing there: '
+                        'a fresh start), or a checkpoint path. After a torchrun restart auto '
+                        'is implied')
+    p.add_argument('--save-every-steps', type=int, default=None,
+                   help='a recovery checkpoint every N training steps, 0 = at epoch ends only '
+                        '(default: the recipe\'s; 500 for deit3 and swin, 0 for demo)')
+    p.add_argument('--on-save-error', default='stop', choices=('stop', 'warn'),
+                   help='a checkpoint or log that cannot be written (disk full, read-only '
+                        'folder): stop (exit status 74) or warn and train on')
+    p.add_argument('--finetune', default=None,
+                   help='start from these weights (published or ours); the head is dropped '
+                        'when the class count differs, APE / RPB are resized')
+    p.add_argument('--amp', default=None, choices=('none', 'bf16', 'fp16'),
+                   help='autocast dtype (default: bf16 on CUDA, none on CPU)')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--rope-coord-shift', type=float, default=0.0,
+                   help='RoPE coordinate augmentation (DINOv3), per batch in training: shift '
+                        'positions by U(-a, a) per axis, in units of half the grid; 0 = off')
+    p.add_argument('--rope-coord-jitter', type=float, default=1.0,
+                   help='... scale each axis by its own log-uniform factor in [1/f, f]; 1 = off')
+    p.add_argument('--rope-coord-rescale', type=float, default=1.0,
+                   help='... scale both axes by one log-uniform factor in [1/f, f] (DINOv3 '
+                        'ViT-7B: 2); 1 = off')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--num-workers', type=int, default=None, help=f'loader workers {R}')
+    p.add_argument('--print-freq', type=int, default=20, help='log a line every N steps')
+    return p
+
+
+# Valid ranges of the numeric flags, checked in one place before anything is written
+
+class Limit(NamedTuple):
+    """The interval a numeric flag must lie in (None: unbounded; an open end is excluded).
+    NaN and infinities never pass."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def admits(self, value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or value < self.high or (not self.high_open
+                                                            and value == self.high)
+
+    def __str__(self):
+        def number(x):
+            return str(int(x)) if float(x).is_integer() else f'{x:g}'
+        if self.high is None:
+            if self.low == 0 and self.low_open:
+                return 'positive'
+            return f"{'>' if self.low_open else '>='} {number(self.low)}"
+        return (f"in {'(' if self.low_open else '['}{number(self.low)}, {number(self.high)}"
+                f"{')' if self.high_open else ']'}")
+
+
+POSITIVE = Limit(0, low_open=True)
+NON_NEGATIVE = Limit(0)
+# Seeds feed torch.Generator.manual_seed(seed + epoch), which takes at most a signed 64-bit value;
+# 32 bits are the range every seeding API accepts.
+SEED = Limit(0, 2 ** 32 - 1)
+
+# Every int / float flag of train.py (a test checks that none is missing).
+TRAIN_LIMITS = {
+    'rope_coord_shift': NON_NEGATIVE, 'rope_coord_jitter': Limit(1), 'rope_coord_rescale': Limit(1),
+    'epochs': POSITIVE, 'batch_size': POSITIVE, 'lr': POSITIVE, 'min_lr': NON_NEGATIVE,
+    'warmup_lr': NON_NEGATIVE, 'warmup_epochs': NON_NEGATIVE, 'opt_eps': POSITIVE,
+    'weight_decay': NON_NEGATIVE, 'clip_grad': NON_NEGATIVE,
+    'smoothing': Limit(0, 1, high_open=True),        # 1 would leave no signal in the targets
+    'color_jitter': NON_NEGATIVE, 'repeated_aug': Limit(1), 'reprob': Limit(0, 1),
+    'mixup': NON_NEGATIVE, 'cutmix': NON_NEGATIVE,
+    'drop_path': Limit(0, 1, high_open=True),        # 1 would drop every residual branch
+    'img_size': POSITIVE, 'patch_size': POSITIVE, 'embed_dim': POSITIVE, 'depth': POSITIVE,
+    'num_heads': POSITIVE, 'eval_crop_ratio': Limit(0, 1, low_open=True),
+    'eval_resolutions': POSITIVE, 'eval_batch_size': POSITIVE, 'builtin_train': POSITIVE,
+    'builtin_val': POSITIVE, 'builtin_seed': SEED, 'seed': SEED, 'num_workers': NON_NEGATIVE,
+    'glyph_window_min_area': Limit(0, 1, low_open=True), 'train_resolutions': POSITIVE,
+    'print_freq': POSITIVE, 'save_every_steps': NON_NEGATIVE,
+}
+
+
+def check_limits(values, limits):
+    """UserError naming the first flag whose value lies outside its Limit. `values` maps argparse
+    destinations to values (vars(args) or a resolved configuration); None means "not given" and
+    passes; a list is checked item by item."""
+    for key, limit in limits.items():
+        value = values.get(key)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None and not limit.admits(item):
+                raise UserError(f'--{key.replace("_", "-")} must be {limit}, got {item}')
+
+
+# The recipe filled in: one plain dict of every setting (a checkpoint's `args`)
+
+def _size_of(model_name):
+    for size in ('tiny', 'small', 'base', 'large'):
+        if size in model_name:
+            return size
+    return None
+
+
+def model_module(model_name):
+    """rope_vit or swin_rope, whichever knows the name; UserError listing both otherwise."""
+    if model_name in swin_rope.list_models():
+        return swin_rope
+    if model_name in rope_vit.list_models():
+        return rope_vit
+    raise UserError(f'unknown model {model_name!r}; valid: '
+                    + ', '.join(rope_vit.list_models() + swin_rope.list_models()))
+
+
+def resolve_config(args, world_size):
+    """Fill every None flag from the recipe; returns the plain-dict configuration (`args`)."""
+    model_name = args.model or ('vit_tiny' if args.data_path is None else 'vit_small')
+    module = model_module(model_name)
+    is_swin = module is swin_rope
+    recipe_name = args.recipe or ('demo' if args.data_path is None else
+                                  'swin' if is_swin else 'deit3')
+    if recipe_name not in RECIPES:
+        raise UserError(f'unknown recipe {recipe_name!r}; valid: {", ".join(RECIPES)}')
+    recipe = RECIPES[recipe_name]
+    cfg = {k: v for k, v in vars(args).items()}
+    cfg['model'] = model_name
+    for key in _RECIPE_KEYS:
+        if cfg[key] is None:
+            cfg[key] = recipe[key]
+    cfg['recipe'] = recipe_name
+    size = _size_of(model_name)
+    if cfg['drop_path'] is None:
+        cfg['drop_path'] = recipe['drop_path'].get(size, 0.0)
+    if cfg['img_size'] is None:
+        cfg['img_size'] = recipe['img_size_by_size'].get(size, recipe['img_size'])
+    if args.data_path is None:
+        cfg['dataset'] = args.data or next(iter(BUILTIN_DATASETS))
+    elif args.data is not None:
+        raise UserError(f'--data {args.data} names built-in data and --data-path '
+                        f'{args.data_path} a folder: give one of them')
+    else:
+        cfg['dataset'] = 'folder'
+    if cfg['dataset'] == 'glyphs':
+        if cfg['glyph_window_min_area'] is None:
+            cfg['glyph_window_min_area'] = GLYPH_WINDOW_MIN_AREA
+    elif cfg['glyph_window_min_area'] is not None:
+        raise UserError(f"--glyph-window-min-area applies to the glyphs data only, not to "
+                        f"{cfg['dataset']}")
+    if cfg['train_resolutions'] is not None and cfg['dataset'] not in BUILTIN_DATASETS:
+        raise UserError('--train-resolutions renders each step at its own size and applies to '
+                        'the built-in data only')
+    if cfg['dataset'] in BUILTIN_DATASETS:
+        for key in ('builtin_train', 'builtin_val'):
+            if cfg[key] is None:
+                cfg[key] = RECIPES['demo'][key]
+        if cfg['aug'] != 'none':
+            why = ('would change the directions the shapes labels describe' if
+                   cfg['dataset'] == 'shapes' else 'does not apply to glyphs, whose training '
+                   'views are random windows rendered with each scene (a flip would turn 2 into '
+                   '5)')
+            raise UserError(f"--aug {cfg['aug']} {why}; use --aug none with the built-in data")
+
+    check_limits(cfg, TRAIN_LIMITS)   # the user's values and the recipe's alike
+
+    total_batch = cfg['batch_size'] * world_size
+    cfg['world_size'] = world_size
+    cfg['total_batch'] = total_batch
+    if cfg['lr'] is None:
+        cfg['lr'] = recipe['lr'] * total_batch / recipe['lr_ref_batch']
+        cfg['lr_rule'] = (f"lr = {recipe['lr']:g} x total batch {total_batch} / "
+                          f"{recipe['lr_ref_batch']} = {cfg['lr']:.4g} (linear scaling; "
+                          "--lr sets it directly)")
+    else:
+        cfg['lr_rule'] = f"lr = {cfg['lr']:g} from --lr (no scaling)"
+
+    # The keyword arguments create_model gets besides the name (stored for eval_multires.py).
+    kwargs = {}
+    if model_name in _VIT_SIZES or model_name in _SWIN_SIZES:
+        kwargs['pe'] = cfg['pe'] or 'rope_mixed'
+    elif cfg['pe'] is not None:
+        raise UserError(f'--pe does not apply to the published model {model_name!r}, which fixes '
+                        f'its position embedding; use a size name ({", ".join(_VIT_SIZES)}, '
+                        f'{", ".join(_SWIN_SIZES)}) to choose --pe')
+    vit_flags = {k: cfg[k] for k in ('patch_size', 'embed_dim', 'depth', 'num_heads', 'global_pool')
+                 if cfg[k] is not None}
+    if is_swin:
+        if vit_flags:
+            raise UserError('--' + ', --'.join(k.replace('_', '-') for k in vit_flags)
+                            + ' apply to ViT models only')
+        # The official Swin convention: window = resolution / 32 (7 at 224, 6 at 192, ...).
+        kwargs['window_size'] = max(1, cfg['img_size'] // 32)
+    else:
+        if recipe_name == 'demo' and model_name == 'vit_tiny':
+            kwargs.update(recipe['vit_overrides'])
+        kwargs.update(vit_flags)
+    kwargs.update(num_classes=None, img_size=cfg['img_size'], drop_path_rate=cfg['drop_path'])
+    cfg['model_kwargs'] = kwargs
+    cfg['data_path'] = os.path.abspath(args.data_path) if args.data_path else None
+    if cfg['output_dir'] is None:
+        cfg['output_dir'] = os.path.join('output', f"{model_name}_{kwargs.get('pe', 'published')}")
+    if os.path.exists(cfg['output_dir']) and not os.path.isdir(cfg['output_dir']):
+        raise UserError(f"--output-dir {cfg['output_dir']} exists and is not a folder")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Random states and seeds: what makes a resumed run equal to an uninterrupted one
+
+def _rng_state():
+    """This process's torch / CUDA / numpy / python RNG states, as weights_only-loadable types."""
+    np_state = np.random.get_state(legacy=False)
+    state = {'torch': torch.get_rng_state(),
+             'numpy': {'key': torch.from_numpy(np_state['state']['key'].astype(np.int64)),
+                       'pos': int(np_state['state']['pos']),
+                       'has_gauss': int(np_state['has_gauss']), 'gauss': float(np_state['gauss'])},
+             'python': [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    numpy_state = state['numpy']
+    np.random.set_state({'bit_generator': 'MT19937',
+                         'state': {'key': numpy_state['key'].numpy().astype(np.uint32),
+                                   'pos': numpy_state['pos']},
+                         'has_gauss': numpy_state['has_gauss'], 'gauss': numpy_state['gauss']})
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _seed_everything(seed, epoch, rank):
+    """Every random draw of an epoch (augmentation, mixup, drop path, loader workers) is a function
+    of (seed, epoch, rank): what makes a resumed run equal to an uninterrupted one. Epoch -1 seeds
+    the initial weights."""
+    s = int(np.random.SeedSequence([seed, epoch + 1, rank]).generate_state(1)[0])
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation across test resolutions (the paper's experiment; eval_multires.py builds on it)
+
+# The paper's test resolutions (Tables 0.A.1-0.A.3 for ViT, 0.A.4-0.A.6 for Swin), trained at 224.
+PAPER_RESOLUTIONS = {
+    'vit': (96, 144, 192, 224, 256, 320, 384, 512),
+    'swin': (96, 128, 160, 192, 224, 256, 320, 384),
+}
+PAPER_TRAIN_RESOLUTION = 224
+
+_SIZE_LABELS = {'tiny': 'Ti', 'small': 'S', 'base': 'B', 'large': 'L'}
+_SWIN_SIZE_LABELS = {'tiny': 'T', 'small': 'S', 'base': 'B'}
+_PE_LABELS = {
+    'ape': 'APE', 'rpb': 'RPB', 'none': 'no PE',
+    'rope_axial': 'RoPE-Axial', 'rope_mixed': 'RoPE-Mixed',
+    'rope_axial_ape': 'APE + RoPE-Axial', 'rope_mixed_ape': 'APE + RoPE-Mixed',
+    'rope_axial_rpb': 'RPB + RoPE-Axial', 'rope_mixed_rpb': 'RPB + RoPE-Mixed',
+}
+
+
+def model_family(name):
+    """'swin' or 'vit' for a size name or a published name."""
+    return 'swin' if 'swin' in name.lower() else 'vit'
+
+
+def _train_resolution(cfg):
+    """Training resolution as one int (the height for a non-square (H, W))."""
+    size = cfg['img_size']
+    return int(size[0]) if isinstance(size, (list, tuple)) else int(size)
+
+
+def _size_step(cfg):
+    """Granularity of allowed sizes: the patch size (ViT) or patch * 2^(stages-1) (Swin: 32)."""
+    kwargs = cfg.get('model_kwargs') or {}
+    if model_family(cfg['model']) == 'swin':
+        patch = int(kwargs.get('patch_size', 4))
+        stages = len(kwargs.get('depths', (2, 2, 6, 2)))
+        return patch * 2 ** (stages - 1)
+    patch = kwargs.get('patch_size', 16)
+    return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
+
+
+def _scaled(cfg, paper_resolutions):
+    """paper_resolutions x train_res / 224, each rounded to the nearest multiple of the size step
+    (at least one step), duplicates dropped, in order."""
+    train_res = _train_resolution(cfg)
+    step = _size_step(cfg)
+    out = []
+    for r in paper_resolutions:
+        s = max(step, int(round(r * train_res / PAPER_TRAIN_RESOLUTION / step)) * step)
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def default_resolutions(cfg):
+    """The paper's test resolutions for the model family, scaled to the training resolution.
+
+    At a training resolution of 224 this is exactly the paper's list. Otherwise every entry is
+    multiplied by train_res / 224 and rounded to the nearest multiple of the size step (patch size
+    for ViT, 32 for Swin), at least one step; duplicates are dropped. The training resolution
+    itself is always in the list (224 maps onto it).
+    """
+    out = _scaled(cfg, PAPER_RESOLUTIONS[model_family(cfg['model'])])
+    return sorted(set(out) | {_train_resolution(cfg)})
+
+
+def config_label(cfg):
+    """Human label from a configuration, e.g. 'ViT-S RoPE-Mixed' or 'Swin-T RPB'."""
+    name = cfg['model'].lower()
+    family = model_family(name)
+    sizes = _SWIN_SIZE_LABELS if family == 'swin' else _SIZE_LABELS
+    size = next((short for word, short in sizes.items() if word in name), None)
+    arch = ('Swin' if family == 'swin' else 'ViT') + (f'-{size}' if size else f' ({cfg["model"]})')
+    kwargs = cfg.get('model_kwargs') or {}
+    if family != 'swin' and any(k in kwargs for k in ('embed_dim', 'depth', 'num_heads')):
+        # A size name with its architecture overridden (e.g. the demo model) is not that size.
+        shape = [f'{kwargs[k]} {word}' for k, word in (('embed_dim', 'dim'), ('depth', 'layers'),
+                                                        ('patch_size', 'px patches')) if k in kwargs]
+        if kwargs.get('global_pool') == 'avg':
+            shape.append('avg pool')
+        arch = f"ViT ({', '.join(shape)})"
+    elif kwargs.get('global_pool') == 'avg':
+        arch += ' (avg pool)'
+    pe = cfg.get('pe')
+    return f'{arch} {_PE_LABELS.get(pe, pe)}' if pe else arch
+
+
+class _Progress:
+    """Iterates a loader and reports images done / total and ETA on stderr (main process only).
+
+    Counts are this process's batches times the world size (every rank holds an equal shard, to
+    within one image), capped at the total.
+    """
+
+    def __init__(self, loader, total, desc, world_size=1, enabled=True, interval_s=5.0):
+        self.loader, self.total, self.desc = loader, total, desc
+        self.world_size, self.enabled, self.interval_s = world_size, enabled, interval_s
+        self.dataset = getattr(loader, 'dataset', None)
+        self.batch_size = getattr(loader, 'batch_size', None)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def _report(self, done, start):
+        elapsed = time.perf_counter() - start
+        eta = elapsed / done * (self.total - done) if done else float('nan')
+        print(f'{self.desc}: {done}/{self.total} images ({100.0 * done / max(self.total, 1):.0f}%), '
+              f'{elapsed:.1f}s elapsed, ETA {eta:.1f}s', file=sys.stderr, flush=True)
+
+    def __iter__(self):
+        start = last = time.perf_counter()
+        done = 0
+        for batch in self.loader:
+            yield batch  # the consumer processes the batch before asking for the next one
+            done = min(self.total, done + len(batch[0]) * self.world_size)
+            now = time.perf_counter()
+            if self.enabled and now - last >= self.interval_s and done < self.total:
+                self._report(done, start)
+                last = now
+        if self.enabled:
+            self._report(self.total, start)
+
+
+def _world():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+CLOSING_ROPE_POSITIONS = ('extrapolate', 'interpolate')   # the closing table's RoPE policies
+
+
+def evaluate_resolutions(model, cfg, resolutions, batch_size, device, amp_dtype=None,
+                         data_path=None, crop_ratio=None, progress=True, num_workers=0,
+                         label=None):
+    """Top-1 / top-5 of `model` at each test resolution (the paper's multi-resolution test).
+
+    The validation split of `cfg`'s data (or the folder `data_path`) is rendered / resized at
+    each resolution by build_eval_dataset and scored by evaluate (exact under torchrun: sums are
+    all-reduced, every image counted once). The model is not rebuilt.
+    Returns [dict(resolution, top1, top5, loss, n)] in the order of `resolutions` (top-1/top-5 in
+    %, loss = mean cross-entropy).
+    """
+    _, world_size = _world()
+    rows = []
+    model.eval()
+    desc_base = label or config_label(cfg)
+    for resolution in resolutions:
+        model.check_img_size(resolution, resolution)
+        dataset = build_eval_dataset(cfg, resolution, data_path=data_path, crop_ratio=crop_ratio)
+        loader = _Progress(build_eval_loader(dataset, batch_size, num_workers), len(dataset),
+                           f'{desc_base} @ {resolution}', world_size,
+                           enabled=progress and is_main_process())
+        stats = evaluate(model, loader, device, amp_dtype=amp_dtype)
+        rows.append({'resolution': int(resolution), 'top1': float(stats['top1']),
+                     'top5': float(stats['top5']), 'loss': float(stats['loss']),
+                     'n': int(stats['n'])})
+    return rows
+
+
+def format_table(results, train_res):
+    """The paper's layout: rows = checkpoints, columns = test resolutions, top-1 (%).
+
+    results: {label: [dict(resolution, top1, ...)]}. train_res: the training resolution (int,
+    its column header is marked with '*'), or {label: int} when checkpoints differ (then that
+    row's cell is marked), or None. A resolution missing from a row prints as '-'.
+    """
+    columns = sorted({row['resolution'] for rows in results.values() for row in rows})
+    per_label = isinstance(train_res, dict)
+    header = ['model'] + [f'{r}*' if (not per_label and r == train_res) else str(r)
+                          for r in columns]
+    lines = [header]
+    runs = set()
+    for label, rows in results.items():
+        by_res = {row['resolution']: row for row in rows}
+        own = train_res.get(label) if per_label else None
+        cells = [label]
+        for r in columns:
+            row = by_res.get(r)
+            if row is None:
+                cells.append('-')
+                continue
+            cell = f"{row['top1']:.1f}"
+            if 'top1_sd' in row:   # a mean over seeds (eval_multires.py --mean-over-seeds)
+                runs.add(row['runs'])
+                if row['runs'] > 1:   # one run has no spread to show
+                    cell += f" ± {row['top1_sd']:.1f}"
+            cells.append(cell + ('*' if r == own else ''))
+        lines.append(cells)
+    caption = 'top-1 accuracy (%); * = training resolution'
+    several = sorted(n for n in runs if n > 1)
+    if several:
+        caption += ('; mean ± sample standard deviation over '
+                    + '/'.join(str(n) for n in several) + ' runs (seeds)')
+    if 1 in runs:
+        caption += '; a row without ± is one run'
+    return _markdown_table(lines, caption)
+
+
+def _markdown_table(lines, caption):
+    """Rows of cells (the first row is the header) -> an aligned Markdown table and a caption."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    text = ['| ' + ' | '.join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+                              for i, cell in enumerate(line)) + ' |' for line in lines]
+    text.insert(1, '|' + '|'.join('-' * (w + 2) for w in widths) + '|')
+    text.append(caption)
+    return '\n'.join(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers
+
+class DistInfo(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    distributed: bool
+
+
+def init_distributed():
+    """Join the torchrun process group (gloo on CPU, NCCL on CUDA) or run as one plain process.
+
+    Reads RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them; calling it again returns the
+    same information without re-initialising.
+    """
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    rank = int(os.environ.get('RANK', '0'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    if torch.cuda.is_available():
+        device = torch.device('cuda', local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device('cpu')
+    distributed = world_size > 1
+    if distributed and not dist.is_initialized():
+        backend = 'nccl' if device.type == 'cuda' else 'gloo'
+        shared_store = os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
+        if shared_store and os.environ.get('GROUP_WORLD_SIZE', '1') == '1':
+            # torchrun keeps one store server across restarts of the worker group
+            # (--max-restarts), and torch 2.14 gives the workers no namespace per attempt: a
+            # restarted worker can read a dead peer's address left by the attempt before and
+            # fail to connect. One namespace per attempt, as torch's env:// used to do; with a
+            # single agent every worker has the same restart count. (Several agents may count
+            # differently: there TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives a store per attempt.)
+            store = dist.PrefixStore(
+                f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']),
+                              world_size, is_master=False))
+            dist.init_process_group(backend=backend, store=store, world_size=world_size,
+                                    rank=rank)
+        else:
+            dist.init_process_group(backend=backend, init_method='env://',
+                                    world_size=world_size, rank=rank)
+            if (shared_store and rank == 0
+                    and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', '0')) > 0):
+                sys.stderr.write('warning: torchrun keeps one store across restarts of this '
+                                 'several-node group, where a restarted worker may fail to '
+                                 'connect; launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 '
+                                 '(README: Long runs on a cluster)\n')
+    return DistInfo(rank, world_size, local_rank, device, distributed)
+
+
+def _log(*parts):
+    """print() on rank 0 only (the other ranks stay silent)."""
+    if is_main_process():
+        print(*parts, flush=True)
+
+
+def _all_reduce_sum(t):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a one-item list without a group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    objects = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
 
 
 if __name__ == '__main__':

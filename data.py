@@ -1,0 +1,235 @@
+"""The data a training run sees: ImageNet-style folders with the recipes' transforms, the
+built-in tasks behind the same two builders, and the samplers that make every rank's order and
+every sample's augmentation a function of (seed, epoch, position), so a run resumed mid-epoch
+sees exactly the images an uninterrupted one would.
+
+The built-in tasks themselves (scene generation, rendering, the validation cache) are in
+builtin_data.py; train.py builds its loaders from the functions here.
+"""
+import itertools
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Subset
+import torchvision
+from torchvision.transforms import v2
+
+from builtin_data import BUILTIN_DATASETS, IMAGENET_MEAN, IMAGENET_STD, builtin_setting
+from recovery import UserError
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder data (ImageNet layout)
+
+class SkippingImageFolder(torchvision.datasets.ImageFolder):
+    """ImageFolder whose undecodable images come back as (zeros, -1): skipped and counted later.
+
+    Returning a placeholder instead of raising keeps the default collate and the step count of
+    every rank intact; train_one_epoch and evaluate drop targets < 0 and report how many.
+    """
+
+    def __init__(self, root, transform, out_size):
+        super().__init__(root, transform=transform)
+        self.out_size = out_size
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        try:
+            image = self.loader(path)
+        except (OSError, ValueError, SyntaxError) as e:   # PIL's errors for corrupt/truncated files
+            sys.stderr.write(f'warning: skipping undecodable image {path}: {e}\n')
+            return torch.zeros(3, self.out_size, self.out_size), -1
+        return self.transform(image), target
+
+
+def _eval_transform(resolution, crop_ratio):
+    """Test-time preprocessing at resolution r: shorter side to r / crop_ratio (bicubic), centre
+    crop r, ImageNet mean / std (crop_ratio 1.0 for ViT as DeiT-III evaluates, 224 / 256 for Swin).
+
+    Resize and crop act on the PIL image (PIL's bicubic filter), as the official DeiT-III and
+    Swin evaluation code does, so published checkpoints see the same pixels as in the paper.
+    """
+    return v2.Compose([
+        v2.Resize(int(math.floor(resolution / crop_ratio)),
+                  interpolation=v2.InterpolationMode.BICUBIC),
+        v2.CenterCrop(resolution),
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _train_transform(cfg):
+    size = cfg['img_size']
+    steps = [v2.PILToTensor()]
+    if cfg['aug'] == 'three':
+        # DeiT-III 3-Augment: random resized crop + flip, then one of grey / solarise / blur,
+        # then colour jitter.
+        steps += [v2.RandomResizedCrop(size, scale=(0.08, 1.0),
+                                       interpolation=v2.InterpolationMode.BICUBIC),
+                  v2.RandomHorizontalFlip(),
+                  v2.RandomChoice([v2.Grayscale(num_output_channels=3),
+                                   v2.RandomSolarize(threshold=128, p=1.0),
+                                   v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))])]
+        if cfg['color_jitter'] > 0:
+            steps.append(v2.ColorJitter(*(3 * [cfg['color_jitter']])))
+    elif cfg['aug'] == 'randaug':
+        steps += [v2.RandomResizedCrop(size, interpolation=v2.InterpolationMode.BICUBIC),
+                  v2.RandomHorizontalFlip(),
+                  # Bilinear: the tensor kernels of rotate / affine have no bicubic mode.
+                  v2.RandAugment(num_ops=2, magnitude=9,
+                                 interpolation=v2.InterpolationMode.BILINEAR)]
+        if cfg['color_jitter'] > 0:
+            steps.append(v2.ColorJitter(*(3 * [cfg['color_jitter']])))
+    else:   # 'none': the evaluation pipeline at the training resolution
+        return _eval_transform(size, cfg['eval_crop_ratio'])
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if cfg['reprob'] > 0:
+        steps.append(v2.RandomErasing(p=cfg['reprob'], value='random'))
+    return v2.Compose(steps)
+
+
+def _image_folder(cfg, split, transform, out_size):
+    root = os.path.join(cfg['data_path'], split)
+    if not os.path.isdir(root):
+        raise UserError(f"{cfg['data_path']} has no {split}/ folder (expected "
+                        f"{split}/<class>/<images>)")
+    try:
+        return SkippingImageFolder(root, transform, out_size)
+    except (FileNotFoundError, OSError) as e:
+        raise UserError(f'no images in {root}: {e}') from None
+
+
+def build_train_dataset(cfg):
+    if cfg['dataset'] in BUILTIN_DATASETS:
+        options = ({'window_min_area': cfg['glyph_window_min_area']}
+                   if cfg.get('glyph_window_min_area') is not None else {})
+        return BUILTIN_DATASETS[cfg['dataset']]('train', builtin_setting(cfg, 'train'),
+                                                cfg['img_size'], builtin_setting(cfg, 'seed'),
+                                                **options)
+    if not os.path.isdir(cfg['data_path']):
+        raise UserError(f"data folder {cfg['data_path']} does not exist")
+    return _image_folder(cfg, 'train', _train_transform(cfg), cfg['img_size'])
+
+
+def build_eval_dataset(cfg, resolution, data_path=None, crop_ratio=None):
+    """The validation split at test resolution `resolution`.
+
+    Folder data: shorter side resized to r / crop_ratio (bicubic), centre crop r, ImageNet
+    mean/std; built-in data (`glyphs`, `shapes`): the same validation scenes rendered directly
+    at r. `data_path` and `crop_ratio` default to the ones in `cfg`.
+    """
+    if cfg['dataset'] in BUILTIN_DATASETS:
+        return BUILTIN_DATASETS[cfg['dataset']]('val', builtin_setting(cfg, 'val'), resolution,
+                                                builtin_setting(cfg, 'seed'))
+    path = data_path or cfg['data_path']
+    if path is None or not os.path.isdir(path):
+        raise UserError(f'data folder {path} does not exist (pass --data-path)')
+    crop_ratio = crop_ratio or cfg['eval_crop_ratio']
+    return _image_folder(dict(cfg, data_path=path), 'val', _eval_transform(resolution, crop_ratio),
+                         resolution)
+
+
+def build_eval_loader(dataset, batch_size, num_workers=0):
+    """A loader over this rank's share (indices rank, rank + world, ...): no sample twice."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    shard = Subset(dataset, range(rank, len(dataset), world))
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers: each rank's training order, resumable inside an epoch, and a seed for every sample
+
+class RepeatedAugSampler(torch.utils.data.Sampler):
+    """Repeated augmentation (Hoffer et al. 2020; DeiT): every image appears `repeats` times per
+    epoch, each copy on another rank with its own augmentation; each rank still yields
+    len(dataset) // world_size samples, so an epoch costs as much as without repetition.
+
+    The order is a function of (seed, epoch) only: call set_epoch(epoch) before each epoch.
+    """
+
+    def __init__(self, dataset, num_replicas, rank, repeats=3, seed=0):
+        self.dataset_len = len(dataset)
+        self.num_replicas, self.rank, self.repeats, self.seed = num_replicas, rank, repeats, seed
+        self.epoch = 0
+        self.per_rank_total = math.ceil(self.dataset_len * repeats / num_replicas)
+        self.num_selected = self.dataset_len // num_replicas
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_selected
+
+    def __iter__(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.dataset_len, generator=generator)
+        repeated = order.repeat_interleave(self.repeats).tolist()   # a a a b b b ...
+        total = self.per_rank_total * self.num_replicas
+        repeated += repeated[:total - len(repeated)]                # pad to a multiple of world
+        mine = repeated[self.rank:total:self.num_replicas]          # copies land on other ranks
+        return iter(mine[:self.num_selected])
+
+
+def _derived_seed(*keys):
+    """A 64-bit seed that is a pure function of the integers `keys` (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """One rank's training order, resumable inside an epoch, with a seed for every sample.
+
+    Wraps a DistributedSampler or RepeatedAugSampler. set_epoch(epoch, start) makes the next
+    pass begin at position `start` of the epoch's order: the samples before it are neither loaded
+    nor drawn. It yields (index, seed) pairs for SeededSamples; the seed is a function of (seed,
+    epoch, rank, position), so a sample's augmentation does not depend on which loader worker
+    draws it, how many workers there are, or where a run was resumed.
+    """
+
+    def __init__(self, sampler, seed, rank, batch_size=1, step_resolution=None):
+        self.sampler, self.seed, self.rank = sampler, seed, rank
+        self.epoch, self.start = 0, 0
+        # step_resolution(epoch, step): the resolution of that step's batch (several-resolution
+        # training); each sample then comes as (index, seed, resolution)
+        self.batch_size, self.step_resolution = batch_size, step_resolution
+
+    def set_epoch(self, epoch, start=0):
+        self.sampler.set_epoch(epoch)
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return len(self.sampler) - self.start
+
+    def __iter__(self):
+        seeds = np.random.SeedSequence([self.seed, self.epoch, self.rank, 1]).generate_state(
+            len(self.sampler), np.uint64) >> 1   # >> 1: torch.manual_seed takes int64
+        pairs = zip(iter(self.sampler), seeds.tolist())
+        if self.step_resolution is not None:
+            pairs = ((index, seed, self.step_resolution(self.epoch, position // self.batch_size))
+                     for position, (index, seed) in enumerate(pairs))
+        return itertools.islice(pairs, self.start, None)
+
+
+class SeededSamples(Dataset):
+    """dataset[(index, seed)] = dataset[index] drawn with torch's RNG seeded by `seed`; the
+    caller's RNG is left as it was (in the main process it also drives drop path and mixup).
+    torchvision's v2 transforms draw from torch's CPU RNG only, so only that one is seeded:
+    torch.manual_seed would also seed every accelerator's generator, which on a CPU-only torch
+    records a stack trace per call (about 1.7 ms a sample, as long as rendering a glyph scene)
+    and on a GPU would leave the CUDA generator changed."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed, *resolution = key   # (index, seed) or (index, seed, resolution): built-in data
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return self.dataset.at_resolution(index, *resolution) if resolution else self.dataset[index]

@@ -1,0 +1,531 @@
+"""Fault handling of train.py: how a failed run ends, and what lets a run survive a failure.
+
+    UserError ... Stopped, cli   how a run ends: one line on stderr and an exit status
+    read_checkpoint, state_digest
+                                 checkpoint files, and the digest that shows damaged bytes
+    _save_atomic, _publish       writes that leave the old file or the new one, never a part
+    recovery_name, find_resume   recovery checkpoints, and what --resume auto continues from
+    _prepare_output_dir          the output folder at start: damaged checkpoints set aside,
+                                 half-written files removed, the log cut back to the resume
+    StopSignals                  SIGTERM / SIGUSR1: every rank stops after the same step
+    Checkpointer                 rank 0 saves and rotates the recovery checkpoints; the
+                                 save-error policy (--on-save-error stop | warn)
+
+Exit statuses: 0 done, 1 diverged (or a crash), 2 bad input, 74 a checkpoint or log could not
+be written, 75 stopped by a signal with the state saved (the same command with --resume auto
+continues).
+
+Imports torch, the standard library and rope_vit (whose reader opens checkpoint files).
+"""
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+import zlib
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+import rope_vit
+
+
+# ----------------------------------------------------------------------------------------------
+# How a run ends: errors, exit statuses and the command-line wrapper
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line on stderr, exit status 2."""
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN / inf: reported as one line on stderr, exit status 1."""
+
+
+class SaveFailed(Exception):
+    """A checkpoint, log or configuration file could not be written (disk full, read-only
+    folder): one line on stderr, exit status EXIT_SAVE_FAILED."""
+
+
+class Stopped(Exception):
+    """SIGTERM / SIGUSR1 stopped training after a recovery checkpoint was written: one line on
+    stderr saying how to continue, exit status EXIT_STOPPED."""
+
+
+# sysexits.h codes, so that a batch script can tell "run me again" from "fix something first".
+EXIT_SAVE_FAILED = 74   # EX_IOERR
+EXIT_STOPPED = 75       # EX_TEMPFAIL: preempted, state saved; the same command with --resume auto
+_EXIT_STATUS = {UserError: 2, TrainingDiverged: 1, SaveFailed: EXIT_SAVE_FAILED,
+                Stopped: EXIT_STOPPED}
+
+
+def _rank_from_env():
+    return int(os.environ.get('RANK', '0'))
+
+
+def cli(main_fn, parser, argv=None):
+    """Parse argv, run main_fn(args); user errors become `error: ...` on stderr and exit 2.
+
+    The other exceptions of _EXIT_STATUS end the same way (one line from rank 0) with their own
+    status: 1 diverged, 74 a file could not be written, 75 stopped by a signal (resumable).
+    """
+    def one_line_error(message):
+        sys.stderr.write(f'error: {message}\n')
+        sys.exit(2)
+    parser.error = one_line_error   # argparse would print the whole usage block first
+    args = parser.parse_args(argv)
+    status = 0
+    try:
+        main_fn(args)
+    except tuple(_EXIT_STATUS) as e:
+        status = _EXIT_STATUS[type(e)]
+        if _rank_from_env() == 0:   # every rank sees the same input; one line is enough
+            sys.stderr.write(f'{"" if isinstance(e, Stopped) else "error: "}{e}\n')
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if status:
+        sys.exit(status)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rank 0 writes; every rank decides alike
+
+def is_main_process():
+    """True on rank 0, and in a process without a process group."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _on_rank0(action, device):
+    """Run action() on rank 0 only. Returns None on every rank when it worked, else the one-line
+    reason of its OSError (a generic one on the other ranks): all ranks decide alike. Any other
+    exception is raised again on rank 0 after the others were told, so that none waits forever."""
+    error, crash = None, None
+    if is_main_process():
+        try:
+            action()
+        except OSError as e:
+            error = f'cannot write {e.filename}: {e.strerror}' if e.filename else str(e)
+        except BaseException as e:
+            error, crash = f'{type(e).__name__} while writing', e
+    failed = torch.tensor([float(error is not None)], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(failed, src=0)
+    if crash is not None:
+        raise crash
+    if failed.item() and error is None:
+        error = 'rank 0 could not write to the output folder'
+    return error
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint files and their digests
+
+def read_checkpoint(path):
+    """The model file's reader (torch.load(weights_only=True) on CPU, or the tensors of a
+    .safetensors file such as timm's hub copies); UserError for a missing / corrupt file."""
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint {path} does not exist')
+    try:
+        return rope_vit.read_checkpoint_file(path)
+    except ValueError as e:   # pickle, zip, unpickler and safetensors errors: not a usable file
+        raise UserError(str(e).strip().splitlines()[0]) from None
+
+
+def _digest_matches(checkpoint):
+    """False when a checkpoint of ours no longer matches the digest it was written with (damaged
+    bytes, or edited and saved again); True otherwise, and for files without one."""
+    if not (isinstance(checkpoint, dict) and 'digest' in checkpoint):
+        return True
+    return state_digest({k: v for k, v in checkpoint.items() if k != 'digest'}) \
+        == checkpoint['digest']
+
+
+def _read_training_state(path):
+    """A sound training checkpoint of train.py from `path`, or ValueError with a short reason."""
+    try:
+        state = read_checkpoint(path)
+    except UserError as e:
+        raise ValueError(str(e).split(': ', 1)[-1]) from None
+    if not isinstance(state, dict) or any(k not in state for k in _TRAINING_KEYS):
+        raise ValueError('not a training checkpoint of train.py')
+    if not _digest_matches(state):
+        raise ValueError('its content does not match its digest: damaged bytes')
+    return state
+
+
+def unwrap_state_dict(checkpoint):
+    """The state dict inside `{'model': sd}` (published files, our checkpoints) or
+    `{'state_dict': sd}`; a bare state dict is returned as it is."""
+    for key in ('model', 'state_dict'):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
+
+
+def state_digest(obj, crc=0):
+    """CRC-32 of a checkpoint's content: every tensor's dtype, shape and bytes, every other value's
+    repr, in order. torch.load accepts a file whose tensor bytes were overwritten; a digest
+    stored with the file tells such a file from a sound one."""
+    if isinstance(obj, torch.Tensor):
+        flat = obj.detach().cpu().contiguous().reshape(-1)
+        crc = zlib.crc32(f'{flat.dtype}{tuple(obj.shape)}'.encode(), crc)
+        return zlib.crc32(flat.view(torch.uint8).numpy(), crc)
+    if isinstance(obj, dict):
+        crc = zlib.crc32(f'{{{len(obj)}'.encode(), crc)
+        for key, value in obj.items():
+            crc = state_digest(value, state_digest(key, crc))
+        return crc
+    if isinstance(obj, (list, tuple)):
+        crc = zlib.crc32(f'[{len(obj)}'.encode(), crc)
+        for value in obj:
+            crc = state_digest(value, crc)
+        return crc
+    return zlib.crc32(repr(obj).encode(), crc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes: a crash or a failed write leaves the old file or the new one, never a part
+
+def _fsync_dir(path):
+    """Make a rename in path's folder durable: after a node crash the folder may otherwise
+    still list the old file, or none."""
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass   # some file systems cannot sync a folder; the rename is atomic all the same
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _write_temporary(obj, path):
+    """Write obj to path + '.tmp' and fsync it; returns that name. On failure nothing is left
+    behind and the OSError names `path`.
+
+    .json: obj as JSON; .jsonl: a list of records, one per line; anything else: torch.save.
+    """
+    tmp = f'{path}.tmp'
+    try:
+        with open(tmp, 'w' if path.endswith(('.json', '.jsonl')) else 'wb') as f:
+            if path.endswith('.jsonl'):
+                f.writelines(json.dumps(record) + '\n' for record in obj)
+            elif path.endswith('.json'):
+                json.dump(obj, f, indent=2)
+            else:
+                torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        _remove_quietly(tmp)
+        # torch.save's zip writer answers a failed write (ENOSPC, EFBIG) with a RuntimeError
+        # of its own while closing; the OSError is in the exception's context.
+        while e is not None and not isinstance(e, OSError):
+            e = e.__cause__ or e.__context__
+        if e is None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), path) from e
+    return tmp
+
+
+def _commit(tmp, path):
+    """Rename a written temporary file onto `path` (atomic) and make the rename durable."""
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise OSError(e.errno, e.strerror or str(e), path) from e
+    _fsync_dir(path)
+
+
+def _save_atomic(obj, path):
+    """Write to a temporary name, fsync, rename: a crash or a failed write (disk full, read-only
+    folder) leaves the old file or the new one, never a part, and no temporary file behind."""
+    _commit(_write_temporary(obj, path), path)
+
+
+def _publish(source, path):
+    """Make `path` the same file as `source`, atomically: a hard link, which costs no second
+    write, or a copy on file systems without links."""
+    tmp = f'{path}.tmp'
+    try:
+        _remove_quietly(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+            with open(tmp, 'rb+') as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise OSError(e.errno, e.strerror or str(e), path) from e
+    _fsync_dir(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Recovery checkpoints and resume discovery (--resume auto)
+
+_RECOVERY_NAME = re.compile(r'recovery_e(\d+)_i(\d+)\.pth')
+
+
+def recovery_name(epochs_done, images):
+    """The recovery checkpoint of the state after `epochs_done` whole epochs and `images` images
+    (all ranks together) of the next: recovery_e0003_i000000640.pth. Images rather than steps,
+    so that names keep their order when a run is resumed on another world size."""
+    return f'recovery_e{epochs_done:04d}_i{images:09d}.pth'
+
+
+def recovery_files(output_dir):
+    """Paths of the recovery checkpoints in output_dir, newest position first."""
+    try:
+        names = os.listdir(output_dir)
+    except OSError:
+        return []
+    found = [(int(m[1]), int(m[2]), os.path.join(output_dir, name)) for name in names
+             if (m := _RECOVERY_NAME.fullmatch(name))]
+    return [path for _, _, path in sorted(found, reverse=True)]
+
+
+def _resume_candidates(output_dir):
+    """What --resume auto may continue from, newest first: the recovery checkpoints, then
+    checkpoint.pth when it is not a link to one of them (folders of earlier versions)."""
+    found = recovery_files(output_dir)
+    epoch_end = os.path.join(output_dir, 'checkpoint.pth')
+    if os.path.isfile(epoch_end) and not any(os.path.samefile(epoch_end, p) for p in found):
+        found.append(epoch_end)
+    return found
+
+
+def _folder_config(output_dir):
+    """The config.json of the run that last started in output_dir, or None."""
+    try:
+        with open(os.path.join(output_dir, 'config.json')) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+class Resume(NamedTuple):
+    path: str | None    # None: a fresh start
+    state: dict | None
+    damaged: list       # [(path, reason)]: newer candidates that could not be read
+    others: list        # sound checkpoints of an earlier run in the same folder, not used
+    restart: bool       # auto implied by a torchrun restart
+    run_id: str | None  # the run this one continues (its checkpoints are the ones auto takes)
+    continues: bool     # False: a new run_id (a fresh start, or --resume PATH: a new branch)
+
+
+_TRAINING_KEYS = ('model', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'args')
+
+
+def find_resume(cfg):
+    """The checkpoint this run continues from: a Resume, whose path is None for a fresh start.
+
+    --resume PATH reads PATH. --resume auto takes the newest sound checkpoint of the output
+    folder that belongs to the run config.json names (its run_id: a run started afresh or from a
+    PATH in a used folder does not pick up the checkpoints of the one before), skipping damaged
+    files. After a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) of a run this same torchrun
+    started, auto is implied: the workers continue from what they saved before the restart.
+    """
+    torchrun_id = os.environ.get('TORCHELASTIC_RUN_ID')
+    config = _folder_config(cfg['output_dir'])
+    restart = (int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')) > 0
+               and cfg['resume'] != 'auto' and torchrun_id is not None
+               and config is not None and config.get('torchrun_id') == torchrun_id)
+    if cfg['resume'] != 'auto' and not restart:
+        state = read_checkpoint(cfg['resume']) if cfg['resume'] is not None else None
+        if state is not None and not _digest_matches(state) and _rank_from_env() == 0:
+            sys.stderr.write(f"warning: {cfg['resume']} does not match the digest train.py "
+                             'wrote with it (edited since, or damaged bytes)\n')
+        others = [p for p in recovery_files(cfg['output_dir'])
+                  if state is None or not os.path.samefile(p, cfg['resume'])]
+        return Resume(cfg['resume'], state, [], others, False, None, False)
+    damaged, others = [], []
+    for path in _resume_candidates(cfg['output_dir']):
+        try:
+            state = _read_training_state(path)
+        except ValueError as e:
+            damaged.append((path, str(e)))
+            continue
+        if config is not None and state['args'].get('run_id') != config.get('run_id'):
+            others.append(path)
+            continue
+        return Resume(path, state, damaged, others, restart, state['args'].get('run_id'), True)
+    if damaged:
+        raise UserError(f"--resume auto: no sound checkpoint in {cfg['output_dir']}; "
+                        + '; '.join(f'{p} is damaged ({why})' for p, why in damaged))
+    if restart:   # nothing saved since the start: begin again as the first attempt did
+        state = read_checkpoint(cfg['resume']) if cfg['resume'] is not None else None
+        return Resume(cfg['resume'], state, [], others, True, config.get('run_id'), True)
+    return Resume(None, None, [], others, False, None, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The output folder at the start of a run: the log cut back to the checkpoint resumed from,
+# what an interrupted save left behind cleared away
+
+def _log_records(output_dir, epochs_done):
+    """The records of log.jsonl for the first `epochs_done` epochs: those of epochs a resume
+    redoes are dropped, and so are lines an interrupted write of an older version left."""
+    records = []
+    try:
+        with open(os.path.join(output_dir, 'log.jsonl')) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get('epoch', math.inf) <= epochs_done:
+                    records.append(record)
+    except OSError:
+        pass
+    return records
+
+
+def _prepare_output_dir(cfg, resume, records):
+    """Rank 0, before training: the folder, its configuration and log; damaged recovery
+    checkpoints set aside as *.damaged; temporary files of an interrupted save removed."""
+    out = cfg['output_dir']
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(out):
+        if name.endswith('.tmp') and (_RECOVERY_NAME.fullmatch(name[:-4]) or name[:-4] in (
+                'config.json', 'checkpoint.pth', 'best.pth', 'log.jsonl', 'resolutions.json')):
+            _remove_quietly(os.path.join(out, name))
+    for path, _ in resume.damaged:
+        if _RECOVERY_NAME.fullmatch(os.path.basename(path)):
+            os.replace(path, f'{path}.damaged')
+    _save_atomic(cfg, os.path.join(out, 'config.json'))
+    log_path = os.path.join(out, 'log.jsonl')
+    if resume.state is not None:
+        _save_atomic(records, log_path)
+    elif os.path.isfile(log_path):
+        os.remove(log_path)   # a fresh run in a used folder starts a fresh log
+
+
+# ----------------------------------------------------------------------------------------------
+# Stop signals
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (a scheduler's preemption and its time-limit warning) only record
+    their number; the training loop reads it at step boundaries, where all ranks agree, and
+    stops after writing a recovery checkpoint. The handler never raises, so a second signal
+    cannot break into that write. Forked data-loader workers inherit the handler and so ignore
+    the signals (torchrun sends them to each worker's whole process group)."""
+
+    SIGNALS = ('SIGTERM', 'SIGUSR1')
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def _record(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        return False
+
+
+def _max_over_ranks(values, device):
+    """Element-wise maximum of a list of numbers over the ranks: the same decision everywhere
+    (at an epoch end: the signal that any rank received)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _stop_message(signum, epoch, steps_done, steps_per_epoch, cfg, path):
+    """The one line a Stopped run ends with: where it stopped, what was saved, how to go on."""
+    where = (f"after epoch {epoch + 1}/{cfg['epochs']}" if steps_done == steps_per_epoch else
+             f"at epoch {epoch + 1}/{cfg['epochs']}, step {steps_done}/{steps_per_epoch}")
+    saved = (f'saved {path}' if path else
+             'its recovery checkpoint could not be written (see the warning above)')
+    return (f'stopped by {signal.Signals(signum).name} {where}: {saved}; run the same command '
+            f'with --resume auto to continue (exit status {EXIT_STOPPED})')
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving the training state, and the save-error policy
+
+class Checkpointer:
+    """Writes the training state into the output folder (rank 0) and keeps it consistent.
+
+    Every save, inside an epoch or at its end, is a recovery checkpoint (recovery_name). The
+    newest two of this run are kept; the others, including those of an earlier run in the same
+    folder, are removed only after a newer one is on disk. At an epoch end checkpoint.pth, and
+    best.pth when the accuracy improved, become links to it and log.jsonl gets the epoch's
+    record. A failed write leaves the previous files as they were; with --on-save-error stop it
+    raises SaveFailed on every rank, with warn rank 0 prints one line and training goes on.
+    """
+
+    def __init__(self, cfg, device, previous, records):
+        self.cfg, self.device = cfg, device
+        self.previous = previous      # the newest recovery checkpoint of this run, if any
+        self.records = records        # log.jsonl, one record per finished epoch
+
+    def save(self, state, epoch_end=False, improved=False, record=None):
+        """Write `state` (+ its digest); returns its path, or None after a failure in warn mode."""
+        out = self.cfg['output_dir']
+        path = os.path.join(out, recovery_name(state['epoch'] + 1, state['images']))
+        if record is not None:
+            self.records.append(record)
+
+        def write():
+            tmp = _write_temporary(dict(state, digest=state_digest(state)), path)
+            try:
+                if epoch_end:
+                    # The epoch's other files first, its recovery checkpoint last: a kill in
+                    # between resumes from the one before and redoes the epoch identically
+                    # (log records of epochs not in the checkpoint are dropped at resume).
+                    if improved:
+                        _publish(tmp, os.path.join(out, 'best.pth'))
+                    _save_atomic(self.records, os.path.join(out, 'log.jsonl'))
+                    _publish(tmp, os.path.join(out, 'checkpoint.pth'))
+                _commit(tmp, path)
+            except BaseException:
+                _remove_quietly(tmp)
+                raise
+            keep = {path, self.previous}
+            for old in recovery_files(out):
+                if old not in keep:
+                    _remove_quietly(old)
+        error = _on_rank0(write, self.device)
+        if error is None:
+            self.previous = path
+            return path
+        self.failed(error)
+        return None
+
+    def failed(self, error):
+        """A write failed (every rank calls this): SaveFailed, or a warning with 'warn'."""
+        if self.cfg['on_save_error'] == 'stop':
+            raise SaveFailed(f'{error}; the files written before are kept (--on-save-error '
+                             'warn reports such a failure and trains on)')
+        if is_main_process():
+            sys.stderr.write(f'warning: {error}; training goes on (--on-save-error warn)\n')
