@@ -651,7 +651,7 @@ def _amp_dtype(amp, device):
     return train._amp_dtype(amp)
 
 
-# Every int / float flag (test_rope.py checks that none is missing).
+# Every int / float flag (test_train.py checks that none is missing).
 EVAL_LIMITS = {
     'resolutions': train.POSITIVE, 'crop_ratio': train.Limit(0, 1, low_open=True),
     'batch_size': train.POSITIVE, 'num_workers': train.NON_NEGATIVE,
