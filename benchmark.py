@@ -1,6 +1,6 @@
 """Speed and memory of the position embeddings: ours (every --pe) and timm's peers, side by side.
 
-CPU, as the README's Performance table (2 threads, ViT-S/16 and Swin-T, batch 4):
+CPU, as docs/performance.md's table (2 threads, ViT-S/16 and Swin-T, batch 4):
     python benchmark.py --threads 2 --batch-size 4 --resolutions 224 384 --reps 9 --peers --wait-quiet 120
 Quick look at one variant pair:
     python benchmark.py --family vit --vit-pe ape rope_mixed --resolutions 224 --reps 3
