@@ -8,25 +8,35 @@
     _prepare_output_dir          the output folder at start: damaged checkpoints set aside,
                                  half-written files removed, the log cut back to the resume
     StopSignals                  SIGTERM / SIGUSR1: every rank stops after the same step
+    hold_output_dir              one run per output folder: an exclusive lock for the run's life
+    watch_launcher               a torchrun worker whose torchrun has died stops as on SIGTERM
     Checkpointer                 rank 0 saves and rotates the recovery checkpoints; the
                                  save-error policy (--on-save-error stop | warn)
 
-Exit statuses: 0 done, 1 diverged (or a crash), 2 bad input, 74 a checkpoint or log could not
-be written, 75 stopped by a signal with the state saved (the same command with --resume auto
-continues).
+Exit statuses: 0 done, 1 diverged (or a crash), 2 bad input or an output folder another run
+holds, 74 a checkpoint or log could not be written, 75 stopped by a signal (or because torchrun
+has gone) with the state saved (the same command with --resume auto continues).
 
 Imports torch, the standard library and rope_vit (whose reader opens checkpoint files).
 """
+import errno
 import json
 import math
 import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import threading
+import time
 import zlib
 from typing import NamedTuple
+
+try:
+    import fcntl
+except ImportError:   # Windows: no POSIX locks, output folders are not locked (see hold_output_dir)
+    fcntl = None
 
 import torch
 import torch.distributed as dist
@@ -78,6 +88,7 @@ def cli(main_fn, parser, argv=None):
     parser.error = one_line_error   # argparse would print the whole usage block first
     args = parser.parse_args(argv)
     status = 0
+    watch = watch_launcher()
     try:
         main_fn(args)
     except tuple(_EXIT_STATUS) as e:
@@ -85,8 +96,11 @@ def cli(main_fn, parser, argv=None):
         if _rank_from_env() == 0:   # every rank sees the same input; one line is enough
             sys.stderr.write(f'{"" if isinstance(e, Stopped) else "error: "}{e}\n')
     finally:
+        if watch is not None:
+            watch.set()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        release_output_dirs()   # the process ends here; a caller in the same process may go on
     if status:
         sys.exit(status)
 
@@ -333,6 +347,23 @@ class Resume(NamedTuple):
 _TRAINING_KEYS = ('model', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'args')
 
 
+def _restart_implies_auto(cfg, config):
+    """A torchrun restart of the run this same torchrun started in the folder (whose
+    config.json is `config`), without --resume auto on its command line."""
+    torchrun_id = os.environ.get('TORCHELASTIC_RUN_ID')
+    return (int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')) > 0
+            and cfg['resume'] != 'auto' and torchrun_id is not None
+            and config is not None and config.get('torchrun_id') == torchrun_id)
+
+
+def resumes_from_output_dir(cfg):
+    """True when find_resume's answer comes from the output folder's checkpoints (--resume auto,
+    or implied by a torchrun restart): a run reads them only once it holds the folder, so that
+    no other run writes them meanwhile. Otherwise find_resume reads only --resume PATH (and the
+    folder's listing for a note), which a run checks before it writes anything."""
+    return cfg['resume'] == 'auto' or _restart_implies_auto(cfg, _folder_config(cfg['output_dir']))
+
+
 def find_resume(cfg):
     """The checkpoint this run continues from: a Resume, whose path is None for a fresh start.
 
@@ -342,11 +373,8 @@ def find_resume(cfg):
     files. After a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) of a run this same torchrun
     started, auto is implied: the workers continue from what they saved before the restart.
     """
-    torchrun_id = os.environ.get('TORCHELASTIC_RUN_ID')
     config = _folder_config(cfg['output_dir'])
-    restart = (int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')) > 0
-               and cfg['resume'] != 'auto' and torchrun_id is not None
-               and config is not None and config.get('torchrun_id') == torchrun_id)
+    restart = _restart_implies_auto(cfg, config)
     if cfg['resume'] != 'auto' and not restart:
         state = read_checkpoint(cfg['resume']) if cfg['resume'] is not None else None
         if state is not None and not _digest_matches(state) and _rank_from_env() == 0:
@@ -451,6 +479,205 @@ class StopSignals:
         return False
 
 
+# ----------------------------------------------------------------------------------------------
+# One run per output folder
+
+LOCK_NAME = 'run.lock'
+# The lock file's real path -> the one descriptor this process holds its lock by. A POSIX lock
+# belongs to the process and is dropped when the process closes any descriptor of the file, so
+# the file is opened once and never again while held; forked children (loader workers) do not
+# inherit the lock, and the kernel drops it when the process ends, however it ends.
+_held_locks = {}
+_LOCK_HELD = (errno.EAGAIN, errno.EACCES)   # lockf's answers for "another process holds it"
+
+
+def _holder(fd):
+    """What the holder of a lock file wrote into it ({'host', 'pid', 'started'}), or None. The
+    holder writes right after taking the lock: an empty or half-written content is read again."""
+    for _ in range(10):
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0))
+        except (OSError, ValueError):
+            holder = None
+        if isinstance(holder, dict):
+            return holder
+        time.sleep(0.05)
+    return None
+
+
+def _describe(holder):
+    if holder is None:
+        return 'holder unknown'
+    return f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}"
+
+
+def _try_lock(path):
+    """(descriptor, None) holding the exclusive lock on `path`, or (None, holder) when another
+    process holds it. OSError naming `path` when the file cannot be opened; OSError with
+    filename None when the file system offers no locks (ENOLCK, ENOSYS, EOPNOTSUPP, ...)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)   # not inherited by exec'd children
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = _holder(fd) if e.errno in _LOCK_HELD else None
+        os.close(fd)   # this process holds no lock on the file: closing drops nothing
+        if e.errno in _LOCK_HELD:
+            return None, holder
+        raise OSError(e.errno, e.strerror) from None
+    return fd, None
+
+
+def _take_output_dir(output_dir, wait=0.0):
+    """Rank 0: lock `output_dir` for the rest of this process's life (the folder is created if
+    need be; the lock file's content names this process). Returns None when taken (or when the
+    file system has no locks: a warning), else the one-line reason it is not, after waiting up to
+    `wait` seconds for the holder to end. OSError when the folder or lock file cannot be written."""
+    path = os.path.join(output_dir, LOCK_NAME)
+    if os.path.realpath(path) in _held_locks:   # main() again in the same process
+        return None
+    if fcntl is None:
+        sys.stderr.write(f'warning: {output_dir} is not locked: locks need POSIX fcntl, which '
+                         'this system lacks; make sure that no other run uses the folder\n')
+        return None
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, output_dir) from None
+    deadline = time.monotonic() + wait
+    waiting = False
+    while True:
+        try:
+            fd, holder = _try_lock(path)
+        except OSError as e:
+            if e.filename is not None:
+                raise
+            sys.stderr.write(f'warning: cannot lock {path} ({e.strerror}): this file system '
+                             'offers no locks, so nothing keeps a second run out of the folder '
+                             '(docs/long-runs.md: one run per output folder)\n')
+            return None
+        if fd is not None:
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return (f'output folder {output_dir} is in use by another run ({_describe(holder)}); '
+                    'wait for it to end or stop it'
+                    + (f' (waited {wait:g} s)' if wait else
+                       ', or give --wait-for-output-dir SECONDS to wait for it'))
+        if not waiting:
+            waiting = True
+            print(f'waiting up to {wait:g} s for output folder {output_dir}, in use by another '
+                  f'run ({_describe(holder)})', flush=True)
+        time.sleep(min(1.0, left))
+    holder = {'host': socket.gethostname(), 'pid': os.getpid(),
+              'started': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + '\n').encode(), 0)
+        os.fsync(fd)   # a client of a network file system shows other nodes synced data only
+    except OSError as e:
+        os.close(fd)
+        raise OSError(e.errno, e.strerror, path) from None
+    _held_locks[os.path.realpath(path)] = fd
+    return None
+
+
+def hold_output_dir(output_dir, device, wait=0.0):
+    """Every rank, before anything is written: rank 0 locks the output folder for its life and
+    tells the others whether it could. A folder another run holds is UserError on every rank
+    (exit status 2, nothing written); one that cannot be written is SaveFailed.
+
+    The lock is a POSIX record lock (fcntl) on output_dir/run.lock, taken by global rank 0: one
+    process per job, wherever the other ranks run, so it keeps out a second job on any node that
+    sees the folder on a file system whose locks reach every node (NFS with its lock service,
+    Lustre mounted with -o flock, GPFS, CephFS). The kernel drops it when that process ends,
+    however it ends: a torchrun restart or a requeue after a crash takes it again."""
+    code, message, crash = 0, None, None
+    if is_main_process():
+        try:
+            message = _take_output_dir(output_dir, wait)
+            code = 1 if message else 0
+        except OSError as e:
+            code = 2
+            message = f'cannot write {e.filename}: {e.strerror}' if e.filename else str(e)
+        except BaseException as e:
+            code, crash = 3, e
+    decided = torch.tensor([float(code)], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(decided, src=0)
+    if crash is not None:
+        raise crash
+    code = int(decided.item())
+    if code == 1:
+        raise UserError(message or f'output folder {output_dir} is in use by another run')
+    if code:
+        raise SaveFailed(message or 'rank 0 could not write to the output folder')
+
+
+def lock_holder(output_dir):
+    """Who holds output_dir's lock ({'host', 'pid', 'started'}; {} when it did not say), or None
+    when no process does. A free lock is taken for an instant to find out."""
+    path = os.path.join(output_dir, LOCK_NAME)
+    fd = _held_locks.get(os.path.realpath(path))
+    if fd is not None:
+        return _holder(fd) or {}
+    if not os.path.exists(path):
+        return None
+    fd, holder = _try_lock(path)
+    if fd is not None:
+        os.close(fd)
+        return None
+    return holder or {}
+
+
+def release_output_dirs():
+    """Drop this process's output folder locks (the end of a run in a process that goes on)."""
+    while _held_locks:
+        os.close(_held_locks.popitem()[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers that do not outlive their launcher
+
+# The process that started this one, read when train.py imports this module: a watch started
+# later compares against it, so a launcher that dies in between is noticed all the same.
+_LAUNCHER_PID = os.getppid()
+_watch_started = threading.Event()   # set once a watch runs in this process
+
+
+def watch_launcher(interval=0.5):
+    """In a torchrun worker: a daemon thread that sends this process SIGTERM once its torchrun
+    is gone, so that it stops as on a preemption (all ranks agree, rank 0 writes a recovery
+    checkpoint, exit status 75) instead of training on unsupervised. torchrun starts each worker
+    in a session of its own, so a SIGKILL of torchrun alone (the out-of-memory killer, kill -9)
+    reaches no worker, and its workers would train on into the folder.
+
+    A dead parent shows as a new parent process id (its orphans are adopted by init or a
+    subreaper), which Linux, macOS and the BSDs all report; polled every `interval` seconds.
+    PR_SET_PDEATHSIG is not used: it fires when the thread that started the worker exits, not
+    only the process. Returns the Event that ends the watch, or None where nothing is watched:
+    a process that torchrun did not start, and Windows (whose parent ids never change)."""
+    if 'TORCHELASTIC_RUN_ID' not in os.environ or os.name != 'posix':
+        return None
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(interval):
+            if os.getppid() != _LAUNCHER_PID:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+    _watch_started.set()
+    threading.Thread(target=watch, name='watch_launcher', daemon=True).start()
+    return done
+
+
+def _launcher_gone():
+    """True in a watched torchrun worker whose torchrun has died (the stop line says so)."""
+    return _watch_started.is_set() and os.getppid() != _LAUNCHER_PID
+
+
 def _max_over_ranks(values, device):
     """Element-wise maximum of a list of numbers over the ranks: the same decision everywhere
     (at an epoch end: the signal that any rank received)."""
@@ -466,8 +693,11 @@ def _stop_message(signum, epoch, steps_done, steps_per_epoch, cfg, path):
              f"at epoch {epoch + 1}/{cfg['epochs']}, step {steps_done}/{steps_per_epoch}")
     saved = (f'saved {path}' if path else
              'its recovery checkpoint could not be written (see the warning above)')
-    return (f'stopped by {signal.Signals(signum).name} {where}: {saved}; run the same command '
-            f'with --resume auto to continue (exit status {EXIT_STOPPED})')
+    # Rank 0's own torchrun gone: its watch sent the SIGTERM (or another rank's on this node).
+    by = (f'because torchrun (pid {_LAUNCHER_PID}) has gone,' if _launcher_gone() else
+          f'by {signal.Signals(signum).name}')
+    return (f'stopped {by} {where}: {saved}; run the same command with --resume auto to '
+            f'continue (exit status {EXIT_STOPPED})')
 
 
 # ----------------------------------------------------------------------------------------------

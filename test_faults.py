@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -89,6 +90,14 @@ def _train_after_saves(logs, procs, count):
         time.sleep(0.005)
 
 
+def _train_wait_output(log, text, proc):
+    """Wait until the run writing `log` has printed `text`."""
+    deadline = time.time() + _TRAIN_TIMEOUT
+    while text not in log.read_text():
+        assert time.time() < deadline and proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.005)
+
+
 def _train_random_moment():
     """After 1-7 saves, then up to 0.1 s (inside a step, a save or an evaluation)."""
     return random.randint(1, 7), random.uniform(0.0, 0.1)
@@ -154,9 +163,15 @@ def test_train_sigkill_at_a_random_moment_then_resume_auto_is_bit_identical(
                            tmp_path, log=log)
         _train_after_saves([log], [proc], saves)
         time.sleep(delay)
+        workers = _train_children(proc.pid)
+        holder = recovery.lock_holder(str(cut))
         _train_kill_tree(proc.pid)   # the whole job, workers included, as a node crash
         proc.wait()
+        _train_wait_gone(workers)
     assert proc.returncode != 0, f'the run finished before the kill {moment}'
+    # The kernel dropped the dead job's lock on its folder; the file still names the holder.
+    assert holder['pid'] in workers and recovery.lock_holder(str(cut)) is None
+    assert json.loads((cut / recovery.LOCK_NAME).read_text()) == holder
     resumed = subprocess.run(
         _train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut), '--resume', 'auto']),
         cwd=tmp_path, env=_train_env(), capture_output=True, text=True, timeout=_TRAIN_TIMEOUT)
@@ -164,6 +179,8 @@ def test_train_sigkill_at_a_random_moment_then_resume_auto_is_bit_identical(
     assert f'resumed from {cut}{os.sep}recovery_e' in resumed.stdout, moment
     _train_assert_same_run(full, cut)
     assert not list(cut.glob('*.tmp'))
+    # The next run took the folder again.
+    assert json.loads((cut / recovery.LOCK_NAME).read_text())['pid'] != holder['pid']
 
 
 def _train_free_port():
@@ -245,12 +262,141 @@ def test_train_lost_worker_torchrun_restart_resumes_by_itself_bit_identical(
         saves, delay = _train_random_moment()
         _train_after_saves([log], [proc], saves)
         time.sleep(delay)
+        first = recovery.lock_holder(str(cut))
+        assert first['pid'] in _train_children(proc.pid)
         os.kill(_train_children(proc.pid)[-1], signal.SIGKILL)
+        # The restarted workers hold the folder again (paused while the lock is looked at).
+        _train_wait_output(log, 'after a torchrun restart', proc)
+        _train_kill_tree(proc.pid, signal.SIGSTOP)
+        try:
+            again, workers = recovery.lock_holder(str(cut)), _train_children(proc.pid)
+        finally:
+            _train_kill_tree(proc.pid, signal.SIGCONT)
+        assert again['pid'] in workers and again['pid'] != first['pid'], (first, again, workers)
         assert proc.wait(timeout=_TRAIN_TIMEOUT) == 0, (tmp_path / 'run.log').read_text()[-3000:]
     output = (tmp_path / 'run.log').read_text()
     assert re.search(r'resumed from \S+recovery_e\d+_i\d+\.pth after a torchrun restart',
                      output), output[-3000:]
     _train_assert_same_run(full, cut)
+
+
+def test_train_torchrun_killed_alone_its_workers_stop_by_themselves_and_resume_bit_identical(
+        _train_reference_run, tmp_path):
+    full, _ = _train_reference_run
+    cut = tmp_path / 'cut'
+    command = _train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut), '--resume', 'auto'])
+    saves, delay = moment = _train_random_moment()
+    with _TrainProcesses() as procs:
+        log = tmp_path / 'orphaned.log'
+        proc = procs.start(command, tmp_path, log=log)
+        _train_after_saves([log], [proc], saves)
+        time.sleep(delay)
+        workers = _train_children(proc.pid)
+        killed = time.time()
+        os.kill(proc.pid, signal.SIGKILL)   # torchrun alone, as the out-of-memory killer does
+        proc.wait()
+        try:
+            _train_wait_gone(workers, timeout=10)
+        finally:
+            for worker in workers:   # what a failed test would leave running
+                _train_kill_tree(worker)
+        orphaned_seconds = time.time() - killed
+    output = log.read_text()
+    # As on SIGTERM: every rank stopped at one step, rank 0 saved and said why, once.
+    stops = re.findall(rf'stopped because torchrun \(pid {proc.pid}\) has gone, (?:at epoch '
+                       r'\d/4, step \d+/12|after epoch \d/4): saved (\S+); run the same command '
+                       r'with --resume auto to continue \(exit status 75\)', output)
+    assert len(stops) == 1 and recovery.recovery_files(str(cut))[0] == stops[0], output[-3000:]
+    saved = stops[0]
+    assert orphaned_seconds < 10   # measured: 1-2 s (a poll every 0.5 s, a step, a save)
+    resumed = subprocess.run(command, cwd=tmp_path, env=_train_env(), capture_output=True,
+                             text=True, timeout=_TRAIN_TIMEOUT)
+    assert resumed.returncode == 0, (moment, resumed.stderr[-3000:])
+    assert f'resumed from {saved} (--resume auto)' in resumed.stdout, moment
+    _train_assert_same_run(full, cut)
+
+
+def test_train_second_job_on_a_running_jobs_folder_is_refused_and_the_first_ends_bit_identical(
+        _train_reference_run, tmp_path):
+    full, _ = _train_reference_run
+    out = tmp_path / 'out'
+    command = _train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(out), '--resume', 'auto'])
+    with _TrainProcesses() as procs:
+        log = tmp_path / 'first.log'
+        first = procs.start(command, tmp_path, log=log)
+        saves, delay = _train_random_moment()
+        _train_after_saves([log], [first], saves)
+        time.sleep(delay)
+        # The first job paused while the second runs, so that it is still there, and the
+        # folder does not change but for what the second job writes.
+        _train_kill_tree(first.pid, signal.SIGSTOP)
+        try:
+            holder = recovery.lock_holder(str(out))
+            before = {p.name: p.read_bytes() for p in out.iterdir()}
+            second = subprocess.run(command, cwd=tmp_path, env=_train_env(),
+                                    capture_output=True, text=True, timeout=_TRAIN_TIMEOUT)
+            after = {p.name: p.read_bytes() for p in out.iterdir()}
+            workers = _train_children(first.pid)
+        finally:
+            _train_kill_tree(first.pid, signal.SIGCONT)
+        assert first.wait(timeout=_TRAIN_TIMEOUT) == 0, log.read_text()[-3000:]
+    assert holder['pid'] in workers and holder['host'] == socket.gethostname()
+    output = second.stdout + second.stderr
+    ours = [line for line in output.splitlines() if line.startswith('error: ')]
+    assert ours == [f'error: output folder {out} is in use by another run (host '
+                    f"{holder['host']}, pid {holder['pid']}, started {holder['started']}); wait "
+                    'for it to end or stop it, or give --wait-for-output-dir SECONDS to wait for '
+                    'it'], output[-3000:]
+    assert re.fullmatch(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC', holder['started'])
+    assert 'exitcode  : 2' in output and 'train.py", line' not in output, output[-3000:]
+    assert 'resumed from' not in output and after == before   # nothing read, nothing written
+    _train_assert_same_run(full, out)
+
+
+def test_train_output_folder_in_use_is_refused_with_one_line_or_waited_for(
+        tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'out'
+    # Another process holds the folder until its stdin closes.
+    holder = subprocess.Popen(
+        [sys.executable, '-c', 'import recovery, sys; recovery._take_output_dir(sys.argv[1]); '
+         'print("held", flush=True); sys.stdin.read()', str(out)],
+        env=_train_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'held\n'
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--resume', 'auto']) == 2
+        err = capsys.readouterr().err
+        started = json.loads((out / recovery.LOCK_NAME).read_text())['started']
+        assert err == (f'error: output folder {out} is in use by another run (host '
+                       f'{socket.gethostname()}, pid {holder.pid}, started {started}); wait for '
+                       'it to end or stop it, or give --wait-for-output-dir SECONDS to wait for '
+                       'it\n'), err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        # --wait-for-output-dir: the run starts once the holder has ended.
+        threading.Timer(1.0, holder.stdin.close).start()
+        assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--epochs', '1',
+                                          '--wait-for-output-dir', '60']) == 0
+        assert f'waiting up to 60 s for output folder {out}, in use by another run (host ' \
+            f'{socket.gethostname()}, pid {holder.pid}, started {started})' \
+            in capsys.readouterr().out
+        assert holder.wait(timeout=10) == 0
+    finally:
+        holder.kill()
+    assert json.loads((out / recovery.LOCK_NAME).read_text())['pid'] == os.getpid()
+    assert recovery.lock_holder(str(out)) is None   # released when the run ended
+
+    # A file system without locks: a warning, and the run goes on unprotected.
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(recovery.fcntl, 'lockf', no_locks)
+    assert recovery._take_output_dir(str(tmp_path / 'nfs')) is None
+    assert capsys.readouterr().err == (
+        f"warning: cannot lock {tmp_path / 'nfs' / recovery.LOCK_NAME} (No locks available): "
+        'this file system offers no locks, so nothing keeps a second run out of the folder '
+        '(docs/long-runs.md: one run per output folder)\n')
+    # Only a torchrun worker watches its launcher; a plain process has none.
+    monkeypatch.delenv('TORCHELASTIC_RUN_ID', raising=False)
+    assert recovery.watch_launcher() is None
 
 
 def _train_two_nodes(procs, port, out, cwd, tag, extra=()):
@@ -460,7 +606,7 @@ def test_train_failed_checkpoint_write_stops_with_one_line_and_keeps_previous_fi
     assert done.stderr == (f'error: cannot write {fresh / "recovery_e0000_i000000008.pth"}: File '
                            'too large; the files written before are kept (--on-save-error warn '
                            'reports such a failure and trains on)\n'), done.stderr
-    assert sorted(p.name for p in fresh.iterdir()) == ['config.json']
+    assert sorted(p.name for p in fresh.iterdir()) == ['config.json', recovery.LOCK_NAME]
 
 
 def test_train_save_error_warn_trains_on_and_removes_nothing_until_a_save_succeeds(
@@ -524,12 +670,15 @@ def test_train_resume_auto_falls_back_past_damaged_checkpoints_naming_both(
     shutil.copytree(_train_small_reference, out)
     for path in list(out.glob('recovery_*.pth')) + [out / 'checkpoint.pth']:
         path.write_bytes(path.read_bytes()[:100])
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # (The lock file aside: --resume auto reads the folder once it holds it, and the lock file
+    # names the holder.)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != recovery.LOCK_NAME}
     status = _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--resume', 'auto'])
     err = capsys.readouterr().err
     assert status == 2 and err.startswith('error: --resume auto: no sound checkpoint in ') \
         and err.count('\n') == 1 and newest in err and 'checkpoint.pth' in err, err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != recovery.LOCK_NAME} \
+        == before
 
 
 def test_train_resume_auto_continues_only_its_own_run_and_a_torchrun_restart_implies_it(

@@ -73,8 +73,9 @@ from data import (EpochSampler, RepeatedAugSampler, SeededSamples, _derived_seed
                   build_eval_loader, build_train_dataset)
 from recovery import (Checkpointer, SaveFailed, StopSignals, Stopped, TrainingDiverged, UserError,
                       _log_records, _max_over_ranks, _on_rank0, _prepare_output_dir, _save_atomic,
-                      _stop_message, cli, find_resume, is_main_process, read_checkpoint,
-                      recovery_files, unwrap_state_dict)
+                      _stop_message, cli, find_resume, hold_output_dir, is_main_process,
+                      read_checkpoint, recovery_files, resumes_from_output_dir,
+                      unwrap_state_dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,20 +439,33 @@ def main(args):
         cfg['eval_batch_size'] = 2 * cfg['batch_size']
     if cfg['amp'] is None:
         cfg['amp'] = 'bf16' if torch.cuda.is_available() else 'none'
-    resume = find_resume(cfg)
-    state = resume.state
-    if state is not None:
-        stored = state.get('args', {})
+
+    def choose_resume():
+        """The checkpoint this run continues from, checked against it; or the fine-tuning
+        weights loaded: (Resume, the head keys dropped by fine-tuning or None)."""
+        resume = find_resume(cfg)
+        if resume.state is None:
+            return resume, _load_finetune(model, cfg) if cfg['finetune'] else None
+        stored = resume.state.get('args', {})
         for key in ('model', 'model_kwargs', 'dataset'):
             if stored.get(key) != cfg[key]:
                 raise UserError(f'--resume {resume.path}: its {key} {stored.get(key)!r} differs '
                                 f'from this run\'s {cfg[key]!r}')
-    elif cfg['finetune']:
-        dropped = _load_finetune(model, cfg)
+        return resume, None
+    # --resume PATH is read now, so that a wrong one writes nothing; the checkpoints that
+    # --resume auto (or a torchrun restart) takes from the output folder are read once this run
+    # holds the folder, when no other run can be writing them.
+    from_folder = resumes_from_output_dir(cfg)
+    if not from_folder:
+        resume, dropped = choose_resume()
 
-    # 2. Processes, output folder, configuration.
+    # 2. Processes, output folder (this run's alone from here on), configuration.
     info = init_distributed()
     device = info.device
+    hold_output_dir(cfg['output_dir'], device, cfg['wait_for_output_dir'])
+    if from_folder:
+        resume, dropped = choose_resume()
+    state = resume.state
     amp_dtype = _amp_dtype(cfg['amp'])
     position = (state['epoch'], state.get('images', 0)) if state is not None else None
     chosen = _gather((resume.path, position))
@@ -779,6 +793,10 @@ def get_args_parser():
     p.add_argument('--save-every-steps', type=int, default=None,
                    help='a recovery checkpoint every N training steps, 0 = at epoch ends only '
                         '(default: the recipe\'s; 500 for deit3 and swin, 0 for demo)')
+    p.add_argument('--wait-for-output-dir', type=float, default=0.0, metavar='SECONDS',
+                   help='another run holds --output-dir: wait up to SECONDS for it to end (a '
+                        'requeued job whose predecessor is still saving), then take it; 0 = stop '
+                        'at once with exit status 2')
     p.add_argument('--on-save-error', default='stop', choices=('stop', 'warn'),
                    help='a checkpoint or log that cannot be written (disk full, read-only '
                         'folder): stop (exit status 74) or warn and train on')
@@ -853,6 +871,8 @@ TRAIN_LIMITS = {
     'builtin_val': POSITIVE, 'builtin_seed': SEED, 'seed': SEED, 'num_workers': NON_NEGATIVE,
     'glyph_window_min_area': Limit(0, 1, low_open=True), 'train_resolutions': POSITIVE,
     'print_freq': POSITIVE, 'save_every_steps': NON_NEGATIVE,
+    # Below torch's 30-minute collective timeout, which the other ranks wait in meanwhile.
+    'wait_for_output_dir': Limit(0, 1200),
 }
 
 
