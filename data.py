@@ -32,18 +32,34 @@ class SkippingImageFolder(torchvision.datasets.ImageFolder):
     every rank intact; train_one_epoch and evaluate drop targets < 0 and report how many.
     """
 
-    def __init__(self, root, transform, out_size):
+    def __init__(self, root, transform, out_size, transforms_by_size=None):
         super().__init__(root, transform=transform)
         self.out_size = out_size
+        # {r: the same pipeline producing r x r} for --train-resolutions; a plain dict, so the
+        # dataset pickles into spawned loader workers as it is
+        self.transforms_by_size = dict(transforms_by_size or {})
 
     def __getitem__(self, index):
+        return self._load(index, self.transform, self.out_size)
+
+    def at_resolution(self, index, resolution):
+        """Image `index` through the pipeline made for `resolution` (one of --train-resolutions).
+
+        The sampler hands each sample its step's resolution with its index (EpochSampler), so a
+        loader worker needs no state of its own to know the size of the batch it fills."""
+        if resolution not in self.transforms_by_size:
+            raise KeyError(f'no training transform at {resolution} px (this dataset has '
+                           f'{sorted(self.transforms_by_size) or "none"})')
+        return self._load(index, self.transforms_by_size[resolution], resolution)
+
+    def _load(self, index, transform, out_size):
         path, target = self.samples[index]
         try:
             image = self.loader(path)
         except (OSError, ValueError, SyntaxError) as e:   # PIL's errors for corrupt/truncated files
             sys.stderr.write(f'warning: skipping undecodable image {path}: {e}\n')
-            return torch.zeros(3, self.out_size, self.out_size), -1
-        return self.transform(image), target
+            return torch.zeros(3, out_size, out_size), -1
+        return transform(image), target
 
 
 def _eval_transform(resolution, crop_ratio):
@@ -62,8 +78,10 @@ def _eval_transform(resolution, crop_ratio):
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def _train_transform(cfg):
-    size = cfg['img_size']
+def _train_transform(cfg, size=None):
+    """The recipe's training pipeline (cfg['aug']) producing size x size (default --img-size):
+    at every size the same random crop, flip and colour steps, only the crop's output differs."""
+    size = cfg['img_size'] if size is None else size
     steps = [v2.PILToTensor()]
     if cfg['aug'] == 'three':
         # DeiT-III 3-Augment: random resized crop + flip, then one of grey / solarise / blur,
@@ -92,13 +110,13 @@ def _train_transform(cfg):
     return v2.Compose(steps)
 
 
-def _image_folder(cfg, split, transform, out_size):
+def _image_folder(cfg, split, transform, out_size, transforms_by_size=None):
     root = os.path.join(cfg['data_path'], split)
     if not os.path.isdir(root):
         raise UserError(f"{cfg['data_path']} has no {split}/ folder (expected "
                         f"{split}/<class>/<images>)")
     try:
-        return SkippingImageFolder(root, transform, out_size)
+        return SkippingImageFolder(root, transform, out_size, transforms_by_size)
     except (FileNotFoundError, OSError) as e:
         raise UserError(f'no images in {root}: {e}') from None
 
@@ -112,7 +130,9 @@ def build_train_dataset(cfg):
                                                 **options)
     if not os.path.isdir(cfg['data_path']):
         raise UserError(f"data folder {cfg['data_path']} does not exist")
-    return _image_folder(cfg, 'train', _train_transform(cfg), cfg['img_size'])
+    # --train-resolutions: one pipeline per size, each sample drawn through its step's
+    by_size = {int(r): _train_transform(cfg, int(r)) for r in cfg.get('train_resolutions') or ()}
+    return _image_folder(cfg, 'train', _train_transform(cfg), cfg['img_size'], by_size)
 
 
 def build_eval_dataset(cfg, resolution, data_path=None, crop_ratio=None):
@@ -229,7 +249,9 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        index, seed, *resolution = key   # (index, seed) or (index, seed, resolution): built-in data
+        # (index, seed), or (index, seed, resolution) under --train-resolutions (built-in data
+        # and folders alike)
+        index, seed, *resolution = key
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             return self.dataset.at_resolution(index, *resolution) if resolution else self.dataset[index]

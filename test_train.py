@@ -1,11 +1,15 @@
 """train.py in one process: folder and built-in data, recipes, LAMB, samplers, several training
-resolutions, pooling, bad input and range checks, the closing table.
+resolutions, pooling, bad input and range checks, the closing table; and one 2-process run
+(slow) of several resolutions on folders, killed and resumed.
 """
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -18,8 +22,9 @@ import eval_multires
 import recovery
 import train
 
-from testkit import (_TRAIN_SCRIPT, _TRAIN_TINY, _eval_train_res, _train_cli, _train_env,
-    _train_state, _train_write_folder)
+from testkit import (_TRAIN_SCRIPT, _TRAIN_TIMEOUT, _TRAIN_TINY, _eval_train_res, _train_cli,
+    _train_env, _train_recorded_step_sizes, _train_recording_step_sizes, _train_state,
+    _train_write_folder)
 
 
 def test_train_image_folder_deit3_recipe_skips_corrupt_images(tmp_path, capsys):
@@ -157,11 +162,10 @@ def test_train_several_resolutions_render_each_step_at_its_drawn_size(tmp_path, 
                                      '--output-dir', str(run)]) == 0
     assert _train_state(run / 'checkpoint.pth')['args']['train_resolutions'] == [12, 16, 20]
     capsys.readouterr()
-    for bad, message in ((['--train-resolutions', '16', '14'], 'train-resolutions'),
-                         (['--data-path', str(tmp_path), '--train-resolutions', '16'], 'built-in data only')):
-        assert _train_cli(_TRAIN_TINY + bad + ['--output-dir', str(tmp_path / 'bad')]) == 2
-        assert message in capsys.readouterr().err
-    assert not (tmp_path / 'bad').exists()
+    assert _train_cli(_TRAIN_TINY + ['--train-resolutions', '16', '14',
+                                     '--output-dir', str(tmp_path / 'bad')]) == 2
+    assert '--train-resolutions 14' in capsys.readouterr().err
+    assert not (tmp_path / 'bad').exists()   # folder data: test_train_folder_several_resolutions_*
 
 
 def test_train_data_flag_and_builtin_checkpoints_evaluate_without_flags(tmp_path, capsys):
@@ -378,3 +382,211 @@ def test_train_closing_table_shows_rope_extrapolated_and_interpolated(_eval_tiny
     # At the training grid both policies are the same model.
     at_train = [[r['top1'] for r in rows if r['resolution'] == _eval_train_res] for rows in by_policy.values()]
     assert at_train[0] == at_train[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Several training resolutions on folder data (--train-resolutions with --data-path)
+
+_FOLDER_SIZES = ((20, 28), (30, 18), (24, 24), (36, 26))   # H x W: wide, tall, square, wide
+
+
+def _train_write_sized_folder(root, corrupt=False):
+    """DIR/{train,val}/{left,right}/*.png, 12 + 3 images a class in the four _FOLDER_SIZES: a
+    bright block in the left or the right half (a corrupt training image if `corrupt`)."""
+    rng = np.random.default_rng(0)
+    for split, count in (('train', 12), ('val', 3)):
+        for label, name in enumerate(('left', 'right')):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                h, w = _FOLDER_SIZES[i % len(_FOLDER_SIZES)]
+                pixels = rng.uniform(0, 60, size=(h, w, 3)).astype(np.uint8)
+                x0 = w // 8 + label * (w // 2)
+                pixels[h // 4:h // 4 + h // 2, x0:x0 + w // 3] = 230
+                Image.fromarray(pixels).save(folder / f'{i}.png')
+    if corrupt:
+        (root / 'train' / 'left' / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n not an image')
+
+
+# The tiny ViT on folders (DeiT-III recipe: 3-Augment, mixup / cutmix, repeated augmentation x3).
+_TRAIN_FOLDER_MULTIRES = _TRAIN_TINY + ['--model', 'vit_tiny', '--pe', 'rope_mixed_ape',
+                                        '--train-resolutions', '12', '16', '20', '--batch-size', '4']
+
+
+@pytest.mark.parametrize('recipe', ['deit3', 'swin', 'demo'])   # 3-Augment, RandAugment, none
+def test_train_folder_several_resolutions_crop_each_step_at_its_size_any_workers(tmp_path, recipe):
+    root = tmp_path / 'data'
+    _train_write_sized_folder(root, corrupt=True)
+    cfg = train.resolve_config(train.get_args_parser().parse_args([
+        '--data-path', str(root), '--recipe', recipe, '--img-size', '16', '--seed', '1',
+        '--train-resolutions', '12', '16', '20']), 2)
+    plain = data.build_train_dataset(dict(cfg, train_resolutions=None))   # as without the flag
+    train_set = data.build_train_dataset(cfg)
+    batch, epoch, start = 3, 1, 1   # 25 images: 12 a rank, 4 steps; resumed at step 1
+    sizes = [train.train_step_resolution(cfg, epoch, step) for step in range(start, 4)]
+    assert len(set(sizes)) >= 2
+    for rank in range(2):
+        if cfg['repeated_aug'] > 1:
+            order = data.RepeatedAugSampler(train_set, 2, rank, cfg['repeated_aug'], seed=cfg['seed'])
+        else:
+            order = torch.utils.data.DistributedSampler(train_set, num_replicas=2, rank=rank,
+                                                        shuffle=True, seed=cfg['seed'], drop_last=True)
+        sampler = data.EpochSampler(order, cfg['seed'], rank, batch,
+                                    lambda e, s: train.train_step_resolution(cfg, e, s))
+        sampler.set_epoch(epoch, start * batch)
+        keys = list(sampler)
+        assert [r for _, _, r in keys] == [r for r in sizes for _ in range(batch)]
+        runs = [list(torch.utils.data.DataLoader(data.SeededSamples(train_set), batch_size=batch,
+                                                 sampler=sampler, num_workers=workers))
+                for workers in (0, 2)]
+        for (images, labels), (again, labels_again), size in zip(*runs, sizes, strict=True):
+            assert images.shape == (batch, 3, size, size)   # every rank: the step's size
+            assert torch.equal(images, again) and torch.equal(labels, labels_again)
+        # Each image: the recipe's pipeline made for its step's size, drawn from its own seed;
+        # at --img-size the very pipeline (and draws) of a run without the flag.
+        for i, (index, seed, size) in enumerate(keys):
+            image, label = runs[0][i // batch][0][i % batch], runs[0][i // batch][1][i % batch]
+            path, target = train_set.samples[index]
+            if path.endswith('broken.png'):
+                assert label == -1 and torch.equal(image, torch.zeros(3, size, size))
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)
+                expected = data._train_transform(cfg, size)(train_set.loader(path))
+            assert torch.equal(image, expected) and label == target
+            if size == cfg['img_size']:
+                assert torch.equal(image, data.SeededSamples(plain)[(index, seed)][0])
+
+
+def test_train_folder_several_resolutions_vit_and_swin_stored_evaluated_bad_sizes_refused(
+        tmp_path, capsys, monkeypatch):
+    root = tmp_path / 'data'
+    _train_write_sized_folder(root)
+    swin = ['--model', 'swin_tiny', '--pe', 'rope_mixed', '--img-size', '64', '--eval-resolutions',
+            '64', '--batch-size', '4']
+    real_epoch = train.train_one_epoch
+    for name, argv, trained, several in (
+            ('vit', _TRAIN_FOLDER_MULTIRES, 16, [12, 16, 20]),
+            ('swin', swin + ['--train-resolutions', '32', '64', '96'], 64, [32, 64, 96])):  # windows 1-3
+        out, record = tmp_path / name, tmp_path / f'{name}_sizes'
+        record.mkdir()
+        monkeypatch.setattr(train, 'train_one_epoch', _train_recording_step_sizes(real_epoch, record))
+        assert _train_cli(argv + ['--data-path', str(root), '--epochs', '1', '--num-workers', '0',
+                                  '--output-dir', str(out)]) == 0, name
+        state = _train_state(out / 'checkpoint.pth')
+        cfg = state['args']
+        assert cfg['train_resolutions'] == several
+        sizes = _train_recorded_step_sizes(record)
+        assert list(sizes) == [(0, step) for step in range(state['steps_per_epoch'])]
+        assert all(hw == 2 * (train.train_step_resolution(cfg, *key),) for key, hw in sizes.items())
+        assert len(set(sizes.values())) >= 2, name
+        # eval_multires.py rebuilds it from the checkpoint alone: train.py's own validation score.
+        results, _ = eval_multires.main(eval_multires.get_args_parser().parse_args([
+            '--checkpoint', str(out / 'checkpoint.pth'), '--resolutions', str(trained), '--quiet',
+            '--output-dir', str(tmp_path / f'{name}_eval')]))
+        (rows,) = results.values()
+        last = json.loads((out / 'log.jsonl').read_text().splitlines()[-1])
+        assert (rows[0]['n'], rows[0]['top1']) == (6, last['val_top1']), name
+    capsys.readouterr()
+    # A size the architecture refuses: one line naming the valid neighbours, exit 2, nothing written.
+    for argv, start, neighbours in (
+            (_TRAIN_FOLDER_MULTIRES + ['--train-resolutions', '16', '18'],
+             '--train-resolutions 18: input size 18x18 (HxW) is not allowed', 'sizes: 16x16, '),
+            (swin + ['--train-resolutions', '64', '80'],
+             '--train-resolutions 80: input size 80x80 is not allowed',
+             'Nearest valid square sizes: [32, 64, 96, 128]')):
+        assert _train_cli(argv + ['--data-path', str(root), '--output-dir', str(tmp_path / 'bad')]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith('error: ' + start) and neighbours in err and err.count('\n') == 1, err
+    assert not (tmp_path / 'bad').exists()
+
+
+_TRAIN_STEP_SIZES_LAUNCHER = '''import os, sys
+import recovery, train
+from testkit import _train_recording_step_sizes
+stall = tuple(map(int, os.environ['STALL_AT'].split(','))) if os.environ.get('STALL_AT') else None
+train.train_one_epoch = _train_recording_step_sizes(train.train_one_epoch, os.environ['RECORD'], stall)
+recovery.cli(train.main, train.get_args_parser())
+'''
+
+
+@pytest.mark.slow
+def test_train_folder_several_resolutions_two_processes_sigkill_resume_bit_identical(tmp_path):
+    """2 processes, 3 steps an epoch, 2 epochs: every step on both ranks at its drawn size; the job
+    SIGKILLed at step 3 of epoch 2 (the last save after step 1), resumed with --resume auto and
+    another worker count, ends bit-identical to the uninterrupted run."""
+    root = tmp_path / 'data'
+    _train_write_sized_folder(root)
+    launcher = tmp_path / 'launch.py'
+    launcher.write_text(_TRAIN_STEP_SIZES_LAUNCHER)
+    args = _TRAIN_FOLDER_MULTIRES + ['--data-path', str(root), '--epochs', '2',
+                                     '--save-every-steps', '2', '--print-freq', '1']
+
+    def torchrun(name, workers, stall=None, extra=()):
+        record = tmp_path / f'{name}_sizes'
+        record.mkdir(exist_ok=True)
+        env = dict(_train_env(), RECORD=str(record), STALL_AT=','.join(map(str, stall or ())))
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
+               '2', str(launcher), *args, '--output-dir', str(tmp_path / name),
+               '--num-workers', str(workers), *extra]
+        return subprocess.Popen(cmd, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT), record
+
+    full, full_sizes = torchrun('full', 0)
+    output = full.communicate(timeout=_TRAIN_TIMEOUT)[0]
+    assert full.returncode == 0, output[-3000:]
+    cfg = _train_state(tmp_path / 'full' / 'checkpoint.pth')['args']
+    assert cfg['train_resolutions'] == [12, 16, 20] and cfg['world_size'] == 2
+    steps = [(epoch, step) for epoch in range(2) for step in range(3)]
+    drawn = {key: 2 * (train.train_step_resolution(cfg, *key),) for key in steps}
+    assert len(set(drawn.values())) >= 2
+    for rank in range(2):
+        assert _train_recorded_step_sizes(full_sizes, rank) == drawn, rank
+
+    # Both ranks wait at step 3 of epoch 2, where the job is SIGKILLed: the torchrun agent, then
+    # each worker with its loader workers (torchrun starts a worker in a session of its own).
+    cut, cut_sizes = torchrun('cut', 2, stall=(1, 2))
+    markers = [cut_sizes / f'stalled_{rank}' for rank in range(2)]
+    try:
+        deadline = time.time() + _TRAIN_TIMEOUT
+        while not all(m.exists() for m in markers):
+            assert cut.poll() is None and time.time() < deadline, 'the run did not reach the step'
+            time.sleep(0.05)
+    finally:
+        cut.kill()
+        for marker in filter(os.path.exists, markers):
+            pid, group, _ = map(int, marker.read_text().split())
+            try:
+                os.killpg(group, signal.SIGKILL) if group == pid else os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        cut.communicate(timeout=_TRAIN_TIMEOUT)   # the workers held its output open
+    saved = sorted(p.name for p in (tmp_path / 'cut').glob('recovery_*.pth'))
+    assert saved == ['recovery_e0001_i000000000.pth', 'recovery_e0001_i000000008.pth'], saved
+
+    resumed, _ = torchrun('cut', 1, extra=['--resume', 'auto'])   # records where `cut` did
+    output = resumed.communicate(timeout=_TRAIN_TIMEOUT)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert 'recovery_e0001_i000000008.pth (--resume auto): epoch 2/2, step 1/3' in output
+    for rank in range(2):   # steps 1-2 of epoch 2 done twice, before the kill and after, alike
+        assert _train_recorded_step_sizes(cut_sizes, rank) == drawn, rank
+    a, b = _train_state(tmp_path / 'full' / 'checkpoint.pth'), _train_state(tmp_path / 'cut' / 'checkpoint.pth')
+    for part in ('model', 'optimizer'):
+        flat_a, flat_b = (dict(_flatten(x[part])) for x in (a, b))
+        assert flat_a.keys() == flat_b.keys()
+        assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(flat_b[k])) for k, v in flat_a.items()), part
+    records = [[{k: v for k, v in json.loads(line).items() if k != 'seconds'}
+                for line in (tmp_path / run / 'log.jsonl').read_text().splitlines()] for run in ('full', 'cut')]
+    assert records[0] == records[1]
+
+
+def _flatten(tree, prefix=''):
+    """(path, leaf) of nested dicts and lists (a state dict)."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _flatten(value, f'{prefix}.{key}')
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from _flatten(value, f'{prefix}[{i}]')
+    else:
+        yield prefix, tree

@@ -3,9 +3,11 @@
 Tiny models with re-drawn weights (so position mistakes show), an offline torch.hub cache,
 and the configurations and command-line helpers of the train.py tests.
 """
+import inspect
 import math
 import os
 import sys
+import time
 import urllib.error
 
 import numpy as np
@@ -194,6 +196,53 @@ def _train_write_folder(root, corrupt):
 # One process, 2 epochs of 4 steps, a recovery checkpoint at every step.
 _TRAIN_SMALL = _TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '32', '--builtin-val', '8',
                               '--epochs', '2', '--save-every-steps', '1']
+
+
+def _train_recording_step_sizes(train_one_epoch, folder, stall_at=None):
+    """train_one_epoch wrapped to record every training batch it steps on: one line
+    'epoch step height width' per step in folder/sizes_<rank>.txt (for train.train_one_epoch,
+    in this process by monkeypatch or in a torchrun worker by a launcher script).
+
+    stall_at=(epoch, step): on reaching that step (0-based) each rank writes
+    folder/stalled_<rank> ('pid process-group parent-pid') and waits to be killed, a crash at a
+    known step.
+    """
+    signature = inspect.signature(train_one_epoch)
+
+    def recording(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        loader, epoch, start = (bound.arguments[k] for k in ('loader', 'epoch', 'start_step'))
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+        class Recorded:
+            def __len__(self):
+                return len(loader)
+
+            def __iter__(self):
+                for step, (images, targets) in enumerate(loader, start=start):
+                    if (epoch, step) == stall_at:
+                        marker = os.path.join(folder, f'stalled_{rank}')
+                        with open(marker + '.tmp', 'w') as f:
+                            f.write(f'{os.getpid()} {os.getpgid(0)} {os.getppid()}')
+                        os.replace(marker + '.tmp', marker)
+                        time.sleep(_TRAIN_TIMEOUT)
+                    with open(os.path.join(folder, f'sizes_{rank}.txt'), 'a') as f:
+                        f.write(f'{epoch} {step} {images.shape[-2]} {images.shape[-1]}\n')
+                    yield images, targets
+        bound.arguments['loader'] = Recorded()
+        return train_one_epoch(*bound.args, **bound.kwargs)
+    return recording
+
+
+def _train_recorded_step_sizes(folder, rank=0):
+    """{(epoch, step): (height, width)} of what _train_recording_step_sizes wrote for `rank`
+    (a step done twice, before a crash and after the resume, must have the same size)."""
+    sizes = {}
+    for line in open(os.path.join(folder, f'sizes_{rank}.txt')).read().splitlines():
+        epoch, step, height, width = map(int, line.split())
+        assert sizes.setdefault((epoch, step), (height, width)) == (height, width), line
+    return sizes
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,10 +11,12 @@ Several nodes (the same command on every node; a c10d rendezvous on the first on
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 \\
         --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 --rdzv-id=$JOB_ID \\
         --max-restarts=3 train.py --model vit_base --data-path /imagenet --resume auto
-Continue an interrupted run / fine-tune at another resolution:
+Continue an interrupted run / fine-tune at another resolution / at several (one per step):
     torchrun ... train.py ... --output-dir out/run1 --resume auto
     torchrun ... train.py --model vit_base --data-path /imagenet --finetune out/b192/best.pth \\
         --img-size 224 --epochs 20
+    torchrun ... train.py --model vit_small --data-path /imagenet --finetune PATH \\
+        --img-size 224 --train-resolutions 160 224 288 --epochs 10
 
 Where things live: the built-in data (glyphs, shapes: scene generation, rendering, the cache of
 validation images) in builtin_data.py; folder data, the recipes' transforms and the samplers in
@@ -277,7 +279,8 @@ def rope_coord_augment(cfg, epoch, step, rank):
 def train_step_resolution(cfg, epoch, step):
     """The resolution of one training step's batch under --train-resolutions, or None (all at
     --img-size). Drawn uniformly from the list; a pure function of (seed, epoch, step), so every
-    rank renders the step at one size and a resumed run draws the same sizes."""
+    rank renders (built-in data) or crops (folders) the step at one size, whatever its loader
+    workers, and a resumed run draws the same sizes."""
     sizes = cfg.get('train_resolutions')
     if not sizes:
         return None
@@ -781,10 +784,11 @@ def get_args_parser():
                         f'training view shows, 1 = the whole scene (default {GLYPH_WINDOW_MIN_AREA}, '
                         "RandomResizedCrop's)")
     p.add_argument('--train-resolutions', type=int, nargs='+', default=None,
-                   help='built-in data: render each training step at one of these resolutions, '
-                        'drawn per step (the same on every rank); positions and APE follow the '
+                   help='train each step\'s batch at one of these resolutions, drawn per step '
+                        '(the same on every rank): built-in scenes rendered at that size, folder '
+                        'images through the recipe\'s crop to r x r; positions and APE follow the '
                         'grid as at test time. Default: every step at --img-size, which still '
-                        'sets the model (its APE grid, RoPE training grid)')
+                        'sets the model (its APE grid, RoPE training grid, Swin window)')
     p.add_argument('--resume', default=None,
                    help='auto: the newest sound checkpoint of this run in --output-dir (mid-epoch '
                         'or epoch end; damaged files are skipped with a warning; nothing there: '
@@ -940,9 +944,6 @@ def resolve_config(args, world_size):
     elif cfg['glyph_window_min_area'] is not None:
         raise UserError(f"--glyph-window-min-area applies to the glyphs data only, not to "
                         f"{cfg['dataset']}")
-    if cfg['train_resolutions'] is not None and cfg['dataset'] not in BUILTIN_DATASETS:
-        raise UserError('--train-resolutions renders each step at its own size and applies to '
-                        'the built-in data only')
     if cfg['dataset'] in BUILTIN_DATASETS:
         for key in ('builtin_train', 'builtin_val'):
             if cfg[key] is None:
