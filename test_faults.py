@@ -20,8 +20,8 @@ import torch
 import recovery
 import train
 
-from testkit import (_TRAIN_FAULT_ARGS, _TRAIN_SCRIPT, _TRAIN_SMALL, _TRAIN_TIMEOUT, _train_cli,
-    _train_env, _train_state, _train_torchrun, _train_write_folder)
+from testkit import (_TRAIN_FAULT_ARGS, _TRAIN_SCRIPT, _TRAIN_SMALL, _TRAIN_TIMEOUT,
+    _train_assert_same_run, _train_cli, _train_env, _train_state, _train_torchrun, _train_write_folder)
 
 # Slow: each test trains several short runs, most of them under torchrun.
 pytestmark = pytest.mark.slow
@@ -101,25 +101,6 @@ def _train_wait_output(log, text, proc):
 def _train_random_moment():
     """After 1-7 saves, then up to 0.1 s (inside a step, a save or an evaluation)."""
     return random.randint(1, 7), random.uniform(0.0, 0.1)
-
-
-def _train_assert_same_run(reference, other):
-    """Two finished runs: bit-identical weights and optimizer state, the same log records
-    (but for their wall times)."""
-    a, b = _train_state(reference / 'checkpoint.pth'), _train_state(other / 'checkpoint.pth')
-    assert a['epoch'] == b['epoch']
-    assert a['model'].keys() == b['model'].keys()
-    for key, value in a['model'].items():
-        assert torch.equal(value, b['model'][key]), key
-    for s, t in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
-        for key in s:
-            assert torch.equal(torch.as_tensor(s[key]), torch.as_tensor(t[key])), key
-    assert a['lr_scheduler']['last_epoch'] == b['lr_scheduler']['last_epoch']
-
-    def records(run):
-        lines = (run / 'log.jsonl').read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k != 'seconds'} for line in lines]
-    assert records(reference) == records(other)
 
 
 def test_train_torchrun_two_processes_outputs_and_recovery_rotation(_train_reference_run):

@@ -22,8 +22,8 @@ import eval_multires
 import recovery
 import train
 
-from testkit import (_TRAIN_SCRIPT, _TRAIN_TIMEOUT, _TRAIN_TINY, _eval_train_res, _train_cli,
-    _train_env, _train_recorded_step_sizes, _train_recording_step_sizes, _train_state,
+from testkit import (_TRAIN_SCRIPT, _TRAIN_TIMEOUT, _TRAIN_TINY, _eval_train_res, _train_assert_same_run,
+    _train_cli, _train_env, _train_recorded_step_sizes, _train_recording_step_sizes, _train_state,
     _train_write_folder)
 
 
@@ -570,23 +570,4 @@ def test_train_folder_several_resolutions_two_processes_sigkill_resume_bit_ident
     assert 'recovery_e0001_i000000008.pth (--resume auto): epoch 2/2, step 1/3' in output
     for rank in range(2):   # steps 1-2 of epoch 2 done twice, before the kill and after, alike
         assert _train_recorded_step_sizes(cut_sizes, rank) == drawn, rank
-    a, b = _train_state(tmp_path / 'full' / 'checkpoint.pth'), _train_state(tmp_path / 'cut' / 'checkpoint.pth')
-    for part in ('model', 'optimizer'):
-        flat_a, flat_b = (dict(_flatten(x[part])) for x in (a, b))
-        assert flat_a.keys() == flat_b.keys()
-        assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(flat_b[k])) for k, v in flat_a.items()), part
-    records = [[{k: v for k, v in json.loads(line).items() if k != 'seconds'}
-                for line in (tmp_path / run / 'log.jsonl').read_text().splitlines()] for run in ('full', 'cut')]
-    assert records[0] == records[1]
-
-
-def _flatten(tree, prefix=''):
-    """(path, leaf) of nested dicts and lists (a state dict)."""
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from _flatten(value, f'{prefix}.{key}')
-    elif isinstance(tree, (list, tuple)):
-        for i, value in enumerate(tree):
-            yield from _flatten(value, f'{prefix}[{i}]')
-    else:
-        yield prefix, tree
+    _train_assert_same_run(tmp_path / 'full', tmp_path / 'cut')

@@ -4,6 +4,7 @@ Tiny models with re-drawn weights (so position mistakes show), an offline torch.
 and the configurations and command-line helpers of the train.py tests.
 """
 import inspect
+import json
 import math
 import os
 import sys
@@ -166,6 +167,25 @@ def _train_cli(argv):
 
 def _train_state(path):
     return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _train_assert_same_run(reference, other):
+    """Two finished runs: bit-identical weights and optimizer state, the same log records
+    (but for their wall times)."""
+    a, b = _train_state(reference / 'checkpoint.pth'), _train_state(other / 'checkpoint.pth')
+    assert a['epoch'] == b['epoch']
+    assert a['model'].keys() == b['model'].keys()
+    for key, value in a['model'].items():
+        assert torch.equal(value, b['model'][key]), key
+    for s, t in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        for key in s:
+            assert torch.equal(torch.as_tensor(s[key]), torch.as_tensor(t[key])), key
+    assert a['lr_scheduler']['last_epoch'] == b['lr_scheduler']['last_epoch']
+
+    def records(run):
+        lines = (run / 'log.jsonl').read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != 'seconds'} for line in lines]
+    assert records(reference) == records(other)
 
 
 # Every fault test runs this configuration and compares with one uninterrupted run of it:
