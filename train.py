@@ -39,17 +39,19 @@ The peak learning rate of a recipe scales linearly with the total batch (printed
 `--lr` sets it directly. The run ends with the accuracy table over `--eval-resolutions`.
 
 Outputs in --output-dir: config.json, checkpoint.pth (every epoch), best.pth, log.jsonl,
-resolutions.json, and the newest two recovery checkpoints recovery_e{E}_i{I}.pth (after E epochs
-and I images of the next; --save-every-steps N adds one every N steps). Checkpoints are
+resolutions.json, the newest two recovery checkpoints recovery_e{E}_i{I}.pth (after E epochs
+and I images of the next; --save-every-steps N adds one every N steps), and run.lock, held by
+the run that uses the folder (a second run there ends with exit status 2). Checkpoints are
 `{'model', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'args', ...}` and load with
 torch.load(..., weights_only=True); every file is written to a temporary name and renamed.
 
 Long runs (README, "Long runs on a cluster"): --resume auto continues from the newest sound
 checkpoint (a damaged one is skipped with a warning), bit-identical on the same world size, and is
 implied after a torchrun restart (--max-restarts). SIGTERM or SIGUSR1 stops every rank after the
-same step, saves, and exits. Exit status: 0 done, 1 diverged (or a crash), 2 bad input, 74 a
+same step, saves, and exits; so does a torchrun worker whose torchrun has died. Exit status: 0
+done, 1 diverged (or a crash), 2 bad input or an output folder another run holds, 74 a
 checkpoint or log could not be written (--on-save-error warn trains on instead), 75 stopped by a
-signal with the state saved: run the same command with --resume auto.
+signal (or torchrun gone) with the state saved: run the same command with --resume auto.
 """
 import argparse
 import datetime
