@@ -11,8 +11,9 @@ same RoPE helpers for the ViT).
 
 Reading order: the paper's model first, from the RoPE equations through create_model, ending at
 the banner "End of the paper's model"; then what goes beyond the paper (RoPE position policies
-and coordinate augmentation, per-stage feature maps), checkpoints and published weights, and
-last the fused speed path that eager forward() takes (the same math; `fused_path` is the switch).
+and coordinate augmentation, dense prediction at any image size, per-stage feature maps),
+checkpoints and published weights, and last the fused speed path that eager forward() takes (the
+same math; `fused_path` is the switch).
 
 Usage
     import torch, swin_rope
@@ -35,6 +36,12 @@ Shape legend
 Resolution rule: an H x W input, sides multiples of patch_size * 2**(stages-1) (32 for the
 published models), runs with the window w = window_size * min(H, W) / img_size (224 -> 7,
 384 -> 12), which must be an integer that tiles every stage grid (`model.check_img_size(H, W)`).
+Beyond the paper, window_rule='dense' (SwinConfig, or `model.window_rule = 'dense'` between
+forwards) takes any H x W with a fixed window, padding each grid and masking the padding, as
+Swin's detection and segmentation backbones do:
+    model.window_rule = 'dense'
+    maps = model.forward_intermediates(torch.randn(1, 3, 800, 1333), intermediates_only=True)
+    # maps: (1, 96, 200, 334), (1, 192, 100, 167), (1, 384, 50, 84), (1, 768, 25, 42)
 """
 import json
 import math
@@ -144,10 +151,12 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, patch_size, in_chans, embed_dim):
         super().__init__()
+        self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x):
+        x = pad_image(x, self.patch_size)  # as it is under the paper's rule (beyond the paper: dense)
         return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
 
 
@@ -410,12 +419,18 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, window: int, shift: int, shift_mask: Optional[torch.Tensor]):
-        """x (B, H, W, C); shift 0 means no cyclic shift. Returns (B, H, W, C)."""
+    def forward(self, x, window: int, shift: int, mask: Optional[torch.Tensor]):
+        """x (B, H, W, C); shift 0 means no cyclic shift; mask: the additive (nW, N, N) mask
+        SwinStage chose for this block, or None. Returns (B, H, W, C)."""
         B, H, W, C = x.shape
-        y = shift_and_partition(self.norm1(x), window, shift)  # (B_, N, C)
-        y = self.attn(y, window, shift_mask if shift else None)  # (B_, N, C)
-        y = reverse_and_unshift(y, window, shift, H, W)  # (B, H, W, C)
+        # The grid tiles under the paper's rule; the dense rule pads it (beyond the paper: dense).
+        y = pad_to_windows(self.norm1(x), window)  # (B, Hp, Wp, C)
+        Hp, Wp = y.shape[1], y.shape[2]
+        y = shift_and_partition(y, window, shift)  # (B_, N, C)
+        y = self.attn(y, window, mask)  # (B_, N, C)
+        y = reverse_and_unshift(y, window, shift, Hp, Wp)  # (B, Hp, Wp, C)
+        if (Hp, Wp) != (H, W):
+            y = y[:, :H, :W]  # (B, H, W, C): the padding's own outputs are dropped
         x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -434,7 +449,8 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x):
-        """(B, H, W, C) -> (B, H/2, W/2, 2C)."""
+        """(B, H, W, C) -> (B, H/2, W/2, 2C); odd sides (dense rule only) round up."""
+        x = pad_grid(x, 2)  # zero row / column on odd sides (beyond the paper: dense)
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
                       dim=-1)  # (B, H/2, W/2, 4C)
         return self.reduction(self.norm(x))
@@ -449,14 +465,18 @@ class SwinStage(nn.Module):
                       rope, rope_theta, rpb_resize, qkv_bias) for i in range(depth)])
         self.downsample = PatchMerging(dim) if downsample else None
 
-    def forward_blocks(self, x, window, shift, shift_mask):
-        """(B, H, W, C) through the stage's blocks, before the downsampling: its feature map."""
+    def forward_blocks(self, x, window, shift, masks):
+        """(B, H, W, C) through the stage's blocks, before the downsampling: its feature map.
+
+        masks: (mask of the unshifted blocks, mask of the shifted ones), each (nW, N, N) or None
+        (SwinTransformer._stage_masks)."""
+        unshifted, shifted = masks
         for block in self.blocks:
-            x = block(x, window, shift if block.shifted else 0, shift_mask)
+            x = block(x, window, shift if block.shifted else 0, shifted if block.shifted else unshifted)
         return x
 
-    def forward(self, x, window, shift, shift_mask):
-        x = self.forward_blocks(x, window, shift, shift_mask)
+    def forward(self, x, window, shift, masks):
+        x = self.forward_blocks(x, window, shift, masks)
         return self.downsample(x) if self.downsample is not None else x
 
 
@@ -487,6 +507,11 @@ class SwinConfig:
     rope_positions: str = 'extrapolate'
     yarn_alpha: float = 0.25
     yarn_beta: float = 1.0
+    # Beyond the paper: the window rule (WINDOW_RULES; section "dense prediction"). 'classification':
+    # the window follows the image (stage_windows); 'dense': any H x W, a fixed window
+    # (dense_window, or None for each stage's built window), the grids padded and masked.
+    window_rule: str = 'classification'
+    dense_window: Optional[int] = None
 
 
 class SwinTransformer(nn.Module):
@@ -527,7 +552,8 @@ class SwinTransformer(nn.Module):
                 raise ValueError(f'stage {s}: dim {dim} must split into {heads} heads'
                                  + (' of a head dim divisible by 4 (RoPE)' if self.rope else ''))
         built_h, built_w = (self.img_size, self.img_size) if isinstance(self.img_size, int) else self.img_size
-        built = self.stage_windows(built_h, built_w)  # also validates the config
+        built = self.stage_windows(built_h, built_w, rule='classification')  # also validates the config
+        self.built_windows = tuple(w for w, _ in built)  # per stage: the window of its RPB tables
 
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         drop_paths = torch.linspace(0, cfg.drop_path_rate, sum(self.depths), device='cpu').tolist()
@@ -544,6 +570,7 @@ class SwinTransformer(nn.Module):
         self.apply(self._init_weights)
         self.rope_positions = cfg.rope_positions  # validates and hands it to every block
         self.rope_coord_augment = None
+        self.window_rule, self.dense_window = cfg.window_rule, cfg.dense_window  # validated
 
     # Beyond the paper (section "RoPE at another window"): the position policy and the training-time
     # coordinate augmentation, handed to every block.
@@ -569,6 +596,27 @@ class SwinTransformer(nn.Module):
         self._rope_coord_augment = None if value is None else tuple(float(v) for v in value)
         for attn in self._attentions():
             attn.rope_coord_augment = self._rope_coord_augment
+
+    # Beyond the paper (section "dense prediction"): the window rule, changeable between forwards.
+    @property
+    def window_rule(self) -> str:
+        """'classification' (the paper's rule, the default) or 'dense'; assign to change it between forwards."""
+        return self.cfg.window_rule
+
+    @window_rule.setter
+    def window_rule(self, rule: str) -> None:
+        check_window_rule(rule, self.cfg.dense_window)
+        self.cfg.window_rule = rule
+
+    @property
+    def dense_window(self) -> Optional[int]:
+        """The window of every stage under the dense rule; None: each stage's built window (built_windows)."""
+        return self.cfg.dense_window
+
+    @dense_window.setter
+    def dense_window(self, window: Optional[int]) -> None:
+        check_window_rule(self.cfg.window_rule, window)
+        self.cfg.dense_window = window
 
     @staticmethod
     def _init_weights(m):
@@ -607,8 +655,11 @@ class SwinTransformer(nn.Module):
                 return f'stage {s} grid {rh}x{rw} does not tile into {plan[-1][0]}x{plan[-1][0]} windows'
         return plan
 
-    def stage_windows(self, H: int, W: int) -> list:
+    def stage_windows(self, H: int, W: int, rule: Optional[str] = None) -> list:
         """[(window, shift)] per stage for an H x W input (shift applies to odd blocks).
+
+        rule: the model's window_rule when None. 'dense' (beyond the paper): dense_stage_windows.
+        What follows is the paper's rule, 'classification'.
 
         With img_size the resolution the model was built for (its smaller side if a tuple) and
         window_size the window there (7 at 224), an H x W input uses the window
@@ -623,6 +674,8 @@ class SwinTransformer(nn.Module):
         RoPE factors are made for the actual grid.
         Raises ValueError for a size this rule does not allow.
         """
+        if (rule or self.window_rule) == 'dense':
+            return dense_stage_windows(self, H, W)
         plan = self._window_for(H, W)
         if isinstance(plan, str):
             unit = self.patch_size * 2 ** (self.num_stages - 1)
@@ -643,11 +696,18 @@ class SwinTransformer(nn.Module):
         """Raise ValueError (rule and nearest valid sizes) if H x W is not an allowed input."""
         self.stage_windows(H, W)
 
-    def _shift_mask(self, H, W, window, shift, device):
-        """shift_window_mask of a stage grid, (nW, N, N); on the fused path kept per size."""
+    def _stage_masks(self, H, W, window, shift, device) -> tuple:
+        """Additive masks of an H x W stage grid for its (unshifted, shifted) blocks, each
+        (nW, N, N) or None; on the fused path kept per size."""
+        if H % window or W % window:  # only the dense rule pads (beyond the paper: dense)
+            if fused_path():
+                return cached_padded_window_masks(self._mask_cache, H, W, window, shift, device)
+            return padded_window_masks(H, W, window, shift, device)
+        if not shift:
+            return None, None
         if fused_path():
-            return cached_shift_mask(self._mask_cache, H, W, window, shift, device)
-        return shift_window_mask(H, W, window, shift, device)
+            return None, cached_shift_mask(self._mask_cache, H, W, window, shift, device)
+        return None, shift_window_mask(H, W, window, shift, device)
 
     # -- forward ---------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -657,8 +717,8 @@ class SwinTransformer(nn.Module):
         for s, stage in enumerate(self.layers):
             window, shift = plan[s]
             H, W = x.shape[1], x.shape[2]
-            mask = self._shift_mask(H, W, window, shift, x.device) if shift else None  # (nW, N, N)
-            x = stage(x, window, shift, mask)
+            masks = self._stage_masks(H, W, window, shift, x.device)  # 2 x (nW, N, N) or None
+            x = stage(x, window, shift, masks)
         return self.norm(x).mean(dim=(1, 2))  # (B, num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -671,6 +731,8 @@ class SwinTransformer(nn.Module):
         Returns (logits (B, num_classes), list over blocks in stage order of dicts
         {'attn': (B*nW, nH, w*w, w*w), 'window': w, 'shift': s, 'stage': i}); tokens row-major
         inside a window, windows row-major with batch outermost, in the rolled frame when s > 0.
+        Under the dense rule the windows tile the stage grid padded to multiples of w (padding at
+        the bottom and right, before the roll).
         """
         plan = self.stage_windows(x.shape[-2], x.shape[-1])
         attns = self._attentions()
@@ -692,7 +754,9 @@ class SwinTransformer(nn.Module):
     def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = 'NCHW',
                               intermediates_only: bool = False):
-        """Feature maps of chosen stages for dense prediction (beyond the paper: stage_feature_maps)."""
+        """Feature maps of chosen stages for dense prediction (beyond the paper: stage_feature_maps;
+        with window_rule='dense' any input size, map s of shape (B, C_s, ceil(H / (patch 2^s)),
+        ceil(W / (patch 2^s))))."""
         return stage_feature_maps(self, x, indices, norm, stop_early, output_fmt, intermediates_only)
 
     def no_weight_decay(self) -> set:
@@ -739,7 +803,8 @@ def list_models() -> list:
 def create_model(name: str, pretrained: bool = False, **kwargs) -> SwinTransformer:
     """Build `name` (a size name with pe=..., default 'rpb'; or a published name) with
     SwinConfig fields as keyword overrides (num_classes, img_size, patch_size, in_chans,
-    embed_dim, depths, num_heads, window_size, mlp_ratio, drop_path_rate, rope_theta, rpb_resize).
+    embed_dim, depths, num_heads, window_size, mlp_ratio, drop_path_rate, rope_theta, rpb_resize,
+    rope_positions, yarn_alpha, yarn_beta, window_rule, dense_window).
     `pretrained=True` (names in PRETRAINED_URLS) loads the released weights with load_pretrained:
     downloaded once, then read from torch.hub's cache.
     """
@@ -879,6 +944,117 @@ def adapt_rope_to_window(attn: WindowAttention, window: int, t_x: torch.Tensor, 
 
 
 # ----------------------------------------------------------------------------------------------
+# Beyond the paper: dense prediction at any image size (a fixed window, padding and masks)
+# ----------------------------------------------------------------------------------------------
+# The classification rule (stage_windows) scales the window with the image, so only sizes whose
+# every stage grid tiles into that window run. Detection and segmentation inputs have any height
+# and width (800 x 1333 resized COCO images, 512 x 1024 crops); Swin's own detection and
+# segmentation backbones keep one window for every input and pad instead. window_rule='dense'
+# does so too, set in SwinConfig or assigned on a built model between forwards:
+# * the image is padded with zeros at the bottom and right to a multiple of the patch (pad_image);
+# * every stage keeps a fixed window: dense_window, or None for the window its blocks were built
+#   for (built_windows: 7 for the published models). At the built window the RPB table is used
+#   as stored and RoPE has the positions it was trained with, window-local 0 .. w-1 as under the
+#   classification rule; at another dense_window the table is resized (rpb_resize) and the
+#   position policy (rope_positions) applies, as for any window change;
+# * each block pads its normalised grid to whole windows (pad_to_windows), attends, and drops the
+#   padding's outputs, so padded tokens exist inside attention only;
+# * padded keys are masked out with -inf for every valid query, in unshifted and shifted windows
+#   alike (padded_window_mask), so a valid output does not depend on what the padding holds (the
+#   official detection code lets valid queries attend to its zero padding). Padded queries keep
+#   their unmasked rows, so no softmax row is all -inf (a NaN, also in the backward);
+# * shifted blocks shift by w // 2 unless the padded grid is a single window, where a roll would
+#   only wrap the map onto itself (the classification rule does not shift a stage its window
+#   covers either; the official detection code shifts there too);
+# * an odd side gets one zero row or column before patch merging (pad_grid), as in the official
+#   code, so stage s has ceil(H / (patch * 2^s)) x ceil(W / (patch * 2^s)) tokens.
+# Where both rules give the same windows and nothing is padded (224 x 224 at window 7) the outputs
+# are those of the classification rule exactly: no mask or padding is added there.
+
+WINDOW_RULES = ('classification', 'dense')
+PAD_MASK_VALUE = float('-inf')  # a padded key gets exactly no weight (exp(-inf) = 0)
+
+
+def check_window_rule(rule: str, dense_window: Optional[int]) -> None:
+    """Raise ValueError for an unknown window_rule or a dense_window that is not a positive int or None."""
+    if rule not in WINDOW_RULES:
+        raise ValueError(f"unknown window_rule {rule!r}; valid values: {', '.join(WINDOW_RULES)}")
+    if dense_window is not None and (isinstance(dense_window, bool) or not isinstance(dense_window, int)
+                                     or dense_window < 1):
+        raise ValueError(f'dense_window must be a positive number of tokens or None, got {dense_window!r}')
+
+
+def dense_grid(H: int, W: int, stride: int) -> tuple:
+    """Tokens (rows, cols) of a stage of that stride (patch * 2^s) for an H x W image under the
+    dense rule: ceil(H / stride), ceil(W / stride) (patch padding, then odd sides rounded up)."""
+    return -(-H // stride), -(-W // stride)
+
+
+def dense_stage_windows(model: SwinTransformer, H: int, W: int) -> list:
+    """stage_windows under window_rule='dense': [(window, shift)] per stage, any H x W >= 1.
+
+    window: model.dense_window, or the stage's built window; shift window // 2, or 0 where the
+    stage grid padded to whole windows is a single window. Raises ValueError for a side < 1.
+    """
+    if H < 1 or W < 1:
+        raise ValueError(f'input size {H}x{W} is not allowed: both sides must be at least 1 pixel')
+    plan = []
+    for s, built in enumerate(model.built_windows):
+        window = model.dense_window or built
+        rows, cols = dense_grid(H, W, model.patch_size * 2 ** s)
+        plan.append((window, 0 if rows <= window and cols <= window else window // 2))
+    return plan
+
+
+def pad_image(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, Hp, Wp), sides rounded up to multiples of `multiple` with zeros at
+    the bottom and right; x itself where they are multiples already."""
+    pad_h, pad_w = (-x.shape[-2]) % multiple, (-x.shape[-1]) % multiple
+    return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+
+def pad_grid(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B, Hp, Wp, C), sides rounded up to multiples of `multiple` with zero
+    tokens at the bottom and right; x itself where they are multiples already."""
+    pad_h, pad_w = (-x.shape[1]) % multiple, (-x.shape[2]) % multiple
+    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+
+def pad_to_windows(x: torch.Tensor, window: int) -> torch.Tensor:
+    """A block's normalised (B, H, W, C) grid padded to whole windows, (B, Hp, Wp, C).
+
+    pad_grid under its own name: what the padding holds must not matter (padded_window_mask),
+    and a test replaces this function to fill the padding with other values.
+    """
+    return pad_grid(x, window)
+
+
+def padded_window_mask(H: int, W: int, window: int, shift: int, device=None) -> torch.Tensor:
+    """Additive mask of the windows of an H x W grid padded to Hp x Wp (multiples of the
+    window) and rolled by -shift (0: no roll), in shift_and_partition's window order.
+
+    The shift mask of the padded grid (shift_window_mask: -100 between regions; zeros for
+    shift 0) plus PAD_MASK_VALUE wherever a valid query meets a padded key.
+    Returns (nW, N, N) float32, nW = (Hp / w) * (Wp / w).
+    """
+    Hp, Wp = H + (-H) % window, W + (-W) % window
+    valid = torch.zeros(1, Hp, Wp, 1, device=device)
+    valid[:, :H, :W] = 1
+    valid = shift_and_partition(valid, window, shift).squeeze(-1) > 0  # (nW, N): True on the grid's tokens
+    if shift:
+        mask = shift_window_mask(Hp, Wp, window, shift, device)  # (nW, N, N)
+    else:
+        mask = torch.zeros(valid.shape[0], window * window, window * window, device=device)  # (nW, N, N)
+    return mask.masked_fill(valid[:, :, None] & ~valid[:, None, :], PAD_MASK_VALUE)  # query valid, key padded
+
+
+def padded_window_masks(H: int, W: int, window: int, shift: int, device=None) -> tuple:
+    """(unshifted, shifted) padded_window_mask of a padded stage grid: SwinTransformer._stage_masks."""
+    unshifted = padded_window_mask(H, W, window, 0, device)  # (nW, N, N)
+    return unshifted, (padded_window_mask(H, W, window, shift, device) if shift else unshifted)
+
+
+# ----------------------------------------------------------------------------------------------
 # Beyond the paper: feature maps per stage (dense prediction)
 # ----------------------------------------------------------------------------------------------
 
@@ -893,7 +1069,10 @@ def stage_feature_maps(model: SwinTransformer, x: torch.Tensor, indices=None, no
     segmentation backbones use. norm: the final LayerNorm on the last stage's map (the only
     one of its width). stop_early: skip the stages after the last one asked for (then no
     final features). Returns the list, or (final features (B, H/32, W/32, C) after the final
-    norm, list) unless intermediates_only. Any input size the model accepts works.
+    norm, list) unless intermediates_only. Any input size the model accepts works; under
+    window_rule='dense' that is any H x W, and map s is the valid region
+    (B, embed_dim * 2^s, ceil(H / (patch * 2^s)), ceil(W / (patch * 2^s))) (the image is padded
+    to a multiple of the patch, odd sides before each merge; the final features likewise).
     """
     if output_fmt not in ('NCHW', 'NHWC'):
         raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
@@ -907,8 +1086,8 @@ def stage_feature_maps(model: SwinTransformer, x: torch.Tensor, indices=None, no
     for s in range(last + 1):
         window, shift = plan[s]
         H, W = x.shape[1], x.shape[2]
-        mask = model._shift_mask(H, W, window, shift, x.device) if shift else None  # (nW, N, N)
-        x = model.layers[s].forward_blocks(x, window, shift, mask)  # (B, H, W, C)
+        masks = model._stage_masks(H, W, window, shift, x.device)  # 2 x (nW, N, N) or None
+        x = model.layers[s].forward_blocks(x, window, shift, masks)  # (B, H, W, C)
         if s in take:
             y = model.norm(x) if norm and s == model.num_stages - 1 else x
             intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else y)
@@ -1234,6 +1413,17 @@ def cached_shift_mask(cache: dict, H: int, W: int, window: int, shift: int, devi
             cache.clear()
         mask = cache[key] = shift_window_mask(H, W, window, shift, device)
     return mask
+
+
+def cached_padded_window_masks(cache: dict, H: int, W: int, window: int, shift: int, device) -> tuple:
+    """padded_window_masks(H, W, window, shift, device), built once per size (dense rule)."""
+    key = _cache_key('padded', H, W, window, shift, device)
+    masks = cache.get(key)
+    if masks is None:
+        if len(cache) > 32:
+            cache.clear()
+        masks = cache[key] = padded_window_masks(H, W, window, shift, device)
+    return masks
 
 
 def fused_window_attention(attn: WindowAttention, x: torch.Tensor, window: int,

@@ -245,3 +245,21 @@ def test_readme_published_weights_example_runs_offline(tmp_path, monkeypatch, ca
 def test_readme_dense_backbone_example_runs_as_written(capsys):
     exec(compile(_readme_example('## Backbone for detection and segmentation'), 'README.md', 'exec'), {})
     assert capsys.readouterr().out.strip() == '[(256, 256), (128, 128), (64, 64), (32, 32)]'
+
+
+@pytest.mark.slow
+def test_readme_swin_detector_example_runs_offline(tmp_path, monkeypatch, capsys):
+    """The Swin detector example as written, with the released file already in torch.hub's cache
+    (no network): the weights it runs are that file's, under the dense window rule."""
+    _offline_hub(monkeypatch, tmp_path)
+    name = 'swin_rope_mixed_tiny_patch4_window7_224'
+    published = _published_with_drawn_weights(swin_rope, name)
+    _place_in_hub_cache(swin_rope, name, published.state_dict())
+    namespace = {}
+    exec(compile(_readme_example('### Swin at any image size inside a torchvision detector'), 'README.md', 'exec'),
+         namespace)
+    assert capsys.readouterr().out.splitlines() == [
+        '[(94, 125), (47, 63), (24, 32), (12, 16)]', "['boxes', 'labels', 'scores'] 4"]
+    expected = published.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in namespace['swin'].state_dict().items())
+    assert namespace['swin'].window_rule == 'dense' and not namespace['detector'].training
