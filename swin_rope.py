@@ -699,15 +699,13 @@ class SwinTransformer(nn.Module):
     def _stage_masks(self, H, W, window, shift, device) -> tuple:
         """Additive masks of an H x W stage grid for its (unshifted, shifted) blocks, each
         (nW, N, N) or None; on the fused path kept per size."""
-        if H % window or W % window:  # only the dense rule pads (beyond the paper: dense)
-            if fused_path():
-                return cached_padded_window_masks(self._mask_cache, H, W, window, shift, device)
-            return padded_window_masks(H, W, window, shift, device)
-        if not shift:
+        padded = H % window or W % window  # only the dense rule pads (beyond the paper: dense)
+        if not padded and not shift:
             return None, None
-        if fused_path():
-            return None, cached_shift_mask(self._mask_cache, H, W, window, shift, device)
-        return None, shift_window_mask(H, W, window, shift, device)
+        build = padded_window_masks if padded else shift_window_mask
+        mask = (cached_mask(self._mask_cache, build, H, W, window, shift, device) if fused_path()
+                else build(H, W, window, shift, device))
+        return mask if padded else (None, mask)
 
     # -- forward ---------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -1404,26 +1402,16 @@ def cached_position_bias(attn: WindowAttention, window: int) -> torch.Tensor:
     return cached(attn._cache, ('rpb', window, attn.rpb_resize), table, build)
 
 
-def cached_shift_mask(cache: dict, H: int, W: int, window: int, shift: int, device) -> torch.Tensor:
-    """shift_window_mask(H, W, window, shift, device), built once per size (it has no weights)."""
-    key = _cache_key(H, W, window, shift, device)
+def cached_mask(cache: dict, build, H: int, W: int, window: int, shift: int, device):
+    """build(H, W, window, shift, device) once per size: shift_window_mask or, under the dense
+    rule, padded_window_masks (masks have no weights, so the size alone is the key)."""
+    key = _cache_key(build.__name__, H, W, window, shift, device)
     mask = cache.get(key)
     if mask is None:
         if len(cache) > 32:
             cache.clear()
-        mask = cache[key] = shift_window_mask(H, W, window, shift, device)
+        mask = cache[key] = build(H, W, window, shift, device)
     return mask
-
-
-def cached_padded_window_masks(cache: dict, H: int, W: int, window: int, shift: int, device) -> tuple:
-    """padded_window_masks(H, W, window, shift, device), built once per size (dense rule)."""
-    key = _cache_key('padded', H, W, window, shift, device)
-    masks = cache.get(key)
-    if masks is None:
-        if len(cache) > 32:
-            cache.clear()
-        masks = cache[key] = padded_window_masks(H, W, window, shift, device)
-    return masks
 
 
 def fused_window_attention(attn: WindowAttention, x: torch.Tensor, window: int,
