@@ -172,9 +172,21 @@ def _train_free_port():
 
 def _train_wait_gone(pids, timeout=_TRAIN_TIMEOUT):
     deadline = time.time() + timeout
-    while any(os.path.exists(f'/proc/{p}') and _train_proc_state(p) != 'Z' for p in pids):
+    while not all(_train_proc_ended(p) for p in pids):
         assert time.time() < deadline, f'processes {pids} did not exit'
         time.sleep(0.01)
+
+
+def _train_proc_ended(pid):
+    """Gone, or a zombie whose every thread has ended. The main thread of a killed process can
+    be a zombie while its other threads are still exiting; the process's files, and with them
+    its locks, are released only when the last thread ends."""
+    if _train_proc_state(pid) not in ('Z', 'gone'):
+        return False
+    try:
+        return os.listdir(f'/proc/{pid}/task') in ([], [str(pid)])
+    except OSError:
+        return True
 
 
 def _train_proc_state(pid):
