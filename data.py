@@ -13,12 +13,12 @@ import sys
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 import torchvision
 from torchvision.transforms import v2
 
 from builtin_data import BUILTIN_DATASETS, IMAGENET_MEAN, IMAGENET_STD, builtin_setting
+from distributed import rank_and_world
 from recovery import UserError
 
 
@@ -155,7 +155,7 @@ def build_eval_dataset(cfg, resolution, data_path=None, crop_ratio=None):
 
 def build_eval_loader(dataset, batch_size, num_workers=0):
     """A loader over this rank's share (indices rank, rank + world, ...): no sample twice."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     shard = Subset(dataset, range(rank, len(dataset), world))
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 

@@ -58,6 +58,7 @@ import torch
 import torch.distributed
 
 import data
+import distributed
 import recovery
 import rope_vit
 import swin_rope
@@ -166,7 +167,7 @@ def analyze_attention(model, cfg, resolutions, num_images, batch_size, device, a
     Returns {resolution: {'layers': [name], 'distance': [float], 'entropy': [float], 'n': int}}.
     Under torchrun the images are sharded over processes and the sums all-reduced.
     """
-    _, world_size = train._world()
+    _, world_size = distributed.rank_and_world()
     model.eval()
     desc_base = label or train.config_label(cfg)
     out = {}
@@ -178,7 +179,7 @@ def analyze_attention(model, cfg, resolutions, num_images, batch_size, device, a
         first = torch.utils.data.Subset(dataset, range(count))
         loader = train._Progress(data.build_eval_loader(first, batch_size), count,
                                  f'{desc_base} attention @ {resolution}', world_size,
-                                 enabled=progress and recovery.is_main_process())
+                                 enabled=progress and distributed.is_main_process())
         names, sums, seen = None, None, 0
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                              enabled=amp_dtype is not None):
@@ -195,14 +196,13 @@ def analyze_attention(model, cfg, resolutions, num_images, batch_size, device, a
                 seen += len(images)
         if world_size > 1:
             # A rank with an empty shard still needs a tensor of the right shape for all_reduce.
-            num_layers = torch.tensor([0 if sums is None else sums.shape[0]], device=device)
-            torch.distributed.all_reduce(num_layers, op=torch.distributed.ReduceOp.MAX)
+            num_layers = int(distributed.max_over_ranks(
+                [0 if sums is None else sums.shape[0]], device)[0])
             if sums is None:
-                sums = torch.zeros(int(num_layers), 2, dtype=torch.float64, device=device)
-            seen_t = torch.tensor([seen], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(sums)
-            torch.distributed.all_reduce(seen_t)
-            seen = int(seen_t.item())
+                sums = torch.zeros(num_layers, 2, dtype=torch.float64, device=device)
+            distributed.all_reduce_sum(sums)
+            seen = int(distributed.all_reduce_sum(
+                torch.tensor([seen], dtype=torch.float64, device=device)).item())
         if not seen:
             raise UserError(f'no validation images for the attention analysis at {resolution}')
         if names is None:  # this rank had no images; the layer names depend only on the model
@@ -746,7 +746,7 @@ def main(args):
                 print(f"note: {entry['label']} has no learned RoPE-Mixed frequencies; "
                       '--analyze-frequencies skips it', file=sys.stderr)
 
-    dist_info = train.init_distributed()
+    dist_info = distributed.init_distributed()
     try:
         device = dist_info.device
         amp_dtype = _amp_dtype(args.amp, device)
@@ -767,7 +767,7 @@ def main(args):
                     data_path=args.data_path, crop_ratio=entry['crop_ratio'],
                     progress=not args.quiet, label=entry['label'])
             entry['model'] = model.cpu()
-        if recovery.is_main_process():
+        if distributed.is_main_process():
             _report(runs, results, analysis, args.output_dir, frequencies)
     finally:
         if dist_info.distributed and torch.distributed.is_initialized():

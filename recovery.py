@@ -10,6 +10,7 @@
     StopSignals                  SIGTERM / SIGUSR1: every rank stops after the same step
     hold_output_dir              one run per output folder: an exclusive lock for the run's life
     watch_launcher               a torchrun worker whose torchrun has died stops as on SIGTERM
+    rng_state, set_rng_state     the random states every checkpoint holds, per rank
     Checkpointer                 rank 0 saves and rotates the recovery checkpoints; the
                                  save-error policy (--on-save-error stop | warn)
 
@@ -17,12 +18,14 @@ Exit statuses: 0 done, 1 diverged (or a crash), 2 bad input or an output folder 
 holds, 74 a checkpoint or log could not be written, 75 stopped by a signal (or because torchrun
 has gone) with the state saved (the same command with --resume auto continues).
 
-Imports torch, the standard library and rope_vit (whose reader opens checkpoint files).
+Imports torch, numpy, the standard library, distributed.py (which rank writes) and rope_vit (whose
+reader opens checkpoint files).
 """
 import errno
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -38,10 +41,12 @@ try:
 except ImportError:   # Windows: no POSIX locks, output folders are not locked (see hold_output_dir)
     fcntl = None
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 import rope_vit
+from distributed import in_group, is_main_process
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,7 +103,7 @@ def cli(main_fn, parser, argv=None):
     finally:
         if watch is not None:
             watch.set()
-        if dist.is_available() and dist.is_initialized():
+        if in_group():
             dist.destroy_process_group()
         release_output_dirs()   # the process ends here; a caller in the same process may go on
     if status:
@@ -107,11 +112,6 @@ def cli(main_fn, parser, argv=None):
 
 # ----------------------------------------------------------------------------------------------
 # Rank 0 writes; every rank decides alike
-
-def is_main_process():
-    """True on rank 0, and in a process without a process group."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
 
 def _on_rank0(action, device):
     """Run action() on rank 0 only. Returns None on every rank when it worked, else the one-line
@@ -126,7 +126,7 @@ def _on_rank0(action, device):
         except BaseException as e:
             error, crash = f'{type(e).__name__} while writing', e
     failed = torch.tensor([float(error is not None)], device=device)
-    if dist.is_available() and dist.is_initialized():
+    if in_group():
         dist.broadcast(failed, src=0)
     if crash is not None:
         raise crash
@@ -605,7 +605,7 @@ def hold_output_dir(output_dir, device, wait=0.0):
         except BaseException as e:
             code, crash = 3, e
     decided = torch.tensor([float(code)], device=device)
-    if dist.is_available() and dist.is_initialized():
+    if in_group():
         dist.broadcast(decided, src=0)
     if crash is not None:
         raise crash
@@ -678,15 +678,6 @@ def _launcher_gone():
     return _watch_started.is_set() and os.getppid() != _LAUNCHER_PID
 
 
-def _max_over_ranks(values, device):
-    """Element-wise maximum of a list of numbers over the ranks: the same decision everywhere
-    (at an epoch end: the signal that any rank received)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
 def _stop_message(signum, epoch, steps_done, steps_per_epoch, cfg, path):
     """The one line a Stopped run ends with: where it stopped, what was saved, how to go on."""
     where = (f"after epoch {epoch + 1}/{cfg['epochs']}" if steps_done == steps_per_epoch else
@@ -698,6 +689,38 @@ def _stop_message(signum, epoch, steps_done, steps_per_epoch, cfg, path):
           f'by {signal.Signals(signum).name}')
     return (f'stopped {by} {where}: {saved}; run the same command with --resume auto to '
             f'continue (exit status {EXIT_STOPPED})')
+
+
+# ----------------------------------------------------------------------------------------------
+# Random states: saved per rank in every checkpoint, so that a resumed run draws on as the
+# uninterrupted one would have
+
+def rng_state():
+    """This process's torch / CUDA / numpy / python RNG states, as weights_only-loadable types."""
+    np_state = np.random.get_state(legacy=False)
+    state = {'torch': torch.get_rng_state(),
+             'numpy': {'key': torch.from_numpy(np_state['state']['key'].astype(np.int64)),
+                       'pos': int(np_state['state']['pos']),
+                       'has_gauss': int(np_state['has_gauss']), 'gauss': float(np_state['gauss'])},
+             'python': [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what rng_state() returned (a resumed run draws on as the interrupted one)."""
+    torch.set_rng_state(state['torch'])
+    numpy_state = state['numpy']
+    np.random.set_state({'bit_generator': 'MT19937',
+                         'state': {'key': numpy_state['key'].numpy().astype(np.uint32),
+                                   'pos': numpy_state['pos']},
+                         'has_gauss': numpy_state['has_gauss'], 'gauss': numpy_state['gauss']})
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
 
 
 # ----------------------------------------------------------------------------------------------

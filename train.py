@@ -21,11 +21,11 @@ Continue an interrupted run / fine-tune at another resolution / at several (one 
 Where things live: the built-in data (glyphs, shapes: scene generation, rendering, the cache of
 validation images) in builtin_data.py; folder data, the recipes' transforms and the samplers in
 data.py; the fault handling (errors and exit statuses, atomic writes, checkpoints and their
-digests, recovery checkpoints, --resume auto, stop signals, the save-error policy) in
-recovery.py. This file, top-down: the recipes; model, optimizer (LAMB, AdamW) and schedule; the
-training loop (train_one_epoch, evaluate); main, whose epoch loop drives it; then what main
-builds on: the configuration (flags, limits, resolve_config), random states, the evaluation
-across test resolutions, the process group.
+digests, the random states they hold, recovery checkpoints, --resume auto, stop signals, the
+save-error policy) in recovery.py; the process group and its collectives in distributed.py. This
+file, top-down: the recipes; model, optimizer (LAMB, AdamW) and schedule; the training loop
+(train_one_epoch, evaluate); main, whose epoch loop drives it; then what main builds on: the
+configuration (flags, limits, resolve_config), seeds, the evaluation across test resolutions.
 
 Recipes (`--recipe`, chosen from --model and --data-path when absent; every flag overrides them):
   deit3  vit_* on folders: LAMB, BCE loss, 3-Augment, repeated augmentation x3 (DeiT-III, as
@@ -75,11 +75,12 @@ import swin_rope
 from builtin_data import BUILTIN_DATASETS, GLYPH_WINDOW_MIN_AREA
 from data import (EpochSampler, RepeatedAugSampler, SeededSamples, _derived_seed, build_eval_dataset,
                   build_eval_loader, build_train_dataset)
+from distributed import (all_reduce_sum, gather, in_group, init_distributed, is_main_process,
+                         max_over_ranks, print0, rank_and_world)
 from recovery import (Checkpointer, SaveFailed, StopSignals, Stopped, TrainingDiverged, UserError,
-                      _log_records, _max_over_ranks, _on_rank0, _prepare_output_dir, _save_atomic,
-                      _stop_message, cli, find_resume, hold_output_dir, is_main_process,
-                      read_checkpoint, recovery_files, resumes_from_output_dir,
-                      unwrap_state_dict)
+                      _log_records, _on_rank0, _prepare_output_dir, _save_atomic, _stop_message,
+                      cli, find_resume, hold_output_dir, read_checkpoint, recovery_files,
+                      resumes_from_output_dir, rng_state, set_rng_state, unwrap_state_dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +304,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, dev
     model.train()
     model_without_ddp = getattr(model, '_orig_mod', model)   # torch.compile's wrapper
     model_without_ddp = getattr(model_without_ddp, 'module', model_without_ddp)   # DDP's
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank, _ = rank_and_world()
     steps = start_step + len(loader)
     # loss * n, n, skipped: this rank's sums over the epoch
     loss_sum = (sums.to(device) if sums is not None
@@ -335,7 +336,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, dev
         flags = torch.stack([(~torch.isfinite(loss.detach())).double(),
                              torch.tensor(float(stop.signum if stop else 0), dtype=torch.float64,
                                           device=device)])
-        if dist.is_available() and dist.is_initialized():
+        if in_group():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         diverged, signum = flags.tolist()
         if diverged:
@@ -362,14 +363,14 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, dev
             done = (step + 1 - start_step) / (steps - start_step)
             rate = window_n * cfg['world_size'] / max(elapsed, 1e-9)
             eta = (time.time() - epoch_start - seconds) / done * (1 - done)
-            _log(f"epoch {epoch + 1}/{cfg['epochs']}  step {step + 1}/{steps}  "
-                 f"loss {window_loss / max(window_n, 1):.4f}  "
-                 f"lr {optimizer.param_groups[0]['lr']:.3e}  {rate:.0f} img/s  "
-                 f"ETA {datetime.timedelta(seconds=round(eta))}")
+            print0(f"epoch {epoch + 1}/{cfg['epochs']}  step {step + 1}/{steps}  "
+                   f"loss {window_loss / max(window_n, 1):.4f}  "
+                   f"lr {optimizer.param_groups[0]['lr']:.3e}  {rate:.0f} img/s  "
+                   f"ETA {datetime.timedelta(seconds=round(eta))}")
             window_loss, window_n, window_start = 0.0, 0, time.time()
         if after_step is not None:
             after_step(step + 1, int(signum), loss_sum, time.time() - epoch_start)
-    _all_reduce_sum(loss_sum)
+    all_reduce_sum(loss_sum)
     return dict(loss=(loss_sum[0] / loss_sum[1].clamp(min=1)).item(), images=int(loss_sum[1]),
                 skipped=int(loss_sum[2]), seconds=time.time() - epoch_start)
 
@@ -402,7 +403,7 @@ def evaluate(model, loader, device, amp_dtype=None):
         sums[1] += hits.any(dim=-1).sum()
         sums[2] += F.cross_entropy(logits, targets, reduction='sum')
         sums[3] += targets.numel()
-    _all_reduce_sum(sums)
+    all_reduce_sum(sums)
     n = max(sums[3].item(), 1.0)
     return dict(top1=100.0 * sums[0].item() / n, top5=100.0 * sums[1].item() / n,
                 loss=sums[2].item() / n, n=int(sums[3].item()), skipped=int(sums[4].item()))
@@ -473,33 +474,33 @@ def main(args):
     state = resume.state
     amp_dtype = _amp_dtype(cfg['amp'])
     position = (state['epoch'], state.get('images', 0)) if state is not None else None
-    chosen = _gather((resume.path, position))
+    chosen = gather((resume.path, position))
     if any(c != chosen[0] for c in chosen):
         raise UserError('the processes would resume from different checkpoints ('
                         + ', '.join(f'rank {r}: {c[0] or "none"}' for r, c in enumerate(chosen))
                         + '); every node must see the same --output-dir')
-    new_run_id = _gather(uuid.uuid4().hex)[0]
+    new_run_id = gather(uuid.uuid4().hex)[0]
     cfg['run_id'] = resume.run_id if resume.continues else new_run_id
     cfg['torchrun_id'] = os.environ.get('TORCHELASTIC_RUN_ID')
     records = _log_records(cfg['output_dir'], state['epoch'] + 1) if state is not None else []
     error = _on_rank0(lambda: _prepare_output_dir(cfg, resume, records), device)
     if error:
         raise SaveFailed(error)
-    _log('configuration:\n' + '\n'.join(f'  {k}: {v}' for k, v in sorted(cfg.items())))
-    _log(cfg['lr_rule'])
+    print0('configuration:\n' + '\n'.join(f'  {k}: {v}' for k, v in sorted(cfg.items())))
+    print0(cfg['lr_rule'])
     if cfg['finetune'] and state is None:
-        _log(f"fine-tuning from {cfg['finetune']}"
-             + (f" (dropped {', '.join(dropped)}: class count differs)" if dropped else ''))
+        print0(f"fine-tuning from {cfg['finetune']}"
+               + (f" (dropped {', '.join(dropped)}: class count differs)" if dropped else ''))
     if is_main_process():
         for path, reason in resume.damaged:
             sys.stderr.write(f'warning: {path} is damaged ({reason}); resuming from '
                              f'{resume.path} instead (the damaged file is kept as '
                              f'{os.path.basename(path)}.damaged)\n')
     if resume.others:
-        _log(f"note: {len(resume.others)} checkpoint(s) of an earlier run in "
-             f"{cfg['output_dir']} are not continued, and this run's saves replace them "
-             f"({', '.join(map(os.path.basename, resume.others))}); --resume PATH continues "
-             'from one of them')
+        print0(f"note: {len(resume.others)} checkpoint(s) of an earlier run in "
+               f"{cfg['output_dir']} are not continued, and this run's saves replace them "
+               f"({', '.join(map(os.path.basename, resume.others))}); --resume PATH continues "
+               'from one of them')
 
     # 3. Model, optimizer, data.
     model.to(device)
@@ -530,10 +531,10 @@ def main(args):
     eval_loader = build_eval_loader(eval_set, cfg['eval_batch_size'], cfg['num_workers'])
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     mix = _mixup_cutmix(cfg, cfg['num_classes'])
-    _log(f"{cfg['model']} ({model_without_ddp.pe}): "
-         f'{sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.2f} M parameters; '
-         f"{len(train_set)} training / {len(eval_set)} validation images; "
-         f"{info.world_size} process(es) on {device.type}; {steps_per_epoch} steps per epoch")
+    print0(f"{cfg['model']} ({model_without_ddp.pe}): "
+           f'{sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.2f} M parameters; '
+           f"{len(train_set)} training / {len(eval_set)} validation images; "
+           f"{info.world_size} process(es) on {device.type}; {steps_per_epoch} steps per epoch")
 
     start_epoch, start_step, best_top1 = 0, 0, -1.0
     sums, seconds, rng = None, 0.0, None
@@ -557,18 +558,18 @@ def main(args):
         else:
             done = start_epoch * steps_per_epoch + start_step
             scheduler = build_scheduler(optimizer, cfg, steps_per_epoch, done_steps=done)
-            _log(f"note: the checkpoint was written by {stored.get('world_size')} process(es) x "
-                 f"batch {stored.get('batch_size')}, this run has {info.world_size} x "
-                 f"{cfg['batch_size']}: the schedule goes on from step {done} of "
-                 f"{cfg['epochs'] * steps_per_epoch} at lr {cfg['lr']:.4g}; random states are "
-                 'drawn afresh (the result differs from an uninterrupted run)')
+            print0(f"note: the checkpoint was written by {stored.get('world_size')} process(es) x "
+                   f"batch {stored.get('batch_size')}, this run has {info.world_size} x "
+                   f"{cfg['batch_size']}: the schedule goes on from step {done} of "
+                   f"{cfg['epochs'] * steps_per_epoch} at lr {cfg['lr']:.4g}; random states are "
+                   'drawn afresh (the result differs from an uninterrupted run)')
         how = ('after a torchrun restart (auto implied)' if resume.restart
                else f"(--resume {cfg['resume']})")
-        _log(f'resumed from {resume.path} {how}: epoch {start_epoch + 1}/{cfg["epochs"]}, '
-             f'step {start_step}/{steps_per_epoch}')
+        print0(f'resumed from {resume.path} {how}: epoch {start_epoch + 1}/{cfg["epochs"]}, '
+               f'step {start_step}/{steps_per_epoch}')
     elif cfg['resume'] == 'auto' or resume.restart:
-        _log(f"--resume auto: no checkpoint of this run in {cfg['output_dir']}, starting from "
-             'scratch')
+        print0(f"--resume auto: no checkpoint of this run in {cfg['output_dir']}, starting from "
+               'scratch')
     # The checkpoint resumed from stays as the second newest until a second save.
     ours = [p for p in recovery_files(cfg['output_dir'])
             if resume.path and os.path.samefile(p, resume.path)]
@@ -577,8 +578,8 @@ def main(args):
     def state_at(epoch, steps_done, sums=None, seconds=0.0, val=None):
         """The training state after `steps_done` steps of `epoch` (all of them: its end)."""
         complete = steps_done == steps_per_epoch
-        per_rank = _gather({'rng': _rng_state(),
-                            'sums': None if sums is None else sums.detach().cpu().clone()})
+        per_rank = gather({'rng': rng_state(),
+                           'sums': None if sums is None else sums.detach().cpu().clone()})
         state = {'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
                  'lr_scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
                  'epoch': epoch if complete else epoch - 1,   # the last complete epoch
@@ -599,7 +600,7 @@ def main(args):
             first_step = start_step if epoch == start_epoch else 0
             _seed_everything(cfg['seed'], epoch, info.rank)
             if first_step and rng is not None:
-                _set_rng_state(rng)   # where the interrupted run was inside this epoch
+                set_rng_state(rng)   # where the interrupted run was inside this epoch
             loader_generator.manual_seed(_derived_seed(cfg['seed'], epoch, info.rank, 2))
             sampler.set_epoch(epoch, first_step * cfg['batch_size'])
             if hasattr(train_set, 'set_epoch'):
@@ -613,7 +614,7 @@ def main(args):
                     start = time.time()
                     path = checkpointer.save(state_at(epoch, steps_done, sums, seconds))
                     if path:
-                        _log(f'saved {os.path.basename(path)} ({time.time() - start:.1f} s)')
+                        print0(f'saved {os.path.basename(path)} ({time.time() - start:.1f} s)')
                     if signum:
                         raise Stopped(_stop_message(signum, epoch, steps_done, steps_per_epoch,
                                                     cfg, path))
@@ -627,21 +628,21 @@ def main(args):
             improved = val['top1'] > best_top1
             best_top1 = max(best_top1, val['top1'])
             skipped = train_stats['skipped'] + val['skipped']
-            _log(f"epoch {epoch + 1}/{cfg['epochs']} done in {train_stats['seconds']:.0f}s: "
-                 f"train loss {train_stats['loss']:.4f}  val top-1 {val['top1']:.2f}  "
-                 f"top-5 {val['top5']:.2f}  loss {val['loss']:.4f}  (best {best_top1:.2f})"
-                 + (f'  skipped {skipped} undecodable images' if skipped else ''))
+            print0(f"epoch {epoch + 1}/{cfg['epochs']} done in {train_stats['seconds']:.0f}s: "
+                   f"train loss {train_stats['loss']:.4f}  val top-1 {val['top1']:.2f}  "
+                   f"top-5 {val['top5']:.2f}  loss {val['loss']:.4f}  (best {best_top1:.2f})"
+                   + (f'  skipped {skipped} undecodable images' if skipped else ''))
             record = dict(epoch=epoch + 1, train_loss=train_stats['loss'],
                           lr=optimizer.param_groups[0]['lr'], val_top1=val['top1'],
                           val_top5=val['top5'], val_loss=val['loss'],
                           seconds=train_stats['seconds'], skipped=skipped)
-            signum = int(_max_over_ranks([stop.signum], device)[0])
+            signum = int(max_over_ranks([stop.signum], device)[0])
             path = checkpointer.save(state_at(epoch, steps_per_epoch, val=val), epoch_end=True,
                                      improved=improved, record=record)
             if signum:
                 raise Stopped(_stop_message(signum, epoch, steps_per_epoch, steps_per_epoch,
                                             cfg, path))
-    _log(f'training took {datetime.timedelta(seconds=round(time.time() - run_start))}')
+    print0(f'training took {datetime.timedelta(seconds=round(time.time() - run_start))}')
 
     # 5. The paper's experiment: accuracy across test resolutions. A signal from here on ends
     # the process at once; --resume auto redoes only this part.
@@ -659,8 +660,8 @@ def main(args):
             label=label if policy is None else f'{label} {policy}')
     if policies[0] is not None:
         model_without_ddp.rope_positions = policies[0]
-    _log(format_table({label if policy is None else f'{label} {policy}': rows
-                       for policy, rows in by_policy.items()}, cfg['img_size']))
+    print0(format_table({label if policy is None else f'{label} {policy}': rows
+                         for policy, rows in by_policy.items()}, cfg['img_size']))
     summary = {'label': label, 'train_resolution': cfg['img_size'], 'results': by_policy[policies[0]]}
     if policies[0] is not None:
         summary['results_by_rope_positions'] = by_policy
@@ -1001,33 +1002,7 @@ def resolve_config(args, world_size):
 
 
 # ----------------------------------------------------------------------------------------------
-# Random states and seeds: what makes a resumed run equal to an uninterrupted one
-
-def _rng_state():
-    """This process's torch / CUDA / numpy / python RNG states, as weights_only-loadable types."""
-    np_state = np.random.get_state(legacy=False)
-    state = {'torch': torch.get_rng_state(),
-             'numpy': {'key': torch.from_numpy(np_state['state']['key'].astype(np.int64)),
-                       'pos': int(np_state['state']['pos']),
-                       'has_gauss': int(np_state['has_gauss']), 'gauss': float(np_state['gauss'])},
-             'python': [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    numpy_state = state['numpy']
-    np.random.set_state({'bit_generator': 'MT19937',
-                         'state': {'key': numpy_state['key'].numpy().astype(np.uint32),
-                                   'pos': numpy_state['pos']},
-                         'has_gauss': numpy_state['has_gauss'], 'gauss': numpy_state['gauss']})
-    version, internal, gauss = state['python']
-    random.setstate((version, tuple(internal), gauss))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
+# Seeds
 
 def _seed_everything(seed, epoch, rank):
     """Every random draw of an epoch (augmentation, mixup, drop path, loader workers) is a function
@@ -1163,12 +1138,6 @@ class _Progress:
             self._report(self.total, start)
 
 
-def _world():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 CLOSING_ROPE_POSITIONS = ('extrapolate', 'interpolate')   # the closing table's RoPE policies
 
 
@@ -1183,7 +1152,7 @@ def evaluate_resolutions(model, cfg, resolutions, batch_size, device, amp_dtype=
     Returns [dict(resolution, top1, top5, loss, n)] in the order of `resolutions` (top-1/top-5 in
     %, loss = mean cross-entropy).
     """
-    _, world_size = _world()
+    _, world_size = rank_and_world()
     rows = []
     model.eval()
     desc_base = label or config_label(cfg)
@@ -1247,81 +1216,6 @@ def _markdown_table(lines, caption):
     text.insert(1, '|' + '|'.join('-' * (w + 2) for w in widths) + '|')
     text.append(caption)
     return '\n'.join(text)
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed helpers
-
-class DistInfo(NamedTuple):
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    distributed: bool
-
-
-def init_distributed():
-    """Join the torchrun process group (gloo on CPU, NCCL on CUDA) or run as one plain process.
-
-    Reads RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them; calling it again returns the
-    same information without re-initialising.
-    """
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    rank = int(os.environ.get('RANK', '0'))
-    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-    if torch.cuda.is_available():
-        device = torch.device('cuda', local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device('cpu')
-    distributed = world_size > 1
-    if distributed and not dist.is_initialized():
-        backend = 'nccl' if device.type == 'cuda' else 'gloo'
-        shared_store = os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
-        if shared_store and os.environ.get('GROUP_WORLD_SIZE', '1') == '1':
-            # torchrun keeps one store server across restarts of the worker group
-            # (--max-restarts), and torch 2.14 gives the workers no namespace per attempt: a
-            # restarted worker can read a dead peer's address left by the attempt before and
-            # fail to connect. One namespace per attempt, as torch's env:// used to do; with a
-            # single agent every worker has the same restart count. (Several agents may count
-            # differently: there TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives a store per attempt.)
-            store = dist.PrefixStore(
-                f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
-                dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']),
-                              world_size, is_master=False))
-            dist.init_process_group(backend=backend, store=store, world_size=world_size,
-                                    rank=rank)
-        else:
-            dist.init_process_group(backend=backend, init_method='env://',
-                                    world_size=world_size, rank=rank)
-            if (shared_store and rank == 0
-                    and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', '0')) > 0):
-                sys.stderr.write('warning: torchrun keeps one store across restarts of this '
-                                 'several-node group, where a restarted worker may fail to '
-                                 'connect; launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 '
-                                 '(README: Long runs on a cluster)\n')
-    return DistInfo(rank, world_size, local_rank, device, distributed)
-
-
-def _log(*parts):
-    """print() on rank 0 only (the other ranks stay silent)."""
-    if is_main_process():
-        print(*parts, flush=True)
-
-
-def _all_reduce_sum(t):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def _gather(obj):
-    """[obj of rank 0, obj of rank 1, ...] on every rank (a one-item list without a group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    objects = [None] * dist.get_world_size()
-    dist.all_gather_object(objects, obj)
-    return objects
 
 
 if __name__ == '__main__':
