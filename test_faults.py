@@ -98,9 +98,13 @@ def _train_wait_output(log, text, proc):
         time.sleep(0.005)
 
 
-def _train_random_moment():
-    """After 1-7 saves, then up to 0.1 s (inside a step, a save or an evaluation)."""
-    return random.randint(1, 7), random.uniform(0.0, 0.1)
+def _train_at_a_random_moment(logs, procs):
+    """Return at a random moment of the runs writing `logs`: after 1-7 saves, then up to 0.1 s
+    (inside a step, a save or an evaluation). Returns (saves, delay), for failure messages."""
+    moment = saves, delay = random.randint(1, 7), random.uniform(0.0, 0.1)
+    _train_after_saves(logs, procs, saves)
+    time.sleep(delay)
+    return moment
 
 
 def test_train_torchrun_two_processes_outputs_and_recovery_rotation(_train_reference_run):
@@ -137,13 +141,11 @@ def test_train_sigkill_at_a_random_moment_then_resume_auto_is_bit_identical(
         _train_reference_run, tmp_path):
     full, _ = _train_reference_run
     cut = tmp_path / 'cut'
-    saves, delay = moment = _train_random_moment()
     with _TrainProcesses() as procs:
         log = tmp_path / 'killed.log'
         proc = procs.start(_train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut)]),
                            tmp_path, log=log)
-        _train_after_saves([log], [proc], saves)
-        time.sleep(delay)
+        moment = _train_at_a_random_moment([log], [proc])
         workers = _train_children(proc.pid)
         holder = recovery.lock_holder(str(cut))
         _train_kill_tree(proc.pid)   # the whole job, workers included, as a node crash
@@ -209,13 +211,11 @@ def test_train_sigterm_stops_every_rank_at_one_step_saves_once_and_resumes_bit_i
         _train_reference_run, tmp_path):
     full, _ = _train_reference_run
     cut = tmp_path / 'cut'
-    saves, delay = moment = _train_random_moment()
     with _TrainProcesses() as procs:
         log = tmp_path / 'stopped.log'
         proc = procs.start(_train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut)]),
                            tmp_path, log=log)
-        _train_after_saves([log], [proc], saves)
-        time.sleep(delay)
+        moment = _train_at_a_random_moment([log], [proc])
         workers = _train_children(proc.pid)
         # As a scheduler does: SIGTERM to every process, then again while the state is saved.
         signalled = time.time()
@@ -252,9 +252,7 @@ def test_train_lost_worker_torchrun_restart_resumes_by_itself_bit_identical(
         log = tmp_path / 'run.log'
         proc = procs.start(_train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut)],
                                            launcher=restarting), tmp_path, log=log)
-        saves, delay = _train_random_moment()
-        _train_after_saves([log], [proc], saves)
-        time.sleep(delay)
+        _train_at_a_random_moment([log], [proc])
         first = recovery.lock_holder(str(cut))
         assert first['pid'] in _train_children(proc.pid)
         os.kill(_train_children(proc.pid)[-1], signal.SIGKILL)
@@ -278,12 +276,10 @@ def test_train_torchrun_killed_alone_its_workers_stop_by_themselves_and_resume_b
     full, _ = _train_reference_run
     cut = tmp_path / 'cut'
     command = _train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut), '--resume', 'auto'])
-    saves, delay = moment = _train_random_moment()
     with _TrainProcesses() as procs:
         log = tmp_path / 'orphaned.log'
         proc = procs.start(command, tmp_path, log=log)
-        _train_after_saves([log], [proc], saves)
-        time.sleep(delay)
+        moment = _train_at_a_random_moment([log], [proc])
         workers = _train_children(proc.pid)
         killed = time.time()
         os.kill(proc.pid, signal.SIGKILL)   # torchrun alone, as the out-of-memory killer does
@@ -317,9 +313,7 @@ def test_train_second_job_on_a_running_jobs_folder_is_refused_and_the_first_ends
     with _TrainProcesses() as procs:
         log = tmp_path / 'first.log'
         first = procs.start(command, tmp_path, log=log)
-        saves, delay = _train_random_moment()
-        _train_after_saves([log], [first], saves)
-        time.sleep(delay)
+        _train_at_a_random_moment([log], [first])
         # The first job paused while the second runs, so that it is still there, and the
         # folder does not change but for what the second job writes.
         _train_kill_tree(first.pid, signal.SIGSTOP)
@@ -414,9 +408,7 @@ def test_train_two_nodes_c10d_preempt_resume_and_lost_node_are_bit_identical(
     out = tmp_path / 'preempted'
     with _TrainProcesses() as procs:
         agents = _train_two_nodes(procs, _train_free_port(), out, tmp_path, 'first')
-        saves, delay = _train_random_moment()
-        _train_after_saves([tmp_path / f'first_node{n}.log' for n in range(2)], agents, saves)
-        time.sleep(delay)
+        _train_at_a_random_moment([tmp_path / f'first_node{n}.log' for n in range(2)], agents)
         workers = [w for a in agents for w in _train_children(a.pid)]
         for agent in agents:
             _train_kill_tree(agent.pid, signal.SIGTERM)
@@ -437,9 +429,7 @@ def test_train_two_nodes_c10d_preempt_resume_and_lost_node_are_bit_identical(
     out = tmp_path / 'lost'
     with _TrainProcesses() as procs:
         agents = _train_two_nodes(procs, _train_free_port(), out, tmp_path, 'lost')
-        saves, delay = _train_random_moment()
-        _train_after_saves([tmp_path / f'lost_node{n}.log' for n in range(2)], agents, saves)
-        time.sleep(delay)
+        _train_at_a_random_moment([tmp_path / f'lost_node{n}.log' for n in range(2)], agents)
         os.kill(_train_children(agents[1].pid)[0], signal.SIGKILL)
         for agent in agents:
             assert agent.wait(timeout=_TRAIN_TIMEOUT) == 0
