@@ -722,7 +722,6 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Saving the training state, and the save-error policy
 
