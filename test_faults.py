@@ -281,10 +281,18 @@ def test_train_torchrun_killed_alone_its_workers_stop_by_themselves_and_resume_b
         proc = procs.start(command, tmp_path, log=log)
         moment = _train_at_a_random_moment([log], [proc])
         workers = _train_children(proc.pid)
-        killed = time.time()
-        os.kill(proc.pid, signal.SIGKILL)   # torchrun alone, as the out-of-memory killer does
-        proc.wait()
+        # The workers are paused across the kill and for longer than their watch's poll
+        # interval (0.5 s), so that they notice at their first step after it: else, on a fast
+        # machine, the few steps left after a late moment can end the run before the next poll.
+        for worker in workers:
+            _train_kill_tree(worker, signal.SIGSTOP)
         try:
+            os.kill(proc.pid, signal.SIGKILL)   # torchrun alone, as the out-of-memory killer does
+            proc.wait()
+            time.sleep(0.6)
+            killed = time.time()
+            for worker in workers:
+                _train_kill_tree(worker, signal.SIGCONT)
             _train_wait_gone(workers, timeout=10)
         finally:
             for worker in workers:   # what a failed test would leave running
@@ -297,7 +305,7 @@ def test_train_torchrun_killed_alone_its_workers_stop_by_themselves_and_resume_b
                        r'with --resume auto to continue \(exit status 75\)', output)
     assert len(stops) == 1 and recovery.recovery_files(str(cut))[0] == stops[0], output[-3000:]
     saved = stops[0]
-    assert orphaned_seconds < 10   # measured: 1-2 s (a poll every 0.5 s, a step, a save)
+    assert orphaned_seconds < 10   # from SIGCONT: a step, a save and the exit
     resumed = subprocess.run(command, cwd=tmp_path, env=_train_env(), capture_output=True,
                              text=True, timeout=_TRAIN_TIMEOUT)
     assert resumed.returncode == 0, (moment, resumed.stderr[-3000:])
