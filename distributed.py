@@ -93,13 +93,24 @@ def all_reduce_sum(t):
     return t
 
 
+def all_reduce_max(t):
+    """t's element-wise maximum over the ranks, in place (and returned)."""
+    if in_group():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def max_over_ranks(values, device):
     """Element-wise maximum of a list of numbers over the ranks: the same decision everywhere
     (at an epoch end: the signal that any rank received)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    return all_reduce_max(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+
+
+def broadcast_from_rank0(t):
+    """t as rank 0 has it, on every rank, in place (and returned)."""
     if in_group():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+        dist.broadcast(t, src=0)
+    return t
 
 
 def gather(obj):

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 import rope_vit
-from distributed import in_group, is_main_process
+from distributed import broadcast_from_rank0, in_group, is_main_process
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,9 +125,7 @@ def _on_rank0(action, device):
             error = f'cannot write {e.filename}: {e.strerror}' if e.filename else str(e)
         except BaseException as e:
             error, crash = f'{type(e).__name__} while writing', e
-    failed = torch.tensor([float(error is not None)], device=device)
-    if in_group():
-        dist.broadcast(failed, src=0)
+    failed = broadcast_from_rank0(torch.tensor([float(error is not None)], device=device))
     if crash is not None:
         raise crash
     if failed.item() and error is None:
@@ -604,9 +602,7 @@ def hold_output_dir(output_dir, device, wait=0.0):
             message = f'cannot write {e.filename}: {e.strerror}' if e.filename else str(e)
         except BaseException as e:
             code, crash = 3, e
-    decided = torch.tensor([float(code)], device=device)
-    if in_group():
-        dist.broadcast(decided, src=0)
+    decided = broadcast_from_rank0(torch.tensor([float(code)], device=device))
     if crash is not None:
         raise crash
     code = int(decided.item())

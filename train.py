@@ -65,7 +65,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
@@ -75,8 +74,8 @@ import swin_rope
 from builtin_data import BUILTIN_DATASETS, GLYPH_WINDOW_MIN_AREA
 from data import (EpochSampler, RepeatedAugSampler, SeededSamples, _derived_seed, build_eval_dataset,
                   build_eval_loader, build_train_dataset)
-from distributed import (all_reduce_sum, gather, in_group, init_distributed, is_main_process,
-                         max_over_ranks, print0, rank_and_world)
+from distributed import (all_reduce_max, all_reduce_sum, gather, init_distributed,
+                         is_main_process, max_over_ranks, print0, rank_and_world)
 from recovery import (Checkpointer, SaveFailed, StopSignals, Stopped, TrainingDiverged, UserError,
                       _log_records, _on_rank0, _prepare_output_dir, _save_atomic, _stop_message,
                       cli, find_resume, hold_output_dir, read_checkpoint, recovery_files,
@@ -336,9 +335,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, dev
         flags = torch.stack([(~torch.isfinite(loss.detach())).double(),
                              torch.tensor(float(stop.signum if stop else 0), dtype=torch.float64,
                                           device=device)])
-        if in_group():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        diverged, signum = flags.tolist()
+        diverged, signum = all_reduce_max(flags).tolist()
         if diverged:
             raise TrainingDiverged(
                 f'loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}/{steps}; stopped. '
