@@ -9,10 +9,12 @@ of naver-ai/rope-vit keep their names and state-dict keys. Any input whose sides
 of the patch size runs, square or not, without rebuilding the model.
 
 Reading order: the paper's path first (section 3.2's equations, the APE, the ViT, the presets
-and create_model), complete on its own; then what goes beyond the paper (RoPE position policies
-for a change of resolution, ViTDet window attention and feature maps), checkpoints and the
-published weights, and last "Speed: the same math, fused", which eager forward() runs instead
-of the readable RoPE (the choice is RopeViT._use_fused_path).
+and create_model), a working file on its own when cut at its closing banner; then what goes
+beyond the paper (RoPE position policies for a change of resolution, coordinate augmentation,
+average pooling, ViTDet window attention and feature maps) as subclasses that keep the paper's
+names, checkpoints and the published weights, and last "Speed: the same math, fused". The fast
+path is one switch, ``model.fused``: each Attention shows both calls (the readable apply_rope and
+the fused rotation); ``model.fused = False`` runs the readable path.
 
 Usage::
 
@@ -27,6 +29,16 @@ Usage::
                                    window_size=14, global_blocks=(2, 5, 8, 11))
     maps = vitdet.forward_intermediates(torch.randn(1, 3, 1024, 1024), indices=[-1], intermediates_only=True)
     # maps: [(1, 768, 64, 64)]
+
+RoPE-Mixed in your own attention (the four functions of section 3.2 and the two lines of the
+call site; q and k of any attention, (B, heads, N, D) over a 14 x 14 patch grid)::
+
+    import torch, rope_vit
+    q, k = torch.randn(2, 6, 196, 64), torch.randn(2, 6, 196, 64)
+    freqs = torch.nn.Parameter(rope_vit.init_rope_freqs(6, 64, theta=10.0, mixed=True))  # (2, heads, D/2)
+    t_x, t_y = rope_vit.patch_grid_positions(14, 14)                            # (N,) each
+    cos, sin = rope_vit.rope_cos_sin(rope_vit.rope_angles(freqs, t_x, t_y))     # (heads, N, D/2) each
+    q, k = rope_vit.apply_rope(q, cos, sin), rope_vit.apply_rope(k, cos, sin)   # then softmax(q k^T / sqrt(D)) v
 
 Shape legend: B batch, T = 1 + N tokens (class token first, then N = Hp * Wp patch tokens
 row-major over the (Hp, Wp) patch grid: token n has column x = n % Wp and row y = n // Wp;
@@ -49,7 +61,7 @@ DEFAULT_ROPE_THETA = {'axial': 100.0, 'mixed': 10.0}  # Eq. 13 base (Axial) / re
 
 # =======================================================================================
 # The paper's path: section 3.2's equations, the APE, the ViT, presets and create_model.
-# Complete on its own; everything after create_model goes beyond the paper or is speed.
+# A working file on its own: it uses nothing defined after its closing banner.
 # =======================================================================================
 
 # ---------------------------------------------------------------------------------------
@@ -65,23 +77,27 @@ def rope_magnitudes(head_dim: int, theta: float, device=None) -> torch.Tensor:
     return theta ** (-t / (head_dim // 4))
 
 
-def init_mixed_freqs(head_dim: int, depth: int, num_heads: int, theta: float) -> torch.Tensor:
-    """Initial RoPE-Mixed frequencies (theta^x, theta^y) of Eq. 14, as released.
+def init_rope_freqs(num_heads: int, head_dim: int, theta: float, mixed: bool, device=None) -> torch.Tensor:
+    """Frequencies (theta^x, theta^y) of Eq. 14 for each head: float32 (2, heads, D/2).
 
-    Per layer and head one angle ``a ~ U(0, 2 pi)`` is drawn (loop over layers, then heads,
-    one ``torch.rand(1)`` each, as the official code). Pair ``t < D/4`` gets
-    ``m_t (cos a, sin a)``, pair ``D/4 + t`` gets ``m_t (cos(a + pi/2), sin(a + pi/2))``
-    with ``m_t`` from Eq. 13. Returns float32 (2, L, heads * D/2): index 0 holds
-    theta^x, index 1 theta^y; layer l, head h, pair j is ``[:, l, h * D/2 + j]``.
+    Index 0 holds theta^x, index 1 theta^y; pair j of head h is ``[:, h, j]``.
+    Mixed, the released initialisation: one angle ``a ~ U(0, 2 pi)`` per head (one draw per
+    head, in head order, as the official code); pair ``t < D/4`` gets ``m_t (cos a, sin a)``,
+    pair ``D/4 + t`` gets ``m_t (cos(a + pi/2), sin(a + pi/2))``, ``m_t`` from Eq. 13.
+    Axial (Eq. 12) as axis-aligned Eq. 14 frequencies: pairs ``0 .. D/4-1`` turn with p^x and
+    pairs ``D/4 .. D/2-1`` with p^y, the other component exactly 0 (the official ViT computes
+    the two axes apart; the paper interleaves x/y, the weights use halves).
     """
-    mag = rope_magnitudes(head_dim, theta)  # (D/4,)
-    freqs = torch.empty(2, depth, num_heads, head_dim // 2)
-    for layer in range(depth):
-        for head in range(num_heads):
-            a = torch.rand(1) * 2 * math.pi
-            freqs[0, layer, head] = torch.cat([mag * torch.cos(a), mag * torch.cos(a + math.pi / 2)])
-            freqs[1, layer, head] = torch.cat([mag * torch.sin(a), mag * torch.sin(a + math.pi / 2)])
-    return freqs.flatten(2)  # (2, L, heads * D/2)
+    mag = rope_magnitudes(head_dim, theta, device)  # (D/4,)
+    if not mixed:
+        zero = torch.zeros_like(mag)
+        axial = torch.stack([torch.cat([mag, zero]), torch.cat([zero, mag])])  # (2, D/2)
+        return axial[:, None].expand(-1, num_heads, -1)  # (2, heads, D/2)
+    angles = (torch.rand(num_heads, 1) * 2 * math.pi).to(mag.device)  # (heads, 1)
+    turned = angles + math.pi / 2
+    fx = torch.cat([mag * torch.cos(angles), mag * torch.cos(turned)], dim=-1)  # (heads, D/2)
+    fy = torch.cat([mag * torch.sin(angles), mag * torch.sin(turned)], dim=-1)  # (heads, D/2)
+    return torch.stack([fx, fy])  # (2, heads, D/2)
 
 
 def patch_grid_positions(grid_h: int, grid_w: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -96,28 +112,17 @@ def patch_grid_positions(grid_h: int, grid_w: int, device=None) -> Tuple[torch.T
     return x.flatten(), y.flatten()  # (N,), (N,)
 
 
-def axial_angles(t_x: torch.Tensor, t_y: torch.Tensor, head_dim: int, theta: float,
-                 scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Eq. 12: RoPE-Axial angles, float32 (N, D/2).
+def rope_angles(freqs: torch.Tensor, t_x: torch.Tensor, t_y: torch.Tensor) -> torch.Tensor:
+    """Eq. 14 (Eq. 12 for axis-aligned frequencies): angles ``theta^x_t p^x_n + theta^y_t p^y_n``.
 
-    Released layout: complex pairs ``0 .. D/4-1`` rotate with ``p^x`` and pairs
-    ``D/4 .. D/2-1`` with ``p^y`` (the paper interleaves x/y; the weights use halves).
-    scale (2, D/4): a position policy's factors for the x and y magnitudes (None: 1).
+    freqs (2, ..., D/2): theta^x and theta^y (any leading dims: heads, or layers and heads);
+    t_x, t_y (N,). Returns (..., N, D/2) in t_x's dtype (float32, or float64 for a float64
+    model), with autocast off: broadcast products, not matmuls, and bf16 angles would lose
+    whole radians at large positions.
     """
-    mag = rope_magnitudes(head_dim, theta, device=t_x.device).to(t_x.dtype)  # (D/4,)
-    mag_x, mag_y = (mag, mag) if scale is None else (mag * scale.to(mag.dtype)).unbind(0)
-    return torch.cat([t_x[:, None] * mag_x, t_y[:, None] * mag_y], dim=-1)  # (N, D/2)
-
-
-def mixed_angles(t_x: torch.Tensor, t_y: torch.Tensor, freqs: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Eq. 14: RoPE-Mixed angles ``theta^x_t p^x_n + theta^y_t p^y_n`` for every layer and head.
-
-    freqs (2, L, heads * D/2), t_x, t_y (N,). Returns (L, heads, N, D/2) in t_x's dtype
-    (float32, or float64 for a float64 model). Broadcast products, not matmuls, so that
-    autocast cannot lower their precision.
-    """
-    fx, fy = freqs.to(t_x.dtype).unflatten(-1, (num_heads, -1)).unbind(0)  # (L, heads, D/2) each
-    return t_x[:, None] * fx[..., None, :] + t_y[:, None] * fy[..., None, :]  # (L, heads, N, D/2)
+    with torch.autocast(device_type=freqs.device.type, enabled=False):
+        fx, fy = freqs.to(t_x.dtype).unbind(0)  # (..., D/2) each
+        return t_x[:, None] * fx[..., None, :] + t_y[:, None] * fy[..., None, :]  # (..., N, D/2)
 
 
 def rope_cos_sin(angles: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -177,22 +182,6 @@ class ViTConfig:
     drop_path_rate: float = 0.0  # the same rate in every block (DeiT-III)
     rope_theta: Optional[float] = None  # None: 100 for Axial, 10 for Mixed
     init_scale: float = 1e-4  # LayerScale init
-    # The fields below go beyond the paper (their sections follow create_model); their defaults
-    # give the paper's model.
-    # ViTDet-style backbone (dense prediction): window attention of window_size x window_size
-    # patches in every block but global_blocks (indices, negative from the end). None: all global.
-    window_size: Optional[int] = None
-    global_blocks: Tuple[int, ...] = ()
-    # How RoPE follows a change of resolution (rope_position_scale): one of ROPE_POSITIONS, from the
-    # training grid rope_train_grid (Hp, Wp) (None: img_size / patch_size); yarn's ramp in turns.
-    rope_positions: str = 'extrapolate'
-    rope_train_grid: Optional[Tuple[int, int]] = None
-    yarn_alpha: float = 0.25
-    yarn_beta: float = 1.0
-    # 'token': classify the class token's feature (DeiT-III, the published models); 'avg': no class
-    # token, classify the mean of the final normed patch tokens. Without the class token, which
-    # RoPE leaves unrotated at position (0, 0), a RoPE-only model sees nothing but relative offsets.
-    global_pool: str = 'token'
 
 
 class PatchEmbed(nn.Module):
@@ -241,11 +230,7 @@ class RopeTables(NamedTuple):
     (T, D/2) for Axial (shared by all heads) or (heads, T, D/2) for Mixed."""
     cos: torch.Tensor
     sin: torch.Tensor
-
-    def rotate_qkv(self, qkv: torch.Tensor, num_heads: int, batch: int):
-        """qkv (B * T, 3 * heads * D) -> q, k, v (B, heads, T, D), q and k rotated by Eq. 11."""
-        q, k, v = _split_heads(qkv, num_heads, batch).unbind(0)  # (B, heads, T, D) each
-        return apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin), v
+    fused = False  # readable: Attention rotates with apply_rope
 
 
 class Attention(nn.Module):
@@ -259,35 +244,34 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope=None, need_weights: bool = False,
-                grid: Optional[Tuple[int, int]] = None, window: Optional[int] = None
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """x (B, T, C); rope: this block's rotation, RopeTables (readable) or FusedRope (the fused
-        path, last section), as RopeViT._use_fused_path chose, or None (no RoPE); window: attend
-        within window x window patches of the (Hp, Wp) patch grid ``grid`` (window_attention, a
-        later section), or None.
+    def rotated_qkv(self, x: torch.Tensor, rope=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q, k, v (B, heads, T, D), q and k rotated by Eq. 11 where rope is given.
 
-        Returns (B, T, C) and, if need_weights, the probabilities (B, heads, T, T).
+        rope: this block's rotation from RopeViT.block_ropes, RopeTables (readable) or, where the
+        model's ``fused`` switch is on, FusedRope (the file's last section); None: no RoPE.
         """
         B, T, C = x.shape
         # (B * T, 3C): channels [q | k | v], each head-major (official layout); 2-D so that the
-        # projection's output is not a view (the fused path rotates q and k in place in it)
+        # projection's output is not a view (the fused rotation writes q and k in place in it)
         qkv = self.qkv(x.reshape(B * T, C))
-        if rope is None:
-            q, k, v = _split_heads(qkv, self.num_heads, B).unbind(0)  # (B, heads, T, D) each
-        else:  # Eq. 11 on q and k
-            q, k, v = rope.rotate_qkv(qkv, self.num_heads, B)  # (B, heads, T, D) each
+        if rope is not None and rope.fused:  # the same Eq. 11 in place, one complex product per pair
+            return rotate_qkv_fused(qkv, rope, self.num_heads, B)
+        q, k, v = _split_heads(qkv, self.num_heads, B).unbind(0)  # (B, heads, T, D) each
+        if rope is not None:  # Eq. 11 on q and k (the class token's angle is 0: not rotated)
+            q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope=None, need_weights: bool = False
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x (B, T, C) -> (B, T, C) and, if need_weights, the probabilities (B, heads, T, T)."""
+        B, T, C = x.shape
+        q, k, v = self.rotated_qkv(x, rope)  # (B, heads, T, D) each
         attn = None
         if need_weights:  # explicit path for analysis: A' = softmax(q k^T / sqrt(D)) (Eq. 8 / 15)
-            logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, T, T)
-            if window is not None:  # ViTDet block: keys outside the query's window masked out
-                logits = logits.masked_fill(~window_attention_mask(grid, window, x.device), float('-inf'))
-            attn = logits.softmax(dim=-1)
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T, T)
             out = attn.to(v.dtype) @ v
-        elif window is not None:  # ViTDet block
-            out = window_attention(q, k, v, grid, window)  # (B, heads, T, D)
         else:
-            out = F.scaled_dot_product_attention(q, k, v)  # same math, fused
+            out = F.scaled_dot_product_attention(q, k, v)  # same math, one kernel
         out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, heads * D)
         return self.proj(out), attn
 
@@ -305,9 +289,8 @@ class Block(nn.Module):
         self.gamma_1 = nn.Parameter(init_scale * torch.ones(dim))
         self.gamma_2 = nn.Parameter(init_scale * torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, rope=None, need_weights: bool = False,
-                grid: Optional[Tuple[int, int]] = None, window: Optional[int] = None):
-        y, attn = self.attn(self.norm1(x), rope, need_weights, grid, window)
+    def forward(self, x: torch.Tensor, rope=None, need_weights: bool = False):
+        y, attn = self.attn(self.norm1(x), rope, need_weights)
         x = x + self.drop_path(self.gamma_1 * y)
         x = x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
         return x, attn
@@ -315,6 +298,11 @@ class Block(nn.Module):
 
 class RopeViT(nn.Module):
     """ViT / DeiT-III with any position embedding of the paper. See the module docstring."""
+
+    num_prefix_tokens = 1  # the class token, token 0: RoPE gives it angle 0 (not rotated, as official)
+    # The switch of the fast path: True makes eager forward() rotate with FusedRope (the file's
+    # last section, which turns it on); False, the readable apply_rope of this section.
+    fused = False
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -340,18 +328,6 @@ class RopeViT(nn.Module):
         img_h, img_w = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
         self.check_img_size(img_h, img_w)
         self.grid_size = (img_h // cfg.patch_size, img_w // cfg.patch_size)  # the stored APE grid (Hp, Wp)
-        # Beyond the paper (later sections; the defaults are the paper's model): the position
-        # policy, average pooling without a class token, ViTDet windows, coordinate augmentation.
-        cfg.rope_train_grid = _resolve_train_grid(cfg.rope_train_grid, self.grid_size)
-        check_rope_positions(cfg.rope_positions, cfg.yarn_alpha, cfg.yarn_beta)
-        if cfg.global_pool not in ('token', 'avg'):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {cfg.global_pool!r}")
-        if cfg.global_pool == 'avg' and cfg.window_size is not None:
-            raise ValueError("window_size needs the class token (global_pool='token'): window attention keeps it global")
-        self.num_prefix_tokens = 1 if cfg.global_pool == 'token' else 0  # class token or none
-        self.block_windows = block_window_sizes(cfg)  # per block: window side in patches, or None (global)
-        # (shift_x, shift_y, scale_x, scale_y) of augment_positions, set per batch by a training loop; None: off
-        self.rope_coord_augment: Optional[Tuple[float, float, float, float]] = None
 
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         if self.num_prefix_tokens:
@@ -374,7 +350,9 @@ class RopeViT(nn.Module):
         if self.rope_kind and self.num_prefix_tokens:
             nn.init.trunc_normal_(self.cls_token, std=.02)  # the RoPE models re-init it (same RNG order)
         if self.rope_kind == 'mixed':  # Eq. 14: learned (theta^x, theta^y) per layer and head
-            self.freqs = nn.Parameter(init_mixed_freqs(head_dim, cfg.depth, cfg.num_heads, self.rope_theta))
+            self.freqs = nn.Parameter(torch.stack([
+                init_rope_freqs(cfg.num_heads, head_dim, self.rope_theta, mixed=True)
+                for _ in range(cfg.depth)], dim=1).flatten(2))  # (2, L, heads * D/2), the official layout
 
     @staticmethod
     def _init_weights(m: nn.Module):
@@ -387,27 +365,12 @@ class RopeViT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def no_weight_decay(self) -> set:
-        names = {'cls_token'} if self.num_prefix_tokens else set()
-        if self.use_ape:
-            names.add('pos_embed')
-        if self.rope_kind == 'mixed':
-            names.add('freqs')
-        return names
+        return {name for name, _ in self.named_parameters() if name in ('cls_token', 'pos_embed', 'freqs')}
 
     @property
     def param_dtype(self) -> torch.dtype:
         """The dtype of the weights (float64 models build their RoPE tables in float64)."""
         return self.patch_embed.proj.weight.dtype
-
-    @property
-    def rope_positions(self) -> str:
-        """The position policy (ROPE_POSITIONS, a later section); assign to change it between forwards."""
-        return self.cfg.rope_positions
-
-    @rope_positions.setter
-    def rope_positions(self, policy: str) -> None:
-        check_rope_positions(policy, self.cfg.yarn_alpha, self.cfg.yarn_beta)
-        self.cfg.rope_positions = policy
 
     def check_img_size(self, H: int, W: int) -> None:
         """Raise ValueError unless H and W are positive multiples of the patch size."""
@@ -422,15 +385,27 @@ class RopeViT(nn.Module):
         raise ValueError(f'input size {H}x{W} (HxW) is not allowed: height and width must be positive '
                          f'multiples of the patch size {p}; nearest valid sizes: {", ".join(sizes)}')
 
+    # -- RoPE tables: positions and frequencies (overridable steps) --------------------------
+    def patch_positions(self, grid_h: int, grid_w: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(p^x, p^y) of the patch tokens, float32 (N,) each: the integer grid (section 3.2)."""
+        return patch_grid_positions(grid_h, grid_w, device)
+
+    def rope_frequencies(self, grid_h: int, grid_w: int, device) -> torch.Tensor:
+        """(theta^x, theta^y) that rotate a (grid_h, grid_w) grid: (2, D/2) for Axial (Eq. 12-13,
+        fixed), (2, L, heads, D/2) for Mixed (Eq. 14, the learned ``freqs``, with autograd).
+        The paper extrapolates (section 3.3): the same frequencies on every grid."""
+        if self.rope_kind == 'axial':
+            return init_rope_freqs(1, self.embed_dim // self.num_heads, self.rope_theta, mixed=False,
+                                   device=device)[:, 0]  # (2, D/2)
+        return self.freqs.unflatten(-1, (self.num_heads, -1))  # (2, L, heads, D/2)
+
     def block_rotations(self, grid_h: int, grid_w: int, device) -> Optional[List[RopeTables]]:
         """Eq. 10 tables (cos, sin) of every block for a (grid_h, grid_w) patch grid, built once per forward.
 
         The class token (if any) gets angle 0, i.e. the identity rotation: it is not rotated
         (official), and the blocks need no slicing or concatenation. Returns L RopeTables of
         float32 (float64 for a float64 model) tensors, (T, D/2) for Axial (shared by all
-        blocks) or (heads, T, D/2) for Mixed; None without RoPE. Hooks for later sections:
-        coordinate augmentation moves the positions, the position policy scales the
-        frequencies, YaRN's temperature scales cos and sin; all are the identity by default.
+        blocks) or (heads, T, D/2) for Mixed; None without RoPE.
         """
         if self.rope_kind is None:
             return None
@@ -438,40 +413,28 @@ class RopeViT(nn.Module):
         # would be off by up to 0.06 rad, and more at larger positions.
         with torch.autocast(device_type=device.type, enabled=False):
             real = torch.float64 if self.param_dtype == torch.float64 else torch.float32
-            t_x, t_y = coord_augmented_positions(self, *patch_grid_positions(grid_h, grid_w, device),
-                                                 grid_h, grid_w)  # (N,) each
+            t_x, t_y = self.patch_positions(grid_h, grid_w, device)  # (N,) each
             prefix = (self.num_prefix_tokens, 0)
             t_x, t_y = F.pad(t_x, prefix).to(real), F.pad(t_y, prefix).to(real)  # (T,): class token at 0
-            head_dim = self.embed_dim // self.num_heads
-            scale, attention_scale = rope_policy(self, grid_h, grid_w, device)
-            if self.rope_kind == 'axial':
-                cos, sin = rope_cos_sin(axial_angles(t_x, t_y, head_dim, self.rope_theta, scale))  # (T, D/2)
-                tables = [RopeTables(cos, sin)] * self.depth
-            else:
-                freqs = self.freqs if scale is None else self.freqs * scale  # (2, L, heads * D/2)
-                cos, sin = rope_cos_sin(mixed_angles(t_x, t_y, freqs, self.num_heads))  # (L, heads, T, D/2)
-                tables = [RopeTables(c, s) for c, s in zip(cos.unbind(0), sin.unbind(0))]
-            if attention_scale != 1:
-                tables = [RopeTables(c * attention_scale, s * attention_scale) for c, s in tables]
-            return tables
+            cos, sin = rope_cos_sin(rope_angles(self.rope_frequencies(grid_h, grid_w, device), t_x, t_y))
+            if self.rope_kind == 'axial':  # (T, D/2), the same in every block
+                return [RopeTables(cos, sin)] * self.depth
+            return [RopeTables(c, s) for c, s in zip(cos.unbind(0), sin.unbind(0))]  # L x (heads, T, D/2)
 
-    def _use_fused_path(self, need_weights: bool) -> bool:
-        """The one place that picks how a RoPE model rotates q and k; _embed asks it once per forward.
+    def block_ropes(self, grid_h: int, grid_w: int, device, need_weights: bool) -> list:
+        """What each block rotates q and k with, chosen here once per forward: None (no RoPE),
+        FusedRope where the ``fused`` switch is on (eager forward() only: the explicit path of
+        need_weights and whatever torch.compile / torch.export trace take the readable, real-valued
+        tables, which they can express), else RopeTables."""
+        if self.rope_kind is None:
+            return [None] * self.depth
+        if self.fused and not need_weights and not torch.compiler.is_compiling():
+            return fused_block_ropes(self, grid_h, grid_w, device)  # the same rotation, fused (last section)
+        return self.block_rotations(grid_h, grid_w, device)
 
-        False, the readable path of this section (block_rotations' RopeTables, apply_rope):
-        forward_with_attention (need_weights), and whatever torch.compile or torch.export traces,
-        since neither handles the complex tensors of the fused path (the ONNX export starts from
-        a torch.export program). True, FusedRope ("Speed: the same math, fused", the file's last
-        section): every other forward, eager forward() in training and evaluation alike; the same
-        math in another floating-point rounding, with less memory and time.
-        """
-        return not need_weights and not torch.compiler.is_compiling()
-
-    def _embed(self, x: torch.Tensor, need_weights: bool):
-        """Patch tokens with APE and the class token, plus what every block needs.
-
-        Returns (tokens (B, T, C), grid (Hp, Wp), per-block RoPE rotation or None, per-block window or None).
-        """
+    # -- forward -----------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """(B, in_chans, H, W) -> tokens (B, T, C) with APE and the class token, and the grid (Hp, Wp)."""
         B, _, H, W = x.shape
         self.check_img_size(H, W)
         grid = (H // self.patch_size, W // self.patch_size)  # positions from the real grid
@@ -480,27 +443,29 @@ class RopeViT(nn.Module):
             x = x + resize_pos_embed(self.pos_embed, self.grid_size, grid).to(x.dtype)
         if self.num_prefix_tokens:
             x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, T, C)
-        if self.rope_kind is None:
-            rope = [None] * self.depth
-        elif self._use_fused_path(need_weights):
-            rope = fused_block_ropes(self, *grid, x.device)  # the same rotation, fused (last section)
-        else:
-            rope = self.block_rotations(*grid, x.device)
-        return x, grid, rope, windows_on_grid(self.block_windows, grid)
+        return x, grid
 
-    def _tokens(self, x: torch.Tensor, need_weights: bool):
-        x, grid, rope, windows = self._embed(x, need_weights)
+    def run_blocks(self, x: torch.Tensor, grid: Tuple[int, int], ropes: list, need_weights: bool):
+        """The L blocks on tokens (B, T, C): returns (B, T, C) and each block's probabilities (or None)."""
         attns = []
-        for block, block_rope, window in zip(self.blocks, rope, windows):
-            x, attn = block(x, block_rope, need_weights, grid, window)
+        for block, rope in zip(self.blocks, ropes):
+            x, attn = block(x, rope, need_weights)
             attns.append(attn)
-        x = self.norm(x)
-        pooled = x[:, 0] if self.num_prefix_tokens else x.mean(dim=1)  # class token or mean of patches (B, C)
-        return pooled, attns
+        return x, attns
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final normed tokens (B, T, C) -> the image's feature (B, C): the class token (DeiT-III)."""
+        return tokens[:, 0]
+
+    def forward_tokens(self, x: torch.Tensor, need_weights: bool = False):
+        """(B, in_chans, H, W) -> final normed tokens (B, T, C), list of L probabilities (or None)."""
+        x, grid = self.embed(x)
+        x, attns = self.run_blocks(x, grid, self.block_ropes(*grid, x.device, need_weights), need_weights)
+        return self.norm(x), attns
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, in_chans, H, W), H and W multiples of the patch size -> features (B, C)."""
-        return self._tokens(x, need_weights=False)[0]
+        return self.pool(self.forward_tokens(x)[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, in_chans, H, W) -> logits (B, num_classes)."""
@@ -510,19 +475,12 @@ class RopeViT(nn.Module):
         """Logits and the attention probabilities of every block, from the same modules.
 
         Returns (logits (B, num_classes), list of L tensors (B, heads, T, T)); index 0 of the
-        token axes is the class token (none for global_pool='avg'), then the N patch tokens
-        row-major over the patch grid.
-        Uses an explicit softmax for this call only; forward() uses the fused kernel.
+        token axes is the class token (where the model has one), then the N patch tokens
+        row-major over the patch grid. Uses the explicit softmax and the readable rotation for
+        this call only.
         """
-        features, attns = self._tokens(x, need_weights=True)
-        return self.head(features), attns
-
-    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
-                              intermediates_only: bool = False, return_prefix_tokens: bool = False):
-        """Feature maps of chosen blocks for dense prediction: see vit_forward_intermediates (a later section)."""
-        return vit_forward_intermediates(self, x, indices, norm, stop_early, output_fmt, intermediates_only,
-                                         return_prefix_tokens)
+        tokens, attns = self.forward_tokens(x, need_weights=True)
+        return self.head(self.pool(tokens)), attns
 
 
 # ---------------------------------------------------------------------------------------
@@ -547,16 +505,14 @@ def list_models() -> List[str]:
     return list(SIZES) + list(PUBLISHED)
 
 
-def create_model(name: str, pretrained: bool = False, **kwargs) -> RopeViT:
+def create_model(name: str, **kwargs) -> RopeViT:
     """Build a model by size name (``vit_small``, with ``pe=``, default 'ape') or published name.
 
     Keyword arguments override any ViTConfig field (img_size, patch_size, embed_dim, depth,
-    num_heads, num_classes, drop_path_rate, rope_theta, init_scale, window_size,
-    global_blocks, ...). ``pretrained=True`` (published names) loads the released weights
-    with load_pretrained: downloaded once, then read from torch.hub's cache.
+    num_heads, num_classes, drop_path_rate, rope_theta, init_scale, ...); an unknown one is a
+    TypeError. ViTConfig and RopeViT are looked up when called: in the whole file, the classes
+    of the section after the banner, which extend these.
     """
-    if pretrained and name not in PRETRAINED_URLS:
-        raise ValueError(f'pretrained=True needs a published name; {name!r} is not one of: {", ".join(PRETRAINED_URLS)}')
     if name in PUBLISHED:
         size, pe = PUBLISHED[name]
         if kwargs.get('pe', pe) != pe:
@@ -570,15 +526,12 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> RopeViT:
     unknown = sorted(set(kwargs) - valid)
     if unknown:
         raise TypeError(f"unknown argument(s) {', '.join(unknown)} for {name}; valid: {', '.join(sorted(valid))}")
-    model = RopeViT(ViTConfig(**{**SIZES[size], **kwargs}))
-    if pretrained:
-        load_pretrained(model, name)
-    return model
+    return RopeViT(ViTConfig(**{**SIZES[size], **kwargs}))
 
 
 # =======================================================================================
-# End of the paper's path. Below: beyond the paper, checkpoints and published weights,
-# and last the fused speed path.
+# End of the paper's path. Below: beyond the paper (subclasses that keep the paper's names),
+# checkpoints and published weights, and last the fused speed path.
 # =======================================================================================
 
 # ---------------------------------------------------------------------------------------
@@ -662,11 +615,14 @@ def yarn_attention_scale(policy: str, growth: float) -> float:
     return 1.0 + 0.1 * math.log(growth) if policy == 'yarn' and growth > 1 else 1.0
 
 
-def rope_policy(model: 'RopeViT', grid_h: int, grid_w: int, device) -> Tuple[Optional[torch.Tensor], float]:
+def rope_policy(model: 'RopeViT', freqs: torch.Tensor, grid_h: int, grid_w: int
+                ) -> Tuple[Optional[torch.Tensor], float]:
     """The model's position policy on a (grid_h, grid_w) grid: (frequency factors, attention scale).
 
-    Factors (rope_position_scale) shaped as the frequencies: (2, D/4) for Axial's x and y
-    magnitudes, (2, L, heads * D/2) for Mixed's (theta^x, theta^y); None when all are 1.
+    freqs (2, ..., D/2): the paper's (theta^x, theta^y) (RopeViT.rope_frequencies of the paper's
+    section). Factors (rope_position_scale) in freqs' shape and the model's real dtype, theta^x
+    scaled from the grid's width and theta^y from its height; None when all are 1. Axial's zero
+    components stay 0 whatever their factor.
     """
     cfg = model.cfg
     if cfg.rope_positions == 'extrapolate':  # before any arithmetic on the grid: export keeps it symbolic
@@ -674,19 +630,15 @@ def rope_policy(model: 'RopeViT', grid_h: int, grid_w: int, device) -> Tuple[Opt
     train_h, train_w = cfg.rope_train_grid
     head_dim = model.embed_dim // model.num_heads
     real = torch.float64 if model.param_dtype == torch.float64 else torch.float32
-    if model.rope_kind == 'axial':
-        mag = rope_magnitudes(head_dim, model.rope_theta, device).to(real)  # (D/4,)
-        freqs = (mag, mag)
-    else:
-        freqs = model.freqs.detach().to(real).unbind(0)  # theta^x, theta^y: (L, heads * D/2) each
     scales = [rope_position_scale(cfg.rope_positions, f, train, now, model.rope_theta, head_dim // 4,
                                   cfg.yarn_alpha, cfg.yarn_beta)
-              for f, train, now in zip(freqs, (train_w, train_h), (grid_w, grid_h))]
+              for f, train, now in zip(freqs.detach().to(real).unbind(0), (train_w, train_h), (grid_w, grid_h))]
     growth = math.sqrt(grid_h * grid_w / (train_h * train_w))
     attention_scale = yarn_attention_scale(cfg.rope_positions, growth)
     if all(c is None for c in scales):
         return None, attention_scale
-    return torch.stack([torch.ones_like(f) if c is None else c for f, c in zip(freqs, scales)]), attention_scale
+    ones = torch.ones(freqs.shape[1:], dtype=real, device=freqs.device)
+    return torch.stack([ones if c is None else c for c in scales]), attention_scale
 
 
 # Coordinate augmentation (DINOv3): RoPE positions moved during training, so that the model
@@ -712,9 +664,10 @@ def coord_augmented_positions(model: 'RopeViT', t_x: torch.Tensor, t_y: torch.Te
     return augment_positions(t_x, grid_w, shift_x, scale_x), augment_positions(t_y, grid_h, shift_y, scale_y)
 
 
+
 # ---------------------------------------------------------------------------------------
 # Beyond the paper: dense prediction. ViTDet window attention (the backbone of the paper's
-# detection experiments, section 4.3) and forward_intermediates' feature maps
+# detection experiments, section 4.3); forward_intermediates' feature maps are in the model below
 # ---------------------------------------------------------------------------------------
 
 def block_window_sizes(cfg: ViTConfig) -> List[Optional[int]]:
@@ -832,40 +785,170 @@ def _take_indices(count: int, indices) -> List[int]:
     return taken
 
 
-def vit_forward_intermediates(model: 'RopeViT', x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+def windowed_block(block: Block, x: torch.Tensor, rope, need_weights: bool, grid: Tuple[int, int],
+                   window: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Block.forward with ViTDet window attention (windowed_attention) in place of global attention."""
+    y, attn = windowed_attention(block.attn, block.norm1(x), rope, need_weights, grid, window)
+    x = x + block.drop_path(block.gamma_1 * y)
+    return x + block.drop_path(block.gamma_2 * block.mlp(block.norm2(x))), attn
+
+
+def windowed_attention(attention: Attention, x: torch.Tensor, rope, need_weights: bool, grid: Tuple[int, int],
+                       window: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Attention.forward of a ViTDet block: x (B, T, C) on the (Hp, Wp) patch grid ``grid`` -> (B, T, C)
+    and, if need_weights, the probabilities (B, heads, T, T) of the explicit path, where keys outside
+    the query's window are masked out (window_attention_mask)."""
+    B, T, C = x.shape
+    q, k, v = attention.rotated_qkv(x, rope)  # (B, heads, T, D) each, rotated on the full grid
+    attn = None
+    if need_weights:
+        logits = (q * attention.scale) @ k.transpose(-2, -1)  # (B, heads, T, T)
+        logits = logits.masked_fill(~window_attention_mask(grid, window, x.device), float('-inf'))
+        attn = logits.softmax(dim=-1)
+        out = attn.to(v.dtype) @ v
+    else:
+        out = window_attention(q, k, v, grid, window)  # (B, heads, T, D)
+    return attention.proj(out.transpose(1, 2).reshape(B, T, C)), attn
+
+
+# ---------------------------------------------------------------------------------------
+# Beyond the paper: the model. ViTConfig and RopeViT extended, under the paper's names
+# ---------------------------------------------------------------------------------------
+# These classes subclass the paper's ViTConfig and RopeViT and take over their names, so
+# create_model (which looks the names up when called) builds them when the whole file is
+# imported; the file cut at the paper's banner builds the paper's classes. They override the
+# paper model's steps (patch_positions, rope_frequencies, block_rotations, run_blocks, pool)
+# and leave its modules, their construction order and so its random init as they are.
+
+@dataclass
+class ViTConfig(ViTConfig):
+    """The paper's ViTConfig plus the fields of the sections above; their defaults give the paper's model."""
+    # ViTDet-style backbone (dense prediction): window attention of window_size x window_size
+    # patches in every block but global_blocks (indices, negative from the end). None: all global.
+    window_size: Optional[int] = None
+    global_blocks: Tuple[int, ...] = ()
+    # How RoPE follows a change of resolution (rope_position_scale): one of ROPE_POSITIONS, from the
+    # training grid rope_train_grid (Hp, Wp) (None: img_size / patch_size); yarn's ramp in turns.
+    rope_positions: str = 'extrapolate'
+    rope_train_grid: Optional[Tuple[int, int]] = None
+    yarn_alpha: float = 0.25
+    yarn_beta: float = 1.0
+    # 'token': classify the class token's feature (DeiT-III, the published models); 'avg': no class
+    # token, classify the mean of the final normed patch tokens. Without the class token, which
+    # RoPE leaves unrotated at position (0, 0), a RoPE-only model sees nothing but relative offsets.
+    global_pool: str = 'token'
+
+
+class RopeViT(RopeViT):
+    """The paper's RopeViT plus position policies, coordinate augmentation, average pooling,
+    ViTDet windows and forward_intermediates."""
+
+    def __init__(self, cfg: ViTConfig):
+        if cfg.global_pool not in ('token', 'avg'):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {cfg.global_pool!r}")
+        if cfg.global_pool == 'avg' and cfg.window_size is not None:
+            raise ValueError("window_size needs the class token (global_pool='token'): window attention keeps it global")
+        super().__init__(cfg)  # builds the class token where num_prefix_tokens (from cfg) says so
+        cfg.rope_train_grid = _resolve_train_grid(cfg.rope_train_grid, self.grid_size)
+        check_rope_positions(cfg.rope_positions, cfg.yarn_alpha, cfg.yarn_beta)
+        self.block_windows = block_window_sizes(cfg)  # per block: window side in patches, or None (global)
+        # (shift_x, shift_y, scale_x, scale_y) of augment_positions, set per batch by a training loop; None: off
+        self.rope_coord_augment: Optional[Tuple[float, float, float, float]] = None
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """1, the class token; 0 for global_pool='avg'."""
+        return 1 if self.cfg.global_pool == 'token' else 0
+
+    @property
+    def rope_positions(self) -> str:
+        """The position policy (ROPE_POSITIONS); assign to change it between forwards."""
+        return self.cfg.rope_positions
+
+    @rope_positions.setter
+    def rope_positions(self, policy: str) -> None:
+        check_rope_positions(policy, self.cfg.yarn_alpha, self.cfg.yarn_beta)
+        self.cfg.rope_positions = policy
+
+    def patch_positions(self, grid_h: int, grid_w: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The integer grid, moved by rope_coord_augment while a training loop sets it."""
+        return coord_augmented_positions(self, *super().patch_positions(grid_h, grid_w, device), grid_h, grid_w)
+
+    def rope_frequencies(self, grid_h: int, grid_w: int, device) -> torch.Tensor:
+        """The paper's frequencies times the position policy's factors (rope_policy) on this grid."""
+        freqs = super().rope_frequencies(grid_h, grid_w, device)
+        scale = rope_policy(self, freqs, grid_h, grid_w)[0]
+        return freqs if scale is None else freqs * scale
+
+    def attention_temperature(self, grid_h: int, grid_w: int) -> float:
+        """YaRN's factor on q and k (cos and sin) on this grid; 1 for the other policies."""
+        if self.cfg.rope_positions != 'yarn':
+            return 1.0
+        train_h, train_w = self.cfg.rope_train_grid
+        return yarn_attention_scale('yarn', math.sqrt(grid_h * grid_w / (train_h * train_w)))
+
+    def block_rotations(self, grid_h: int, grid_w: int, device) -> Optional[List[RopeTables]]:
+        """The paper's tables (of the policy's frequencies), cos and sin times YaRN's temperature."""
+        tables = super().block_rotations(grid_h, grid_w, device)
+        temperature = self.attention_temperature(grid_h, grid_w)
+        if tables is None or temperature == 1:
+            return tables
+        return [RopeTables(c * temperature, s * temperature) for c, s in tables]
+
+    def run_block(self, index: int, x: torch.Tensor, rope, need_weights: bool, grid: Tuple[int, int],
+                  window: Optional[int]):
+        """Block ``index``: global attention, or window attention where it has a window on this grid."""
+        if window is None:
+            return self.blocks[index](x, rope, need_weights)
+        return windowed_block(self.blocks[index], x, rope, need_weights, grid, window)
+
+    def run_blocks(self, x: torch.Tensor, grid: Tuple[int, int], ropes: list, need_weights: bool):
+        attns = []
+        for index, window in enumerate(windows_on_grid(self.block_windows, grid)):
+            x, attn = self.run_block(index, x, ropes[index], need_weights, grid, window)
+            attns.append(attn)
+        return x, attns
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The class token, or for global_pool='avg' the mean of the patch tokens (B, C)."""
+        return super().pool(tokens) if self.num_prefix_tokens else tokens.mean(dim=1)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
                               intermediates_only: bool = False, return_prefix_tokens: bool = False):
-    """RopeViT.forward_intermediates: feature maps of chosen blocks for dense prediction (timm's convention).
+        """Feature maps of chosen blocks for dense prediction (timm's convention).
 
-    indices: None (every block), an int n (the last n blocks) or a list of block indices
-    (negative from the end). norm: pass each through the final LayerNorm. output_fmt:
-    'NCHW' gives (B, C, Hp, Wp) maps of the patch tokens (class token dropped), 'NLC'
-    (B, N, C). return_prefix_tokens: each entry becomes (map, class token (B, 1, C); (B, 0, C)
-    for global_pool='avg').
-    stop_early: skip the blocks after the last one asked for (then no final features).
-    Returns the list, or (final features (B, T, C) after the final norm, list) unless
-    intermediates_only. Any input size the model accepts works, square or not.
-    """
-    if output_fmt not in ('NCHW', 'NLC'):
-        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-    take = _take_indices(model.depth, indices)
-    last = max(take) if stop_early else model.depth - 1
-    if last < model.depth - 1 and not intermediates_only:
-        raise ValueError('stop_early leaves no final features: pass intermediates_only=True with it')
-    B = x.shape[0]
-    x, grid, rope, windows = model._embed(x, need_weights=False)
-    intermediates = []
-    for i in range(last + 1):
-        x, _ = model.blocks[i](x, rope[i], False, grid, windows[i])
-        if i in take:
-            y = model.norm(x) if norm else x  # (B, T, C)
-            patches = y[:, model.num_prefix_tokens:]  # (B, N, C)
-            if output_fmt == 'NCHW':
-                patches = patches.transpose(1, 2).reshape(B, -1, *grid)  # (B, C, Hp, Wp)
-            intermediates.append((patches, y[:, :model.num_prefix_tokens]) if return_prefix_tokens else patches)
-    if intermediates_only:
-        return intermediates
-    return model.norm(x), intermediates
+        indices: None (every block), an int n (the last n blocks) or a list of block indices
+        (negative from the end). norm: pass each through the final LayerNorm. output_fmt:
+        'NCHW' gives (B, C, Hp, Wp) maps of the patch tokens (class token dropped), 'NLC'
+        (B, N, C). return_prefix_tokens: each entry becomes (map, class token (B, 1, C); (B, 0, C)
+        for global_pool='avg').
+        stop_early: skip the blocks after the last one asked for (then no final features).
+        Returns the list, or (final features (B, T, C) after the final norm, list) unless
+        intermediates_only. Any input size the model accepts works, square or not.
+        """
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = _take_indices(self.depth, indices)
+        last = max(take) if stop_early else self.depth - 1
+        if last < self.depth - 1 and not intermediates_only:
+            raise ValueError('stop_early leaves no final features: pass intermediates_only=True with it')
+        B = x.shape[0]
+        x, grid = self.embed(x)
+        ropes = self.block_ropes(*grid, x.device, need_weights=False)
+        windows = windows_on_grid(self.block_windows, grid)
+        intermediates = []
+        for i in range(last + 1):
+            x, _ = self.run_block(i, x, ropes[i], False, grid, windows[i])
+            if i in take:
+                y = self.norm(x) if norm else x  # (B, T, C)
+                patches = y[:, self.num_prefix_tokens:]  # (B, N, C)
+                if output_fmt == 'NCHW':
+                    patches = patches.transpose(1, 2).reshape(B, -1, *grid)  # (B, C, Hp, Wp)
+                intermediates.append((patches, y[:, :self.num_prefix_tokens]) if return_prefix_tokens else patches)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
 
 
 # ---------------------------------------------------------------------------------------
@@ -1088,22 +1171,43 @@ def load_pretrained(model: RopeViT, name: str, progress: bool = True) -> LoadRes
     return result
 
 
+_build_model = create_model  # the paper section's create_model, building the classes of this file
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs) -> RopeViT:
+    """Build a model by size name (``vit_small``, with ``pe=``, default 'ape') or published name.
+
+    Keyword arguments override any ViTConfig field (img_size, patch_size, embed_dim, depth,
+    num_heads, num_classes, drop_path_rate, rope_theta, init_scale, window_size,
+    global_blocks, rope_positions, global_pool, ...); an unknown one is a TypeError.
+    ``pretrained=True`` (published names) loads the released weights with load_pretrained:
+    downloaded once, then read from torch.hub's cache.
+    """
+    if pretrained and name not in PRETRAINED_URLS:
+        raise ValueError(f'pretrained=True needs a published name; {name!r} is not one of: {", ".join(PRETRAINED_URLS)}')
+    model = _build_model(name, **kwargs)
+    if pretrained:
+        load_pretrained(model, name)
+    return model
+
+
 # =======================================================================================
 # Speed: the same math, fused
 # =======================================================================================
-# Where RopeViT._use_fused_path says so (eager forward() of a RoPE model, outside
-# torch.compile / export and forward_with_attention), the blocks get a FusedRope from
-# fused_block_ropes instead of the readable RopeTables, and Attention calls its rotate_qkv.
-# Each trick, why it is there, and the test that proves it equal:
+# Where the model's ``fused`` switch is on (eager forward() of a RoPE model, outside
+# torch.compile / export and forward_with_attention), RopeViT.block_ropes gives the blocks a
+# FusedRope from fused_block_ropes instead of the readable RopeTables, and Attention.rotated_qkv
+# calls rotate_qkv_fused instead of apply_rope. Each trick, why it is there, and the test that
+# proves it equal:
 # * Per-axis factors: e^{i (theta^x x + theta^y y)} = e^{i theta^x x} e^{i theta^y y} (Eq. 14),
 #   so cos/sin are taken on Hp + Wp positions instead of Hp * Wp, and one complex product per
 #   token builds the table (test_vit_fused_tables_equal_readable_tables).
 # * Tables are kept per grid while no gradient must reach them (eval, no_grad, Axial), and
-#   built once per forward for all blocks otherwise (test_bench_rope_cache_follows_frequencies).
+#   built once per forward for all blocks otherwise (test_vit_fused_rope_cache_follows_frequencies).
 # * RotateQK rotates q and k in place in the qkv output by one complex multiply and keeps
 #   nothing extra for backward; its backward forms the RoPE-Mixed frequency gradient in
-#   closed form (test_bench_rotation_gradcheck_matches_plain_formula,
-#   test_bench_fast_path_equals_readable_path_and_saves_no_extra_activations).
+#   closed form (test_vit_fused_rotation_gradcheck_matches_plain_formula,
+#   test_vit_fused_path_equals_readable_path_and_saves_no_extra_activations).
 # * The class token (if any) gets the identity rotation (angle 0) instead of being sliced off
 #   and re-attached around the rotation.
 
@@ -1118,12 +1222,15 @@ class FusedRope(NamedTuple):
     rot: torch.Tensor
     freqs: Optional[torch.Tensor] = None
     positions: Optional[torch.Tensor] = None
+    fused = True  # Attention rotates with rotate_qkv_fused
 
-    def rotate_qkv(self, qkv: torch.Tensor, num_heads: int, batch: int):
-        """qkv (B * T, 3 * heads * D) -> q, k, v (B, heads, T, D), q and k rotated (Eq. 11)."""
-        with torch.profiler.record_function('rope'):  # lets a profiler count the RoPE share
-            _, q, k, v = RotateQK.apply(qkv, self.rot, num_heads, batch, self.freqs, self.positions)
-        return q, k, v
+
+def rotate_qkv_fused(qkv: torch.Tensor, rope: FusedRope, num_heads: int, batch: int):
+    """Attention.rotated_qkv on the fused path: qkv (B * T, 3 * heads * D) -> q, k, v (B, heads, T, D),
+    q and k rotated (Eq. 11) in place in qkv."""
+    with torch.profiler.record_function('rope'):  # lets a profiler count the RoPE share
+        _, q, k, v = RotateQK.apply(qkv, rope.rot, num_heads, batch, rope.freqs, rope.positions)
+    return q, k, v
 
 
 def fused_rotations(model: 'RopeViT', grid_h: int, grid_w: int, device) -> List[torch.Tensor]:
@@ -1139,10 +1246,10 @@ def fused_rotations(model: 'RopeViT', grid_h: int, grid_w: int, device) -> List[
                                            torch.arange(grid_h, device=device, dtype=real), grid_h, grid_w)
     # cols (Wp,): p^x of the grid's columns, rows (Hp,): p^y of its rows
     with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-        scale, attention_scale = rope_policy(model, grid_h, grid_w, device)
+        freqs = model.rope_frequencies(grid_h, grid_w, device).to(real)  # the position policy's factors in
+        attention_scale = model.attention_temperature(grid_h, grid_w)
         if model.rope_kind == 'axial':  # Eq. 12: x on the first D/4 pairs, y on the rest
-            mag = rope_magnitudes(head_dim, model.rope_theta, device).to(real)  # (D/4,)
-            mag_x, mag_y = (mag, mag) if scale is None else (mag * scale).unbind(0)
+            mag_x, mag_y = freqs[0, :head_dim // 4], freqs[1, head_dim // 4:]  # (D/4,) each
             along_x = torch.complex(*rope_cos_sin(cols[:, None] * mag_x))  # (Wp, D/4)
             along_y = torch.complex(*rope_cos_sin(rows[:, None] * mag_y))  # (Hp, D/4)
             rot = torch.cat([along_x.expand(grid_h, -1, -1), along_y[:, None].expand(-1, grid_w, -1)],
@@ -1151,8 +1258,7 @@ def fused_rotations(model: 'RopeViT', grid_h: int, grid_w: int, device) -> List[
             if attention_scale != 1:
                 rot = rot * attention_scale
             return [rot] * model.depth
-        freqs = model.freqs.to(real) if scale is None else model.freqs.to(real) * scale  # (2, L, heads * D/2)
-        fx, fy = freqs.unflatten(-1, (heads, -1)).unbind(0)  # (L, heads, D/2) each
+        fx, fy = freqs.unbind(0)  # (L, heads, D/2) each
         along_x = torch.complex(*rope_cos_sin(fx[..., None, :] * cols[:, None]))  # (L, heads, Wp, D/2)
         along_y = torch.complex(*rope_cos_sin(fy[..., None, :] * rows[:, None]))  # (L, heads, Hp, D/2)
         rot = along_x.new_empty(model.depth, heads, prefix + grid_h * grid_w, head_dim // 2)  # (L, heads, T, D/2)
@@ -1177,12 +1283,10 @@ def fused_block_ropes(model: 'RopeViT', grid_h: int, grid_w: int, device) -> Lis
     freqs = getattr(model, 'freqs', None)  # Mixed only; Axial tables depend on the grid alone
     with torch.profiler.record_function('rope'):
         if freqs is not None and freqs.requires_grad and torch.is_grad_enabled():
-            t_x, t_y = coord_augmented_positions(model, *patch_grid_positions(grid_h, grid_w, device),
-                                                 grid_h, grid_w)  # (N,) each
+            t_x, t_y = model.patch_positions(grid_h, grid_w, device)  # (N,) each
             positions = F.pad(torch.stack([t_x, t_y], dim=-1), (0, 0, model.num_prefix_tokens, 0))  # (T, 2): class token at 0
             tables = fused_rotations(model, grid_h, grid_w, device)
-            scale = rope_policy(model, grid_h, grid_w, device)[0]  # the gradient reaches freqs through it
-            rotated = freqs if scale is None else freqs * scale.to(freqs.dtype)  # (2, L, heads * D/2)
+            rotated = model.rope_frequencies(grid_h, grid_w, device).flatten(2)  # (2, L, heads * D/2), autograd to freqs
             return [FusedRope(rot, rotated[:, layer], positions) for layer, rot in enumerate(tables)]
         cfg = model.cfg
         key = (grid_h, grid_w, torch.device(device), model.param_dtype, torch.is_inference_mode_enabled(),
@@ -1283,3 +1387,7 @@ class RotateQK(torch.autograd.Function):
                 grad_rot = summed * rot / rot.abs().square()
         return (grad_qkv, grad_rot, None, None, grad_freqs, None)[:len(ctx.needs_input_grad)]
 
+
+# The whole file's default: eager forward() takes the fused path, measured faster than the
+# readable one in training and inference (docs/performance.md). model.fused = False: readable.
+RopeViT.fused = True

@@ -43,7 +43,7 @@ def test_vit_published_checkpoint_round_trip(tmp_path):
     model.to_empty(device='cpu')
     torch.manual_seed(0)
     with torch.no_grad():
-        model.freqs.copy_(rope_vit.init_mixed_freqs(64, 12, 6, 10.0))
+        model.freqs.copy_(torch.stack([rope_vit.init_rope_freqs(6, 64, 10.0, mixed=True) for _ in range(12)], 1).flatten(2))
     _vit_stress_init_(model).eval()
     sd = _vit_official_state_dict(model)
     assert len(sd) == _VIT_OFFICIAL_KEY_COUNTS['rope_mixed_ape']

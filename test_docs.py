@@ -263,3 +263,26 @@ def test_readme_swin_detector_example_runs_offline(tmp_path, monkeypatch, capsys
     expected = published.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in namespace['swin'].state_dict().items())
     assert namespace['swin'].window_rule == 'dense' and not namespace['detector'].training
+
+
+def test_rope_vit_docstring_own_attention_snippet_runs_and_rotates_by_eq14():
+    """The module docstring's "RoPE-Mixed in your own attention" lines, run as written."""
+    doc = rope_vit.__doc__
+    start = doc.index('RoPE-Mixed in your own attention')
+    block = doc[doc.index('::\n', start) + 3:doc.index('\n\n', doc.index('::\n', start) + 4)]
+    code = '\n'.join(line[4:] for line in block.splitlines())
+    assert 'apply_rope(q, cos, sin)' in code and 'init_rope_freqs' in code
+    namespace = {}
+    torch.manual_seed(0)
+    exec(compile(code, 'rope_vit docstring', 'exec'), namespace)
+    torch.manual_seed(0)
+    q0 = torch.randn(2, 6, 196, 64)  # the snippet's q, drawn again
+    freqs, q = namespace['freqs'].detach(), namespace['q']
+    # independent formulation: pair j of token n = (row n // 14, column n % 14) times e^{i phi},
+    # phi = theta^x_j x + theta^y_j y (Eq. 14), as a complex product in float64
+    n = torch.arange(196)
+    phi = (n % 14).double()[:, None] * freqs[0].double()[:, None] + (n // 14).double()[:, None] * freqs[1].double()[:, None]
+    want = torch.view_as_real(torch.view_as_complex(q0.double().unflatten(-1, (-1, 2))) * torch.polar(
+        torch.ones_like(phi), phi)).flatten(-2)
+    torch.testing.assert_close(q.double(), want, atol=1e-4, rtol=1e-5)
+    assert (q - q0).abs().max() > 0.1  # it did rotate

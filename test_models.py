@@ -78,6 +78,142 @@ def test_vit_avg_pool_trains_fused_equal_readable_and_checks_its_options():
 
 
 # ---------------------------------------------------------------------------------------
+# The fused path (the file's last section) against the readable one
+# ---------------------------------------------------------------------------------------
+
+_FUSED_TINY_VIT = dict(embed_dim=64, depth=2, num_heads=2, num_classes=10)  # head dim 32
+
+
+def _fused_vit(pe, seed=0):
+    torch.manual_seed(seed)
+    return rope_vit.create_model('vit_tiny', pe=pe, **_FUSED_TINY_VIT)
+
+
+def _complex_table(angles):
+    """e^{i phi} as the fused path's complex table."""
+    return torch.complex(angles.cos(), angles.sin())
+
+
+def test_vit_fused_rotation_gradcheck_matches_plain_formula():
+    torch.manual_seed(0)
+    B, T, heads, D = 2, 5, 2, 8
+    qkv = torch.randn(B * T, 3 * heads * D, dtype=torch.float64, requires_grad=True)
+
+    def plain(qkv, angles):  # autograd of Eq. 11 as written (real form)
+        split = qkv.view(B, T, 3, heads, D).permute(2, 0, 3, 1, 4)  # (3, B, heads, T, D)
+        q, k = rope_vit.apply_rope(split[:2], *rope_vit.rope_cos_sin(angles)).unbind(0)
+        return q, k, split[2]
+
+    for rot_shape in ((heads, T, D // 2), (T, D // 2), (1, T, D // 2)):  # Mixed, Axial, shared
+        angles = torch.randn(rot_shape, dtype=torch.float64, requires_grad=True)
+
+        def fast(qkv, angles):
+            return rope_vit.RotateQK.apply(qkv * 1, _complex_table(angles), heads, B)[1:]
+        assert torch.autograd.gradcheck(fast, (qkv, angles))
+        grad = [torch.randn(B, heads, T, D, dtype=torch.float64) for _ in range(3)]
+        got = torch.autograd.grad(fast(qkv, angles), (qkv, angles), grad)
+        want = torch.autograd.grad(plain(qkv, angles), (qkv, angles), grad)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+    # RoPE-Mixed training path: R built without autograd, the gradient reaches theta in closed form
+    freqs = torch.randn(2, heads * D // 2, dtype=torch.float64, requires_grad=True)
+    positions = torch.randn(T, 2, dtype=torch.float64)
+
+    def angles_of(freqs):  # Eq. 14: phi = p^x theta^x + p^y theta^y, (heads, T, D/2)
+        return (positions @ freqs).view(T, heads, D // 2).transpose(0, 1)
+
+    def fast_freqs(qkv, freqs):
+        with torch.no_grad():
+            rot = _complex_table(angles_of(freqs))
+        return rope_vit.RotateQK.apply(qkv * 1, rot, heads, B, freqs, positions)[1:]
+    assert torch.autograd.gradcheck(fast_freqs, (qkv, freqs))
+    grad = [torch.randn(B, heads, T, D, dtype=torch.float64) for _ in range(3)]
+    got = torch.autograd.grad(fast_freqs(qkv, freqs), (qkv, freqs), grad)
+    want = torch.autograd.grad(plain(qkv, angles_of(freqs)), (qkv, freqs), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_vit_fused_path_equals_readable_path_and_saves_no_extra_activations():
+    x = torch.randn(2, 3, 48, 64)
+    model = _fused_vit('rope_mixed').train()
+    logits = model(x)
+    logits.square().sum().backward()
+    fast_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.fused = False  # the readable path: apply_rope on cos/sin tables with their autograd graph
+    for ref in (model(x), model.forward_with_attention(x)[0]):  # with SDPA, with the explicit softmax
+        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+        model.zero_grad()
+        ref.square().sum().backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(fast_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+    def saved_bytes(m):  # bytes of distinct storages autograd keeps for backward
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            F.cross_entropy(m(x), torch.tensor([1, 2])).backward()
+        return sum(storages.values())
+    ape = saved_bytes(_fused_vit('ape').train())
+    mixed = saved_bytes(_fused_vit('rope_mixed').train())
+    assert mixed <= ape * 1.02, (mixed, ape)  # q, k rotated in place: only the small tables are extra
+
+
+@pytest.mark.parametrize('pe', ['rope_axial', 'rope_mixed'])
+def test_vit_fused_tables_equal_readable_tables(pe):
+    """The fast path's per-axis complex tables equal Eq. 10's cos/sin of Eq. 12 / 14 angles
+    (fp32 round-off; angles up to ~40 rad on a 9x23 grid), class token the identity."""
+    model = _vit_tiny(pe)
+    readable = model.block_rotations(9, 23, torch.device('cpu'))
+    fused = rope_vit.fused_rotations(model, 9, 23, torch.device('cpu'))
+    for (cos, sin), rot in zip(readable, fused):
+        assert rot.dtype == torch.complex64 and rot.shape == cos.shape
+        assert (rot.real - cos).abs().max() < 2e-6 and (rot.imag - sin).abs().max() < 2e-6
+        assert torch.all(rot[..., 0, :] == 1)
+
+
+def test_vit_fused_rope_cache_follows_frequencies():
+    x = torch.randn(2, 3, 32, 48)
+    model = _fused_vit('rope_mixed')
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+
+    def fresh_output(m):
+        twin = _fused_vit('rope_mixed', seed=5).eval()
+        twin.load_state_dict(m.state_dict())
+        with torch.no_grad():
+            return twin(x)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)  # fills the cache
+        torch.testing.assert_close(model(x), before, atol=0, rtol=0)
+    model.train()
+    F.cross_entropy(model(x), torch.tensor([1, 2])).backward()
+    assert model.freqs.grad.abs().sum() > 0
+    optimizer.step()  # in place: bumps the frequencies' version
+    model.eval()
+    with torch.no_grad():
+        after_step = model(x)
+    assert not torch.equal(after_step, before)
+    torch.testing.assert_close(after_step, fresh_output(model), atol=0, rtol=0)
+
+    other = _fused_vit('rope_mixed', seed=3)
+    rope_vit.load_checkpoint(model, {'model': other.state_dict()})
+    with torch.no_grad():
+        loaded = model(x)
+        torch.testing.assert_close(loaded, other.eval()(x), atol=0, rtol=0)
+    # tables made under inference_mode are not reused where autograd needs them
+    axial = _fused_vit('rope_axial').eval()
+    with torch.inference_mode():
+        axial(x)
+    axial(x).sum().backward()
+    assert axial.blocks[0].attn.qkv.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------
 # Dense prediction: forward_intermediates, ViTDet-style window attention
 # ---------------------------------------------------------------------------------------
 

@@ -67,22 +67,22 @@ def test_vit_eq11_rotation_equals_2x2_rotation_matrices_and_the_complex_product(
     assert rope_vit.apply_rope(x.bfloat16(), *rope_vit.rope_cos_sin(angles)).dtype == torch.bfloat16
 
 
-def _vit_angles(kind, t_x, t_y, head_dim, freqs=None, heads=None):
-    if kind == 'axial':
-        return rope_vit.axial_angles(t_x, t_y, head_dim, 100.0)
-    return rope_vit.mixed_angles(t_x, t_y, freqs, heads)[0]  # layer 0: (heads, N, D/2)
+def _vit_angles(kind, t_x, t_y, head_dim, freqs):
+    if kind == 'axial':  # Eq. 12: the axis-aligned frequencies (2, D/2) -> (N, D/2)
+        return rope_vit.rope_angles(rope_vit.init_rope_freqs(1, head_dim, 100.0, mixed=False)[:, 0], t_x, t_y)
+    return rope_vit.rope_angles(freqs, t_x, t_y)  # (heads, N, D/2)
 
 
 @pytest.mark.parametrize('kind', ['axial', 'mixed'])
 def test_vit_eq8_eq15_logits_depend_only_on_relative_position(kind):
     torch.manual_seed(0)
     heads, D = 2, 32
-    freqs = rope_vit.init_mixed_freqs(D, 1, heads, 10.0)
+    freqs = rope_vit.init_rope_freqs(heads, D, 10.0, mixed=True)  # (2, heads, D/2)
     t_x, t_y = rope_vit.patch_grid_positions(5, 6)
     q, k = torch.randn(2, heads, t_x.numel(), D).unbind(0)
 
     def logits(dx, dy):
-        cos, sin = rope_vit.rope_cos_sin(_vit_angles(kind, t_x + dx, t_y + dy, D, freqs, heads))
+        cos, sin = rope_vit.rope_cos_sin(_vit_angles(kind, t_x + dx, t_y + dy, D, freqs))
         return rope_vit.apply_rope(q, cos, sin) @ rope_vit.apply_rope(k, cos, sin).transpose(-1, -2)
 
     base = logits(0, 0)
