@@ -1446,7 +1446,7 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> SwinTransform
 # baked into it, and the explicit softmax (the export decomposition of SDPA with a mask
 # mislabels strides).
 
-# The fused path is the default: measured faster than the readable one (docs/performance.md).
+# The default: measured faster than the readable path (Swin-T, CPU: training 1.06-1.09x; docs/performance.md).
 SwinTransformer.fused = True
 
 
