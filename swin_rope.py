@@ -638,7 +638,7 @@ class SwinTransformer(nn.Module):
                 'stage grid tiling into its windows (published models: r x r with r a multiple '
                 'of 32, or H x W with the longer side a multiple of the shorter). '
                 f'Nearest valid square sizes: {below + above}. Any size runs with '
-                "window_rule='dense' (the full swin_rope.py).")
+                "window_rule='dense' (beyond the paper: padded, masked windows).")
         return plan
 
     def stage_windows(self, H: int, W: int) -> list:
