@@ -394,12 +394,13 @@ def mixed_frequency_layers(model):
 
     ViT: one row per block (heads x D/2 frequencies); Swin: one per block of every stage.
     """
-    if getattr(model, 'rope_kind', None) == 'mixed':  # rope_vit: freqs (2, L, heads * D/2)
-        return [(f'block {i + 1}', f) for i, f in enumerate(model.freqs.detach().float().cpu().unbind(1))]
-    if getattr(model, 'rope', None) == 'mixed':  # swin_rope: rope_freqs (2, nH, d/2) per block
+    if getattr(model, 'rope_kind', None) != 'mixed':
+        return []
+    if isinstance(model, swin_rope.SwinTransformer):  # rope_freqs (2, nH, d/2) per block
         return [(f'stage {s + 1} block {b + 1}', blk.attn.rope_freqs.detach().float().cpu().flatten(1))
                 for s, stage in enumerate(model.layers) for b, blk in enumerate(stage.blocks)]
-    return []
+    # rope_vit: freqs (2, L, heads * D/2)
+    return [(f'block {i + 1}', f) for i, f in enumerate(model.freqs.detach().float().cpu().unbind(1))]
 
 
 def frequency_statistics(freqs):

@@ -10,10 +10,13 @@ strictly. Torch only and self-contained on purpose: copy this one file (rope_vit
 same RoPE helpers for the ViT).
 
 Reading order: the paper's model first, from the RoPE equations through create_model, ending at
-the banner "End of the paper's model"; then what goes beyond the paper (RoPE position policies
+the banner "End of the paper's model"; that part is a working file on its own (copy it up to the
+banner and it builds, loads and runs every paper variant). What follows extends it from below,
+with subclasses that keep the paper's names: what goes beyond the paper (RoPE position policies
 and coordinate augmentation, dense prediction at any image size, per-stage feature maps),
-checkpoints and published weights, and last the fused speed path that eager forward() takes (the
-same math; `fused_path` is the switch).
+checkpoints and published weights, and last the fused speed path (the same math). The switch
+between the readable formula and the fused path is one model attribute, `model.fused`: the full
+file turns it on; `model.fused = False` runs the readable path.
 
 Usage
     import torch, swin_rope
@@ -72,16 +75,16 @@ PE_VARIANTS = ('rpb', 'rope_axial', 'rope_mixed', 'rope_axial_rpb', 'rope_mixed_
 # a random direction per head. Positions are local to each window; the rotation is written with
 # real numbers (Eq. 11).
 
-def rope_magnitudes(head_dim: int, theta: float) -> torch.Tensor:
+def rope_magnitudes(head_dim: int, theta: float, device=None) -> torch.Tensor:
     """Eq. 13 frequency magnitudes mag_k = theta^(-4k/d), k = 0 .. d/4-1.
 
     Returns (d/4,) float32. Computed as 1 / theta^(4k/d) like the official code.
     """
-    exponent = torch.arange(0, head_dim, 4, dtype=torch.float32)[: head_dim // 4] / head_dim
+    exponent = torch.arange(0, head_dim, 4, dtype=torch.float32, device=device)[: head_dim // 4] / head_dim
     return 1.0 / (theta ** exponent)  # (d/4,)
 
 
-def init_rope_freqs(num_heads: int, head_dim: int, theta: float, mixed: bool) -> torch.Tensor:
+def init_rope_freqs(num_heads: int, head_dim: int, theta: float, mixed: bool, device=None) -> torch.Tensor:
     """Initial 2-D frequencies (theta^x, theta^y) of Eq. 14, one set per head.
 
     Mixed: one angle a ~ U(0, 2 pi) per head; pairs j < d/4 get mag_j (cos a, sin a), pairs
@@ -91,11 +94,11 @@ def init_rope_freqs(num_heads: int, head_dim: int, theta: float, mixed: bool) ->
     cos(pi/2) = -4.37e-8 (not 0) and equals the published buffer bit for bit.
     Returns (2, nH, d/2) float32: [0] = theta^x, [1] = theta^y.
     """
-    mag = rope_magnitudes(head_dim, theta)  # (d/4,)
+    mag = rope_magnitudes(head_dim, theta, device)  # (d/4,)
     if mixed:
-        angles = torch.rand(num_heads, 1) * 2 * math.pi  # (nH, 1)
+        angles = torch.rand(num_heads, 1, device=device) * 2 * math.pi  # (nH, 1)
     else:
-        angles = torch.zeros(num_heads, 1)  # (nH, 1)
+        angles = torch.zeros(num_heads, 1, device=device)  # (nH, 1)
     turned = angles + math.pi / 2  # float32, as official
     fx = torch.cat([mag * torch.cos(angles), mag * torch.cos(turned)], dim=-1)  # (nH, d/2)
     fy = torch.cat([mag * torch.sin(angles), mag * torch.sin(turned)], dim=-1)  # (nH, d/2)
@@ -113,14 +116,14 @@ def window_positions(window: int, device=None) -> tuple:
 
 
 def rope_angles(freqs: torch.Tensor, t_x: torch.Tensor, t_y: torch.Tensor) -> torch.Tensor:
-    """Eq. 14: angles phi = theta^x_t p^x_n + theta^y_t p^y_n per head.
+    """Eq. 14: angles phi = theta^x_t p^x_n + theta^y_t p^y_n.
 
-    freqs (2, nH, d/2), t_x / t_y (N,) float32. Returns (nH, N, d/2) float32, computed with
-    autocast off: bf16 angles lose whole radians at large t.
+    freqs (2, ..., d/2) (here (2, nH, d/2)), t_x / t_y (N,). Returns (..., N, d/2) in t_x's dtype
+    (float32 here), computed with autocast off: bf16 angles lose whole radians at large t.
     """
     with torch.autocast(device_type=freqs.device.type, enabled=False):
-        freqs = freqs.float()
-        return t_x[:, None] * freqs[0][:, None, :] + t_y[:, None] * freqs[1][:, None, :]  # (nH, N, d/2)
+        fx, fy = freqs.to(t_x.dtype).unbind(0)  # (..., d/2) each
+        return t_x[:, None] * fx[..., None, :] + t_y[:, None] * fy[..., None, :]  # (..., N, d/2)
 
 
 def rope_cos_sin(angles: torch.Tensor) -> tuple:
@@ -156,7 +159,6 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x):
-        x = pad_image(x, self.patch_size)  # as it is under the paper's rule (beyond the paper: dense)
         return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
 
 
@@ -295,30 +297,26 @@ class WindowAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int, use_rpb: bool,
-                 rope: Optional[str], rope_theta: float, rpb_resize: str, qkv_bias: bool = True):
+                 rope_kind: Optional[str], rope_theta: float, rpb_resize: str, qkv_bias: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.window_size = window_size
         self.use_rpb = use_rpb
-        self.rope = rope  # None, 'axial' or 'mixed'
+        self.rope_kind = rope_kind  # None, 'axial' or 'mixed'
         self.rope_theta = rope_theta
-        self.rope_positions = ('extrapolate', 0.25, 1.0)  # (policy, yarn_alpha, yarn_beta): set by the model
-        self.rope_coord_augment = None  # (shift_x, shift_y, scale_x, scale_y): set by the model
         self.rpb_resize = rpb_resize
-        self.return_attn = False  # set by forward_with_attention: readable path, probabilities kept
-        self.last_attn = None
-        self._cache = {}  # the fused path's RoPE factors and bias per window (last section)
+        self._cache = {}  # the fused path's RoPE factors and bias per window (speed section)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         if use_rpb:
             self.relative_position_bias_table = nn.Parameter(
                 torch.zeros((2 * window_size - 1) ** 2, num_heads))  # ((2w-1)^2, nH)
             nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        if rope == 'mixed':
+        if rope_kind == 'mixed':
             self.rope_freqs = nn.Parameter(init_rope_freqs(num_heads, self.head_dim, rope_theta, True))
-        elif rope == 'axial':
+        elif rope_kind == 'axial':
             self.register_buffer('rope_freqs', init_rope_freqs(num_heads, self.head_dim, rope_theta, False))
 
     def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -327,13 +325,18 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, self.head_dim)  # (B_, N, 3, nH, d)
         return qkv.permute(2, 0, 3, 1, 4)  # (3, B_, nH, N, d)
 
-    def rope_tables(self, window: int) -> tuple:
-        """Eq. 10 (cos, sin) for the run-time window, each (2, 1, nH, N, d/2): [0] rotates q
-        (the scale folded in), [1] rotates k. Positions are the window's integers (0 .. w-1)^2,
-        extrapolated past the training window as in section 3.3; adapt_rope_to_window (beyond the
-        paper) may move them, scale the frequencies and set YaRN's temperature."""
+    def rope_inputs(self, window: int, rope_setting=None) -> tuple:
+        """Eq. 14's inputs at the run-time window: (frequencies (2, nH, d/2), t_x, t_y (N,),
+        temperature). The paper: the window's integer positions 0 .. w-1, extrapolated past the
+        training window (section 3.3), temperature 1. rope_setting is the model's rope_setting(),
+        None in the paper; beyond the paper it carries the position policy and augmentation."""
         t_x, t_y = window_positions(window, self.rope_freqs.device)  # (N,) each
-        freqs, t_x, t_y, temperature = adapt_rope_to_window(self, window, t_x, t_y)  # as they are by default
+        return self.rope_freqs, t_x, t_y, 1.0
+
+    def rope_tables(self, window: int, rope_setting=None) -> tuple:
+        """Eq. 10 (cos, sin) for the run-time window, each (2, 1, nH, N, d/2): [0] rotates q
+        (the scale folded in), [1] rotates k."""
+        freqs, t_x, t_y, temperature = self.rope_inputs(window, rope_setting)
         cos, sin = rope_cos_sin(rope_angles(freqs, t_x, t_y))  # (nH, N, d/2) each
         scales = torch.tensor([self.scale * temperature, temperature],
                               device=cos.device)[:, None, None, None, None]  # (2, 1, 1, 1, 1): q, k
@@ -344,21 +347,24 @@ class WindowAttention(nn.Module):
         table = resize_rpb_table(self.relative_position_bias_table, window, self.rpb_resize)  # ((2w-1)^2, nH)
         return relative_position_bias(table, window)  # (nH, N, N)
 
-    def forward(self, x: torch.Tensor, window: int, shift_mask: Optional[torch.Tensor] = None):
-        """x (B_, N, C) windows, shift_mask (nW, N, N) or None. Returns (B_, N, C).
+    def forward(self, x: torch.Tensor, window: int, shift_mask: Optional[torch.Tensor] = None,
+                rope_setting=None, fused: bool = False, need_weights: bool = False):
+        """x (B_, N, C) windows, shift_mask (nW, N, N) or None.
 
-        softmax(q k^T * scale + B + mask) v written out; fused_path says when the eager forward
-        takes fused_window_attention instead (the same math, last section).
+        Returns (out (B_, N, C), attention probabilities (B_, nH, N, N) if need_weights else None).
+        fused: the same math as one complex multiply with cached tables and
+        F.scaled_dot_product_attention (speed section); else softmax(q k^T * scale + B + mask) v
+        written out. The model decides (SwinTransformer.fused).
         """
-        if fused_path(self.return_attn):
-            return fused_window_attention(self, x, window, shift_mask)
+        if fused:
+            return fused_window_attention(self, x, window, shift_mask, rope_setting), None
         B_, N, C = x.shape
         qkv = self.qkv_heads(x)  # (3, B_, nH, N, d)
         v = qkv[2]
-        if self.rope is None:
+        if self.rope_kind is None:
             q, k, scale = qkv[0], qkv[1], self.scale
         else:  # Eq. 11
-            q, k = apply_rope(qkv[:2], *self.rope_tables(window)).unbind(0)  # 2 x (B_, nH, N, d)
+            q, k = apply_rope(qkv[:2], *self.rope_tables(window, rope_setting)).unbind(0)  # 2 x (B_, nH, N, d)
             scale = 1.0  # already in the q factors
         bias = self.position_bias(window) if self.use_rpb else None  # (nH, N, N)
         mask = additive_mask(bias, shift_mask, B_, q.dtype)  # (B_, nH|1, N, N) or None
@@ -366,10 +372,8 @@ class WindowAttention(nn.Module):
         if mask is not None:
             logits = logits + mask
         attn = logits.softmax(dim=-1)
-        if self.return_attn:
-            self.last_attn = attn.detach()
         out = attn @ v  # (B_, nH, N, d)
-        return self.proj(out.transpose(1, 2).reshape(B_, N, C))  # (B_, N, C)
+        return self.proj(out.transpose(1, 2).reshape(B_, N, C)), (attn if need_weights else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,30 +413,32 @@ class SwinBlock(nn.Module):
     """Pre-norm Swin block: x += attn(norm1(x)) in (shifted) windows, x += mlp(norm2(x))."""
 
     def __init__(self, dim, num_heads, window_size, shifted, mlp_ratio, drop_path, use_rpb,
-                 rope, rope_theta, rpb_resize, qkv_bias=True):
+                 rope_kind, rope_theta, rpb_resize, qkv_bias=True):
         super().__init__()
         self.shifted = shifted  # odd block: shift by window // 2 when the stage allows it
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, window_size, use_rpb, rope, rope_theta,
+        self.attn = WindowAttention(dim, num_heads, window_size, use_rpb, rope_kind, rope_theta,
                                     rpb_resize, qkv_bias)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, window: int, shift: int, mask: Optional[torch.Tensor]):
-        """x (B, H, W, C); shift 0 means no cyclic shift; mask: the additive (nW, N, N) mask
-        SwinStage chose for this block, or None. Returns (B, H, W, C)."""
-        B, H, W, C = x.shape
-        # The grid tiles under the paper's rule; the dense rule pads it (beyond the paper: dense).
-        y = pad_to_windows(self.norm1(x), window)  # (B, Hp, Wp, C)
-        Hp, Wp = y.shape[1], y.shape[2]
+    def window_attention(self, y, window: int, shift: int, mask, rope_setting, fused: bool, need_weights: bool):
+        """Attention of a (B, H, W, C) grid in its windows, rolled by -shift first (0: none).
+        Returns ((B, H, W, C), probabilities (B_, nH, N, N) or None)."""
+        H, W = y.shape[1], y.shape[2]
         y = shift_and_partition(y, window, shift)  # (B_, N, C)
-        y = self.attn(y, window, mask)  # (B_, N, C)
-        y = reverse_and_unshift(y, window, shift, Hp, Wp)  # (B, Hp, Wp, C)
-        if (Hp, Wp) != (H, W):
-            y = y[:, :H, :W]  # (B, H, W, C): the padding's own outputs are dropped
+        y, attn = self.attn(y, window, mask, rope_setting, fused, need_weights)  # (B_, N, C)
+        return reverse_and_unshift(y, window, shift, H, W), attn  # (B, H, W, C)
+
+    def forward(self, x, window: int, shift: int, mask: Optional[torch.Tensor], rope_setting=None,
+                fused: bool = False, need_weights: bool = False):
+        """x (B, H, W, C); shift 0 means no cyclic shift; mask: the additive (nW, N, N) mask
+        the model chose for this block, or None; the rest as WindowAttention.forward.
+        Returns ((B, H, W, C), probabilities or None)."""
+        y, attn = self.window_attention(self.norm1(x), window, shift, mask, rope_setting, fused, need_weights)
         x = x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x))), attn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,8 +455,7 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x):
-        """(B, H, W, C) -> (B, H/2, W/2, 2C); odd sides (dense rule only) round up."""
-        x = pad_grid(x, 2)  # zero row / column on odd sides (beyond the paper: dense)
+        """(B, H, W, C) -> (B, H/2, W/2, 2C)."""
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
                       dim=-1)  # (B, H/2, W/2, 4C)
         return self.reduction(self.norm(x))
@@ -458,26 +463,29 @@ class PatchMerging(nn.Module):
 
 class SwinStage(nn.Module):
     def __init__(self, dim, depth, num_heads, window_size, mlp_ratio, drop_paths, downsample,
-                 use_rpb, rope, rope_theta, rpb_resize, qkv_bias=True):
+                 use_rpb, rope_kind, rope_theta, rpb_resize, qkv_bias=True):
         super().__init__()
         self.blocks = nn.ModuleList([
             SwinBlock(dim, num_heads, window_size, i % 2 == 1, mlp_ratio, drop_paths[i], use_rpb,
-                      rope, rope_theta, rpb_resize, qkv_bias) for i in range(depth)])
+                      rope_kind, rope_theta, rpb_resize, qkv_bias) for i in range(depth)])
         self.downsample = PatchMerging(dim) if downsample else None
 
-    def forward_blocks(self, x, window, shift, masks):
+    def forward_blocks(self, x, window, shift, masks, rope_setting=None, fused=False, need_weights=False):
         """(B, H, W, C) through the stage's blocks, before the downsampling: its feature map.
 
         masks: (mask of the unshifted blocks, mask of the shifted ones), each (nW, N, N) or None
-        (SwinTransformer._stage_masks)."""
+        (SwinTransformer.stage_masks). Returns ((B, H, W, C), [probabilities or None per block])."""
         unshifted, shifted = masks
+        attns = []
         for block in self.blocks:
-            x = block(x, window, shift if block.shifted else 0, shifted if block.shifted else unshifted)
-        return x
+            x, attn = block(x, window, shift if block.shifted else 0, shifted if block.shifted else unshifted,
+                            rope_setting, fused, need_weights)
+            attns.append(attn)
+        return x, attns
 
-    def forward(self, x, window, shift, masks):
-        x = self.forward_blocks(x, window, shift, masks)
-        return self.downsample(x) if self.downsample is not None else x
+    def forward(self, x, window, shift, masks, rope_setting=None, fused=False, need_weights=False):
+        x, attns = self.forward_blocks(x, window, shift, masks, rope_setting, fused, need_weights)
+        return (self.downsample(x) if self.downsample is not None else x), attns
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,21 +509,14 @@ class SwinConfig:
     drop_path_rate: float = 0.2
     rope_theta: Optional[float] = None  # None: 50 for axial, 10 for mixed (published configs)
     rpb_resize: str = 'bicubic'
-    # Beyond the paper: how RoPE follows a change of window (rope_position_scale): one of
-    # ROPE_POSITIONS, scaled from each block's built window (window_size, or its stage grid where
-    # that is smaller); yarn's ramp in turns.
-    rope_positions: str = 'extrapolate'
-    yarn_alpha: float = 0.25
-    yarn_beta: float = 1.0
-    # Beyond the paper: the window rule (WINDOW_RULES; section "dense prediction"). 'classification':
-    # the window follows the image (stage_windows); 'dense': any H x W, a fixed window
-    # (dense_window, or None for each stage's built window), the grids padded and masked.
-    window_rule: str = 'classification'
-    dense_window: Optional[int] = None
 
 
 class SwinTransformer(nn.Module):
     """Swin Transformer with the position encoding `cfg.pe`; see the module docstring."""
+
+    # The readable path (explicit RoPE and softmax) unless set; the speed section turns the fused
+    # path on for the full file. Per model: `model.fused = False`.
+    fused = False
 
     def __init__(self, cfg: SwinConfig):
         super().__init__()
@@ -541,18 +542,18 @@ class SwinTransformer(nn.Module):
         self.num_stages = len(self.depths)
         self.num_features = cfg.embed_dim * 2 ** (self.num_stages - 1)
         self.use_rpb = cfg.pe in ('rpb', 'rope_axial_rpb', 'rope_mixed_rpb')
-        self.rope = 'mixed' if 'mixed' in cfg.pe else 'axial' if 'axial' in cfg.pe else None
+        self.rope_kind = 'mixed' if 'mixed' in cfg.pe else 'axial' if 'axial' in cfg.pe else None
         self.rope_theta = None
-        if self.rope is not None:
-            default_theta = 10.0 if self.rope == 'mixed' else 50.0  # published Swin configs
+        if self.rope_kind is not None:
+            default_theta = 10.0 if self.rope_kind == 'mixed' else 50.0  # published Swin configs
             self.rope_theta = cfg.rope_theta if cfg.rope_theta is not None else default_theta
         for s, heads in enumerate(self.num_heads):
             dim = cfg.embed_dim * 2 ** s
-            if dim % heads or (self.rope and (dim // heads) % 4):
+            if dim % heads or (self.rope_kind and (dim // heads) % 4):
                 raise ValueError(f'stage {s}: dim {dim} must split into {heads} heads'
-                                 + (' of a head dim divisible by 4 (RoPE)' if self.rope else ''))
+                                 + (' of a head dim divisible by 4 (RoPE)' if self.rope_kind else ''))
         built_h, built_w = (self.img_size, self.img_size) if isinstance(self.img_size, int) else self.img_size
-        built = self.stage_windows(built_h, built_w, rule='classification')  # also validates the config
+        built = self.classification_windows(built_h, built_w)  # also validates the config
         self.built_windows = tuple(w for w, _ in built)  # per stage: the window of its RPB tables
 
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
@@ -563,60 +564,11 @@ class SwinTransformer(nn.Module):
             self.layers.append(SwinStage(
                 cfg.embed_dim * 2 ** s, depth, self.num_heads[s], built[s][0], cfg.mlp_ratio,
                 drop_paths[start:start + depth], s < self.num_stages - 1, self.use_rpb,
-                self.rope, self.rope_theta, cfg.rpb_resize, cfg.qkv_bias))
+                self.rope_kind, self.rope_theta, cfg.rpb_resize, cfg.qkv_bias))
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
-        self._mask_cache = {}
+        self._mask_cache = {}  # the fused path's shift masks per size (speed section)
         self.apply(self._init_weights)
-        self.rope_positions = cfg.rope_positions  # validates and hands it to every block
-        self.rope_coord_augment = None
-        self.window_rule, self.dense_window = cfg.window_rule, cfg.dense_window  # validated
-
-    # Beyond the paper (section "RoPE at another window"): the position policy and the training-time
-    # coordinate augmentation, handed to every block.
-    @property
-    def rope_positions(self) -> str:
-        """The position policy (ROPE_POSITIONS); assign to change it between forwards."""
-        return self.cfg.rope_positions
-
-    @rope_positions.setter
-    def rope_positions(self, policy: str) -> None:
-        check_rope_positions(policy, self.cfg.yarn_alpha, self.cfg.yarn_beta)
-        self.cfg.rope_positions = policy
-        for attn in self._attentions():
-            attn.rope_positions = (policy, self.cfg.yarn_alpha, self.cfg.yarn_beta)
-
-    @property
-    def rope_coord_augment(self) -> Optional[tuple]:
-        """(shift_x, shift_y, scale_x, scale_y) of augment_positions, set per batch by a training loop; None: off."""
-        return self._rope_coord_augment
-
-    @rope_coord_augment.setter
-    def rope_coord_augment(self, value: Optional[tuple]) -> None:
-        self._rope_coord_augment = None if value is None else tuple(float(v) for v in value)
-        for attn in self._attentions():
-            attn.rope_coord_augment = self._rope_coord_augment
-
-    # Beyond the paper (section "dense prediction"): the window rule, changeable between forwards.
-    @property
-    def window_rule(self) -> str:
-        """'classification' (the paper's rule, the default) or 'dense'; assign to change it between forwards."""
-        return self.cfg.window_rule
-
-    @window_rule.setter
-    def window_rule(self, rule: str) -> None:
-        check_window_rule(rule, self.cfg.dense_window)
-        self.cfg.window_rule = rule
-
-    @property
-    def dense_window(self) -> Optional[int]:
-        """The window of every stage under the dense rule; None: each stage's built window (built_windows)."""
-        return self.cfg.dense_window
-
-    @dense_window.setter
-    def dense_window(self, window: Optional[int]) -> None:
-        check_window_rule(self.cfg.window_rule, window)
-        self.cfg.dense_window = window
 
     @staticmethod
     def _init_weights(m):
@@ -655,11 +607,9 @@ class SwinTransformer(nn.Module):
                 return f'stage {s} grid {rh}x{rw} does not tile into {plan[-1][0]}x{plan[-1][0]} windows'
         return plan
 
-    def stage_windows(self, H: int, W: int, rule: Optional[str] = None) -> list:
-        """[(window, shift)] per stage for an H x W input (shift applies to odd blocks).
-
-        rule: the model's window_rule when None. 'dense' (beyond the paper): dense_stage_windows.
-        What follows is the paper's rule, 'classification'.
+    def classification_windows(self, H: int, W: int) -> list:
+        """[(window, shift)] per stage for an H x W input under the paper's rule (shift applies
+        to odd blocks).
 
         With img_size the resolution the model was built for (its smaller side if a tuple) and
         window_size the window there (7 at 224), an H x W input uses the window
@@ -674,8 +624,6 @@ class SwinTransformer(nn.Module):
         RoPE factors are made for the actual grid.
         Raises ValueError for a size this rule does not allow.
         """
-        if (rule or self.window_rule) == 'dense':
-            return dense_stage_windows(self, H, W)
         plan = self._window_for(H, W)
         if isinstance(plan, str):
             unit = self.patch_size * 2 ** (self.num_stages - 1)
@@ -689,73 +637,69 @@ class SwinTransformer(nn.Module):
                 f'window = {self.window_size} * min(H, W) / {self._base_side} an integer, every '
                 'stage grid tiling into its windows (published models: r x r with r a multiple '
                 'of 32, or H x W with the longer side a multiple of the shorter). '
-                f'Nearest valid square sizes: {below + above}')
+                f'Nearest valid square sizes: {below + above}. Any size runs with '
+                "window_rule='dense' (beyond the paper: padded, masked windows).")
         return plan
+
+    def stage_windows(self, H: int, W: int) -> list:
+        """[(window, shift)] per stage for an H x W input: the paper's classification_windows."""
+        return self.classification_windows(H, W)
 
     def check_img_size(self, H: int, W: int) -> None:
         """Raise ValueError (rule and nearest valid sizes) if H x W is not an allowed input."""
         self.stage_windows(H, W)
 
-    def _stage_masks(self, H, W, window, shift, device) -> tuple:
+    def stage_masks(self, H, W, window, shift, device, fused: bool = False) -> tuple:
         """Additive masks of an H x W stage grid for its (unshifted, shifted) blocks, each
-        (nW, N, N) or None; on the fused path kept per size."""
-        padded = H % window or W % window  # only the dense rule pads (beyond the paper: dense)
-        if not padded and not shift:
+        (nW, N, N) or None; the fused path keeps them per size."""
+        if not shift:
             return None, None
-        build = padded_window_masks if padded else shift_window_mask
-        mask = (cached_mask(self._mask_cache, build, H, W, window, shift, device) if fused_path()
-                else build(H, W, window, shift, device))
-        return mask if padded else (None, mask)
+        mask = (cached_mask(self._mask_cache, shift_window_mask, H, W, window, shift, device) if fused
+                else shift_window_mask(H, W, window, shift, device))  # (nW, N, N)
+        return None, mask
+
+    def rope_setting(self):
+        """How RoPE positions follow the window in this forward, handed to every attention
+        (WindowAttention.rope_inputs): None, the paper's integer positions."""
+        return None
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> (B, num_features): final LayerNorm, mean over tokens."""
+    def forward_stages(self, x: torch.Tensor, need_weights: bool = False) -> tuple:
+        """(B, in_chans, H, W) -> (last stage's grid (B, h, w, C) before the final norm,
+        [{'attn', 'window', 'shift', 'stage'} per block] if need_weights else [])."""
+        # The fused path where it is on and nothing needs what only the readable one has: the
+        # probabilities, or a real-valued graph without cache lookups for torch.compile / export.
+        fused = self.fused and not need_weights and not torch.compiler.is_compiling()
         plan = self.stage_windows(x.shape[-2], x.shape[-1])
+        rope_setting = self.rope_setting()
         x = self.patch_embed(x)  # (B, H/p, W/p, C)
+        weights = []
         for s, stage in enumerate(self.layers):
             window, shift = plan[s]
-            H, W = x.shape[1], x.shape[2]
-            masks = self._stage_masks(H, W, window, shift, x.device)  # 2 x (nW, N, N) or None
-            x = stage(x, window, shift, masks)
-        return self.norm(x).mean(dim=(1, 2))  # (B, num_features)
+            masks = self.stage_masks(x.shape[1], x.shape[2], window, shift, x.device, fused)  # 2 x (nW, N, N) or None
+            x, attns = stage(x, window, shift, masks, rope_setting, fused, need_weights)
+            if need_weights:
+                weights += [{'attn': attn.detach(), 'window': window, 'shift': shift if blk.shifted else 0, 'stage': s}
+                            for blk, attn in zip(stage.blocks, attns)]
+        return x, weights
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> (B, num_features): final LayerNorm, mean over tokens."""
+        return self.norm(self.forward_stages(x)[0]).mean(dim=(1, 2))  # (B, num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> logits (B, num_classes)."""
         return self.head(self.forward_features(x))
 
     def forward_with_attention(self, x: torch.Tensor):
-        """Logits and every block's attention probabilities from an explicit softmax path.
+        """Logits and every block's attention probabilities, from the explicit softmax.
 
         Returns (logits (B, num_classes), list over blocks in stage order of dicts
         {'attn': (B*nW, nH, w*w, w*w), 'window': w, 'shift': s, 'stage': i}); tokens row-major
         inside a window, windows row-major with batch outermost, in the rolled frame when s > 0.
-        Under the dense rule the windows tile the stage grid padded to multiples of w (padding at
-        the bottom and right, before the roll).
         """
-        plan = self.stage_windows(x.shape[-2], x.shape[-1])
-        attns = self._attentions()
-        for a in attns:
-            a.return_attn = True
-        try:
-            logits = self(x)
-            out = []
-            for s, stage in enumerate(self.layers):
-                for blk in stage.blocks:
-                    out.append({'attn': blk.attn.last_attn, 'window': plan[s][0],
-                                'shift': plan[s][1] if blk.shifted else 0, 'stage': s})
-        finally:
-            for a in attns:
-                a.return_attn = False
-                a.last_attn = None
-        return logits, out
-
-    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = 'NCHW',
-                              intermediates_only: bool = False):
-        """Feature maps of chosen stages for dense prediction (beyond the paper: stage_feature_maps;
-        with window_rule='dense' any input size, map s of shape (B, C_s, ceil(H / (patch 2^s)),
-        ceil(W / (patch 2^s))))."""
-        return stage_feature_maps(self, x, indices, norm, stop_early, output_fmt, intermediates_only)
+        x, weights = self.forward_stages(x, need_weights=True)
+        return self.head(self.norm(x).mean(dim=(1, 2))), weights
 
     def no_weight_decay(self) -> set:
         """RPB tables and RoPE-Mixed frequencies (names as in named_parameters())."""
@@ -773,7 +717,7 @@ class SwinTransformer(nn.Module):
 # Presets and create_model
 # ----------------------------------------------------------------------------------------------
 
-_SIZES = {
+SIZES = {
     'swin_tiny': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
     'swin_small': dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),
     'swin_base': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
@@ -790,50 +734,43 @@ def _published_names() -> dict:
     return names
 
 
-_PUBLISHED = _published_names()
+PUBLISHED = _published_names()  # published name -> (size name, pe)
 
 
 def list_models() -> list:
     """Size names (take pe=...) and published names (pe fixed)."""
-    return list(_SIZES) + list(_PUBLISHED)
+    return list(SIZES) + list(PUBLISHED)
 
 
-def create_model(name: str, pretrained: bool = False, **kwargs) -> SwinTransformer:
+def create_model(name: str, **kwargs) -> SwinTransformer:
     """Build `name` (a size name with pe=..., default 'rpb'; or a published name) with
     SwinConfig fields as keyword overrides (num_classes, img_size, patch_size, in_chans,
-    embed_dim, depths, num_heads, window_size, mlp_ratio, drop_path_rate, rope_theta, rpb_resize,
-    rope_positions, yarn_alpha, yarn_beta, window_rule, dense_window).
-    `pretrained=True` (names in PRETRAINED_URLS) loads the released weights with load_pretrained:
-    downloaded once, then read from torch.hub's cache.
+    embed_dim, depths, num_heads, window_size, mlp_ratio, drop_path_rate, rope_theta, rpb_resize).
+    Raises ValueError for an unknown name or pe, TypeError for an unknown keyword.
     """
-    if pretrained and name not in PRETRAINED_URLS:
-        raise ValueError(f'pretrained=True needs a name with released weights; {name!r} is not one of: '
-                         f'{", ".join(PRETRAINED_URLS)}')
-    if name in _PUBLISHED:
-        size, pe = _PUBLISHED[name]
+    if name in PUBLISHED:
+        size, pe = PUBLISHED[name]
         if kwargs.get('pe', pe) != pe:
             raise ValueError(f'{name} fixes pe={pe!r}; use the size name {size!r} for pe={kwargs["pe"]!r}')
         kwargs['pe'] = pe
-    elif name in _SIZES:
+    elif name in SIZES:
         size = name
     else:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(list_models())}")
-    valid_fields = [f.name for f in fields(SwinConfig)]
+    valid_fields = [f.name for f in fields(SwinConfig)]  # SwinConfig as defined when called
     unknown = [k for k in kwargs if k not in valid_fields]
     if unknown:
-        raise ValueError(f"unknown argument(s) {', '.join(unknown)} for {name}; "
-                         f"valid: {', '.join(valid_fields)}")
+        raise TypeError(f"unknown argument(s) {', '.join(unknown)} for {name}; "
+                        f"valid: {', '.join(valid_fields)}")
     pe = kwargs.get('pe', 'rpb')
     if pe not in PE_VARIANTS:
         raise ValueError(f"unknown pe {pe!r}; valid: {', '.join(PE_VARIANTS)}")
-    model = SwinTransformer(SwinConfig(**{**_SIZES[size], **kwargs}))
-    if pretrained:
-        load_pretrained(model, name)
-    return model
+    return SwinTransformer(SwinConfig(**{**SIZES[size], **kwargs}))
 
 
 # ==============================================================================================
-# End of the paper's model. What follows: beyond the paper, checkpoints, the fused speed path.
+# End of the paper's model. What follows extends it from below: beyond the paper, checkpoints,
+# published weights, the fused speed path.
 # ==============================================================================================
 
 
@@ -920,17 +857,20 @@ def check_rope_positions(policy: str, yarn_alpha: float, yarn_beta: float) -> No
         raise ValueError(f'yarn needs 0 <= yarn_alpha < yarn_beta (turns), got {yarn_alpha} and {yarn_beta}')
 
 
-def adapt_rope_to_window(attn: WindowAttention, window: int, t_x: torch.Tensor, t_y: torch.Tensor) -> tuple:
-    """(frequencies, t_x, t_y, temperature) for WindowAttention.rope_tables at the run-time window.
+def adapt_rope_to_window(attn: WindowAttention, window: int, t_x: torch.Tensor, t_y: torch.Tensor,
+                         rope_setting: tuple) -> tuple:
+    """(frequencies, t_x, t_y, temperature) for WindowAttention.rope_inputs at the run-time window.
 
-    The block's coordinate augmentation moves the positions; its policy scales the frequencies
-    per axis (rope_position_scale, from the block's built window) and gives YaRN's temperature.
-    Off (the default: 'extrapolate', no augmentation) they come back unchanged, temperature 1.
+    rope_setting (policy, yarn_alpha, yarn_beta, coordinate augmentation or None), from
+    SwinTransformer.rope_setting: the augmentation moves the positions; the policy scales the
+    frequencies per axis (rope_position_scale, from the block's built window) and gives YaRN's
+    temperature. Off (the default: 'extrapolate', no augmentation) they come back unchanged,
+    temperature 1.
     """
-    if attn.rope_coord_augment is not None:
-        shift_x, shift_y, scale_x, scale_y = attn.rope_coord_augment
+    policy, yarn_alpha, yarn_beta, coord_augment = rope_setting
+    if coord_augment is not None:
+        shift_x, shift_y, scale_x, scale_y = coord_augment
         t_x, t_y = augment_positions(t_x, window, shift_x, scale_x), augment_positions(t_y, window, shift_y, scale_y)
-    policy, yarn_alpha, yarn_beta = attn.rope_positions
     scale = [rope_position_scale(policy, f, attn.window_size, window, attn.rope_theta,
                                  attn.head_dim // 4, yarn_alpha, yarn_beta)
              for f in attn.rope_freqs.detach().float().unbind(0)]  # theta^x, theta^y factors
@@ -1047,7 +987,7 @@ def padded_window_mask(H: int, W: int, window: int, shift: int, device=None) -> 
 
 
 def padded_window_masks(H: int, W: int, window: int, shift: int, device=None) -> tuple:
-    """(unshifted, shifted) padded_window_mask of a padded stage grid: SwinTransformer._stage_masks."""
+    """(unshifted, shifted) padded_window_mask of a padded stage grid: SwinTransformer.stage_masks."""
     unshifted = padded_window_mask(H, W, window, 0, device)  # (nW, N, N)
     return unshifted, (padded_window_mask(H, W, window, shift, device) if shift else unshifted)
 
@@ -1078,14 +1018,15 @@ def stage_feature_maps(model: SwinTransformer, x: torch.Tensor, indices=None, no
     last = max(take) if stop_early else model.num_stages - 1
     if last < model.num_stages - 1 and not intermediates_only:
         raise ValueError('stop_early leaves no final features: pass intermediates_only=True with it')
+    fused = model.fused and not torch.compiler.is_compiling()  # as SwinTransformer.forward_stages
     plan = model.stage_windows(x.shape[-2], x.shape[-1])
+    rope_setting = model.rope_setting()
     x = model.patch_embed(x)  # (B, H/p, W/p, C)
     intermediates = []
     for s in range(last + 1):
         window, shift = plan[s]
-        H, W = x.shape[1], x.shape[2]
-        masks = model._stage_masks(H, W, window, shift, x.device)  # 2 x (nW, N, N) or None
-        x = model.layers[s].forward_blocks(x, window, shift, masks)  # (B, H, W, C)
+        masks = model.stage_masks(x.shape[1], x.shape[2], window, shift, x.device, fused)  # 2 x (nW, N, N) or None
+        x, _ = model.layers[s].forward_blocks(x, window, shift, masks, rope_setting, fused)  # (B, H, W, C)
         if s in take:
             y = model.norm(x) if norm and s == model.num_stages - 1 else x
             intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else y)
@@ -1112,6 +1053,147 @@ def _take_indices(count: int, indices) -> List[int]:
     if not taken:
         raise ValueError('indices is empty')
     return taken
+
+
+# ----------------------------------------------------------------------------------------------
+# Beyond the paper: the model classes that carry it
+# ----------------------------------------------------------------------------------------------
+# Each class below subclasses the paper's class of the same name and replaces it in this module.
+# The paper's code looks these names up when it runs (create_model builds SwinConfig and
+# SwinTransformer, SwinStage builds SwinBlock and PatchMerging, SwinBlock builds WindowAttention),
+# so importing the whole file builds these classes, while the paper's section copied on its own
+# builds the paper's. They add no modules and draw no random numbers: the same seed gives the
+# same weights either way, and under the paper's settings the same outputs.
+
+@dataclass
+class SwinConfig(SwinConfig):
+    """The paper's hyper-parameters plus what goes beyond the paper."""
+    # How RoPE follows a change of window (rope_position_scale): one of ROPE_POSITIONS, scaled
+    # from each block's built window (window_size, or its stage grid where that is smaller);
+    # yarn's ramp in turns.
+    rope_positions: str = 'extrapolate'
+    yarn_alpha: float = 0.25
+    yarn_beta: float = 1.0
+    # The window rule (WINDOW_RULES; section "dense prediction"). 'classification': the window
+    # follows the image (classification_windows); 'dense': any H x W, a fixed window
+    # (dense_window, or None for each stage's built window), the grids padded and masked.
+    window_rule: str = 'classification'
+    dense_window: Optional[int] = None
+
+
+class PatchEmbed(PatchEmbed):
+    def forward(self, x):
+        # dense rule: pad the image to whole patches (a no-op for the sizes the paper's rule takes)
+        return super().forward(pad_image(x, self.patch_size))
+
+
+class PatchMerging(PatchMerging):
+    def forward(self, x):
+        """(B, H, W, C) -> (B, H/2, W/2, 2C); odd sides (dense rule only) round up."""
+        return super().forward(pad_grid(x, 2))  # zero row / column on odd sides, as official
+
+
+class SwinBlock(SwinBlock):
+    def window_attention(self, y, window, shift, mask, rope_setting, fused, need_weights):
+        """Dense rule: the grid padded to whole windows, attended, and the padding's own outputs
+        dropped (a no-op where the grid tiles)."""
+        H, W = y.shape[1], y.shape[2]
+        y, attn = super().window_attention(pad_to_windows(y, window), window, shift, mask, rope_setting,
+                                           fused, need_weights)  # (B, Hp, Wp, C)
+        return (y[:, :H, :W] if y.shape[1:3] != (H, W) else y), attn  # (B, H, W, C)
+
+
+class WindowAttention(WindowAttention):
+    def rope_inputs(self, window: int, rope_setting=None) -> tuple:
+        """The paper's inputs, moved by the coordinate augmentation and scaled by the position
+        policy of rope_setting (SwinTransformer.rope_setting; None: the paper's)."""
+        freqs, t_x, t_y, temperature = super().rope_inputs(window)
+        if rope_setting is None:
+            return freqs, t_x, t_y, temperature
+        return adapt_rope_to_window(self, window, t_x, t_y, rope_setting)
+
+
+class SwinTransformer(SwinTransformer):
+    """Swin Transformer with the position encoding `cfg.pe`; see the module docstring.
+
+    Beyond the paper: the RoPE position policy (rope_positions) and training-time coordinate
+    augmentation (rope_coord_augment), the dense window rule (window_rule, dense_window) and
+    per-stage feature maps (forward_intermediates). Each is read from the config or the model
+    when a forward runs; assign them between forwards.
+    """
+
+    def __init__(self, cfg: SwinConfig):
+        super().__init__(cfg)
+        check_rope_positions(cfg.rope_positions, cfg.yarn_alpha, cfg.yarn_beta)
+        check_window_rule(cfg.window_rule, cfg.dense_window)
+        # (shift_x, shift_y, scale_x, scale_y) of augment_positions, set per batch by a training
+        # loop; None: off.
+        self.rope_coord_augment = None
+
+    @property
+    def rope_positions(self) -> str:
+        """The position policy (ROPE_POSITIONS); assign to change it between forwards."""
+        return self.cfg.rope_positions
+
+    @rope_positions.setter
+    def rope_positions(self, policy: str) -> None:
+        check_rope_positions(policy, self.cfg.yarn_alpha, self.cfg.yarn_beta)
+        self.cfg.rope_positions = policy
+
+    @property
+    def window_rule(self) -> str:
+        """'classification' (the paper's rule, the default) or 'dense'; assign to change it between forwards."""
+        return self.cfg.window_rule
+
+    @window_rule.setter
+    def window_rule(self, rule: str) -> None:
+        check_window_rule(rule, self.cfg.dense_window)
+        self.cfg.window_rule = rule
+
+    @property
+    def dense_window(self) -> Optional[int]:
+        """The window of every stage under the dense rule; None: each stage's built window (built_windows)."""
+        return self.cfg.dense_window
+
+    @dense_window.setter
+    def dense_window(self, window: Optional[int]) -> None:
+        check_window_rule(self.cfg.window_rule, window)
+        self.cfg.dense_window = window
+
+    def rope_setting(self) -> tuple:
+        """(policy, yarn_alpha, yarn_beta, coordinate augmentation or None) of this forward, for
+        every WindowAttention.rope_inputs (adapt_rope_to_window)."""
+        augment = self.rope_coord_augment
+        augment = None if augment is None else tuple(float(v) for v in augment)
+        return self.cfg.rope_positions, self.cfg.yarn_alpha, self.cfg.yarn_beta, augment
+
+    def stage_windows(self, H: int, W: int, rule: Optional[str] = None) -> list:
+        """[(window, shift)] per stage for an H x W input (shift applies to odd blocks).
+
+        rule: the model's window_rule when None; 'classification' is the paper's rule
+        (classification_windows), 'dense' takes any size (dense_stage_windows).
+        Under the dense rule, forward_with_attention's windows tile the stage grid padded to
+        multiples of w (padding at the bottom and right, before the roll).
+        """
+        if (rule or self.window_rule) == 'dense':
+            return dense_stage_windows(self, H, W)
+        return self.classification_windows(H, W)
+
+    def stage_masks(self, H, W, window, shift, device, fused: bool = False) -> tuple:
+        """The paper's masks, or under the dense rule where the grid does not tile, the masks of
+        the padded grid (padded_window_masks)."""
+        if not (H % window or W % window):
+            return super().stage_masks(H, W, window, shift, device, fused)
+        return (cached_mask(self._mask_cache, padded_window_masks, H, W, window, shift, device) if fused
+                else padded_window_masks(H, W, window, shift, device))
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False):
+        """Feature maps of chosen stages for dense prediction (stage_feature_maps; with
+        window_rule='dense' any input size, map s of shape (B, C_s, ceil(H / (patch 2^s)),
+        ceil(W / (patch 2^s))))."""
+        return stage_feature_maps(self, x, indices, norm, stop_early, output_fmt, intermediates_only)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1326,30 +1408,46 @@ def load_pretrained(model: SwinTransformer, name: str, progress: bool = True) ->
     return result
 
 
+_build_model = create_model  # the paper's create_model, which builds the classes above
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs) -> SwinTransformer:
+    """Build `name` (a size name with pe=..., default 'rpb'; or a published name) with
+    SwinConfig fields as keyword overrides (num_classes, img_size, patch_size, in_chans,
+    embed_dim, depths, num_heads, window_size, mlp_ratio, drop_path_rate, rope_theta, rpb_resize,
+    rope_positions, yarn_alpha, yarn_beta, window_rule, dense_window).
+    `pretrained=True` (names in PRETRAINED_URLS) loads the released weights with load_pretrained:
+    downloaded once, then read from torch.hub's cache.
+    Raises ValueError for an unknown name or pe, TypeError for an unknown keyword.
+    """
+    if pretrained and name not in PRETRAINED_URLS:
+        raise ValueError(f'pretrained=True needs a name with released weights; {name!r} is not one of: '
+                         f'{", ".join(PRETRAINED_URLS)}')
+    model = _build_model(name, **kwargs)
+    if pretrained:
+        load_pretrained(model, name)
+    return model
+
+
 # ==============================================================================================
 # Speed: the same math, fused
 # ==============================================================================================
-# fused_path decides, for every forward, between this section and the readable formula above.
 # Why each piece is there, and the test that proves it:
-# * Derived tensors (RoPE factors, RPB bias, shift masks) are cached per window while no gradient
-#   must reach them (test_swin_eval_cache_follows_weights_and_autocast_runs); training rebuilds
-#   the RoPE factors and the bias once per block and forward, through autograd. The bias of the
-#   stored window is gathered from the table as it is, without the resize.
+# * Derived tensors (RoPE factors, RPB bias, shift and padding masks) are cached per window while
+#   no gradient must reach them (test_swin_eval_cache_follows_weights_and_autocast_runs); training
+#   rebuilds the RoPE factors and the bias once per block and forward, through autograd. The bias
+#   of the stored window is gathered from the table as it is, without the resize.
 # * The rotation is one complex multiply (one kernel on CPU, no stacked intermediates) instead
 #   of the four real products of apply_rope (test_swin_fused_rotation_equals_readable).
 # * Attention is F.scaled_dot_product_attention with the bias and shift mask as one additive mask.
+# SwinTransformer.forward_stages still takes the readable path where the probabilities are asked
+# for (forward_with_attention) and under torch.compile / torch.export, which trace the readable,
+# real-valued formula: no complex tensors in the graph (ONNX can express it), no cache lookups
+# baked into it, and the explicit softmax (the export decomposition of SDPA with a mask
+# mislabels strides).
 
-def fused_path(record_attention: bool = False) -> bool:
-    """The one switch: True where the eager forward takes this section's fused path.
-
-    Asked once per forward by WindowAttention.forward (record_attention: its return_attn) and by
-    SwinTransformer._shift_mask (whether to keep the mask per size). False:
-    * under torch.compile / torch.export, which trace the readable, real-valued formula: no
-      complex tensors in the graph (ONNX can express it), no cache lookups baked into it, and the
-      explicit softmax (the export decomposition of SDPA with a mask mislabels strides);
-    * while forward_with_attention records the probabilities, which only the explicit softmax has.
-    """
-    return not (record_attention or torch.compiler.is_compiling())
+# The default: measured faster than the readable path (Swin-T, CPU: training 1.06-1.09x; docs/performance.md).
+SwinTransformer.fused = True
 
 
 def _cache_key(*parts):
@@ -1377,14 +1475,14 @@ def cached(cache: dict, key, source: torch.Tensor, build):
     return entry[1]
 
 
-def rotate_fused(qk: torch.Tensor, attn: WindowAttention, window: int) -> torch.Tensor:
-    """apply_rope(qk, *attn.rope_tables(window)) as one complex multiply, in float32.
+def rotate_fused(qk: torch.Tensor, attn: WindowAttention, window: int, rope_setting=None) -> torch.Tensor:
+    """apply_rope(qk, *attn.rope_tables(window, rope_setting)) as one complex multiply, in float32.
 
     qk (2, B_, nH, N, d): q and k. Returns (2, B_, nH, N, d) in qk's dtype.
     """
     with torch.profiler.record_function('rope'):  # lets a profiler count the RoPE share
-        factors = cached(attn._cache, ('rope_complex', window, attn.rope_positions, attn.rope_coord_augment), attn.rope_freqs,
-                         lambda: torch.complex(*attn.rope_tables(window)))  # (2, 1, nH, N, d/2)
+        factors = cached(attn._cache, ('rope_complex', window, rope_setting), attn.rope_freqs,
+                         lambda: torch.complex(*attn.rope_tables(window, rope_setting)))  # (2, 1, nH, N, d/2)
         pairs = qk.float().unflatten(-1, (-1, 2))  # (2, B_, nH, N, d/2, 2), a view for float32 input
         if pairs.stride(-1) != 1 or any(st % 2 for st in pairs.stride()[:-1]):
             pairs = pairs.contiguous()  # view_as_complex needs (real, imag) adjacent
@@ -1404,7 +1502,8 @@ def cached_position_bias(attn: WindowAttention, window: int) -> torch.Tensor:
 
 def cached_mask(cache: dict, build, H: int, W: int, window: int, shift: int, device):
     """build(H, W, window, shift, device) once per size: shift_window_mask or, under the dense
-    rule, padded_window_masks (masks have no weights, so the size alone is the key)."""
+    rule, padded_window_masks (masks have no weights, so the size alone is the key); see
+    SwinTransformer.stage_masks."""
     key = _cache_key(build.__name__, H, W, window, shift, device)
     mask = cache.get(key)
     if mask is None:
@@ -1415,7 +1514,7 @@ def cached_mask(cache: dict, build, H: int, W: int, window: int, shift: int, dev
 
 
 def fused_window_attention(attn: WindowAttention, x: torch.Tensor, window: int,
-                           shift_mask: Optional[torch.Tensor]) -> torch.Tensor:
+                           shift_mask: Optional[torch.Tensor], rope_setting=None) -> torch.Tensor:
     """WindowAttention.forward on the fused path: cached factors and bias, the complex rotation, SDPA.
 
     x (B_, N, C) windows, shift_mask (nW, N, N) or None. Returns (B_, N, C).
@@ -1423,10 +1522,10 @@ def fused_window_attention(attn: WindowAttention, x: torch.Tensor, window: int,
     B_, N, C = x.shape
     qkv = attn.qkv_heads(x)  # (3, B_, nH, N, d)
     v = qkv[2]
-    if attn.rope is None:
+    if attn.rope_kind is None:
         q, k, scale = qkv[0], qkv[1], attn.scale
     else:
-        q, k = rotate_fused(qkv[:2], attn, window).unbind(0)  # 2 x (B_, nH, N, d)
+        q, k = rotate_fused(qkv[:2], attn, window, rope_setting).unbind(0)  # 2 x (B_, nH, N, d)
         scale = 1.0  # already in the q factors
     bias = cached_position_bias(attn, window) if attn.use_rpb else None  # (nH, N, N)
     mask = additive_mask(bias, shift_mask, B_, q.dtype)  # (B_, nH|1, N, N) or None

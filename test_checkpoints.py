@@ -259,7 +259,7 @@ def _swin_official_layout(model):
             prefix = f'layers.{s}.blocks.{i}.'
             if blk.attn.use_rpb:
                 sd[prefix + 'attn.relative_position_index'] = swin_rope.relative_position_index(window)
-            if blk.attn.rope:
+            if blk.attn.rope_kind:
                 t_x, t_y = swin_rope.window_positions(window)
                 sd[prefix + 'attn.rope_t_x'], sd[prefix + 'attn.rope_t_y'] = t_x, t_y
             if blk.shifted and shift:

@@ -452,6 +452,32 @@ def test_swin_forward_with_attention_matches_forward():
     assert len(attn) == 6 and attn[1]['shift'] == 2 and attn[-1]['shift'] == 0
 
 
+def test_swin_fused_is_one_switch_and_weights_are_returned_not_stored():
+    """model.fused = False runs the readable path (what forward_with_attention runs, bit for bit);
+    the probabilities travel as return values and the policy values as arguments: no module keeps
+    them between forwards."""
+    model = _swin_redraw(_swin_small_model('rope_mixed_rpb'))
+    assert swin_rope.SwinTransformer.fused is True and model.fused is True  # the full file's default
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        fused = model(x)
+        model.fused = False
+        readable = model(x)
+        model.rope_positions = 'yarn'
+        assert not torch.equal(model(x), readable)
+        model.rope_positions = 'extrapolate'
+        logits, weights = model.forward_with_attention(x)
+        attn = model.layers[0].blocks[1].attn
+        out, probs = attn(torch.randn(2 * 16, 36, 16), 6, need_weights=True)
+        assert probs.shape == (2 * 16, attn.num_heads, 36, 36) and attn(out, 6)[1] is None
+    assert torch.equal(logits, readable)
+    torch.testing.assert_close(fused, readable, atol=1e-5, rtol=1e-5)
+    assert [w['attn'].shape for w in weights][:2] == [(2 * 16, 2, 36, 36)] * 2
+    assert not {'return_attn', 'last_attn'} & set(vars(model))
+    for m in list(model.modules())[1:]:  # the model keeps rope_coord_augment, the config the rest
+        assert not {'return_attn', 'last_attn', 'rope_positions', 'rope_coord_augment'} & set(vars(m)), m
+
+
 def test_swin_fp32_backward_reaches_rope_freqs_and_tables():
     model = _swin_small_model('rope_mixed_rpb').train()
     model(torch.randn(2, 3, 64, 64)).logsumexp(-1).sum().backward()

@@ -3,34 +3,68 @@
 A user copies rope_vit.py or swin_rope.py up to its "End of the paper" banner into a file of their
 own. The cut must import alone, build every paper variant, load the whole file's weights strictly
 and compute what the whole file computes: the same logits and gradients as the whole file's
-readable path (bit for bit), and its fused default within float round-off.
+readable path (bit for bit), and its fused default within float round-off. It reads no name
+defined after the banner but the fast path's, behind the `fused` switch that the cut leaves off.
 """
+import builtins
 import importlib.util
-import pathlib
 import re
+import symtable
+import sys
 
 import pytest
 import torch
 
 import rope_vit
+import swin_rope
+from testkit import _swin_redraw
 
-_HERE = pathlib.Path(__file__).resolve().parent
-# The paper sections may not grow: their length when this test was written.
+_BANNER = re.compile(r'^# *End of the paper')
+# The paper sections may not grow: their length in lines before this test was written.
 _PAPER_LINES = {'rope_vit.py': 578, 'swin_rope.py': 834}
 
 
-def _paper_cut(file_name: str, tmp_path: pathlib.Path):
-    """The lines of file_name before its 'End of the paper' banner, imported as a module of its own."""
-    lines = (_HERE / file_name).read_text().splitlines(keepends=True)
-    banner = next(i for i, line in enumerate(lines) if re.match(r'# *End of the paper', line))
-    assert banner <= _PAPER_LINES[file_name], f'{file_name}: the paper section grew to {banner} lines'
-    name = f'paper_cut_{file_name[:-3]}'
+def _import_paper_cut(module, tmp_path, name):
+    """The lines of `module` before its banner, written to tmp_path/name.py and imported under a
+    unique module name. Returns (the module, its source)."""
+    lines = open(module.__file__).read().splitlines(keepends=True)
+    end = next(i for i, line in enumerate(lines) if _BANNER.match(line))
+    source = ''.join(lines[:end])
     path = tmp_path / f'{name}.py'
-    path.write_text(''.join(lines[:banner]))
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    path.write_text(source)
+    unique = f'{name}_{abs(hash(str(path)))}'
+    spec = importlib.util.spec_from_file_location(unique, path)
+    cut = importlib.util.module_from_spec(spec)
+    sys.modules[unique] = cut  # dataclasses look their module up while the class is made
+    try:
+        spec.loader.exec_module(cut)
+    finally:
+        del sys.modules[unique]
+    return cut, source
+
+
+def _globals_used(source, filename):
+    """Global names that the functions and classes of `source` read."""
+    used, todo = set(), [symtable.symtable(source, filename, 'exec')]
+    while todo:
+        table = todo.pop()
+        if table.get_type() != 'module':
+            used |= {s.get_name() for s in table.get_symbols() if s.is_global() and s.is_referenced()}
+        todo += table.get_children()
+    return used
+
+
+def _check_paper_section(cut, source, file_name, classes, fast_path_names):
+    assert source.count('\n') <= _PAPER_LINES[file_name], f'{file_name}: the paper section grew'
+    for name in ('PE_VARIANTS', *classes, 'SIZES', 'PUBLISHED', 'list_models', 'create_model'):
+        assert hasattr(cut, name), name
+    assert getattr(cut, classes[1]).fused is False  # the readable path
+    missing = {n for n in _globals_used(source, cut.__file__) if not hasattr(cut, n) and not hasattr(builtins, n)}
+    # only the fast path behind the `fused` switch, which the cut never takes
+    assert missing == set(fast_path_names), missing
+    with pytest.raises(TypeError, match='rope_positions'):  # beyond the paper: the full file's
+        cut.create_model(f"{'vit' if file_name == 'rope_vit.py' else 'swin'}_tiny", pe='rope_mixed',
+                         rope_positions='ntk')
 
 
 def _logits_and_grads(model, x):
@@ -40,18 +74,29 @@ def _logits_and_grads(model, x):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+# ViT: 4 x 4 patches of 8 px at 32 x 32; 48 x 80 is a larger, non-square grid.
 _VIT_CUT_CONFIG = dict(embed_dim=64, depth=2, num_heads=4, img_size=32, patch_size=8, num_classes=5)
 
 
+@pytest.fixture(scope='module')
+def vit_cut(tmp_path_factory):
+    return _import_paper_cut(rope_vit, tmp_path_factory.mktemp('vit_cut'), 'vit_paper_cut')
+
+
+def test_vit_paper_section_is_no_longer_than_before_and_reads_nothing_defined_later(vit_cut):
+    cut, source = vit_cut
+    _check_paper_section(cut, source, 'rope_vit.py', ('ViTConfig', 'RopeViT'),
+                         {'rotate_qkv_fused', 'fused_block_ropes'})
+
+
 @pytest.mark.parametrize('pe', [pe for pe in rope_vit.PE_VARIANTS if pe != 'none'])
-def test_vit_paper_section_stands_alone(pe, tmp_path):
-    cut = _paper_cut('rope_vit.py', tmp_path)
-    assert not hasattr(cut, 'ROPE_POSITIONS') and not hasattr(cut, 'fused_block_ropes')  # really cut
+def test_vit_paper_section_stands_alone(vit_cut, pe):
+    cut = vit_cut[0]
     torch.manual_seed(0)
     full = rope_vit.create_model('vit_tiny', pe=pe, **_VIT_CUT_CONFIG)
     torch.manual_seed(0)
     paper = cut.create_model('vit_tiny', pe=pe, **_VIT_CUT_CONFIG)
-    assert type(paper) is cut.RopeViT and not paper.fused  # the paper's class, readable path
+    assert type(paper).__module__ == cut.__name__ and not paper.fused  # the paper's class, readable path
     assert list(paper.state_dict()) == list(full.state_dict())
     for key, value in paper.state_dict().items():  # the same seed draws the same weights
         assert torch.equal(value, full.state_dict()[key]), key
@@ -79,3 +124,70 @@ def test_vit_paper_section_stands_alone(pe, tmp_path):
             torch.testing.assert_close(fused, got, atol=2e-5, rtol=1e-5)
             for name, grad in got_grads.items():
                 torch.testing.assert_close(fused_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+# Swin: the model file's settings for a small model (testkit._swin_small_model): built for 64 x 64,
+# window 4; 96 x 96 runs window 6, 64 x 128 window 4 on a non-square grid.
+_SWIN_TINY = dict(img_size=64, patch_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(2, 4, 8),
+                  window_size=4, num_classes=7, drop_path_rate=0.0)
+_SWIN_PAPER_PES = [pe for pe in swin_rope.PE_VARIANTS if pe != 'none']
+
+
+@pytest.fixture(scope='module')
+def swin_cut(tmp_path_factory):
+    return _import_paper_cut(swin_rope, tmp_path_factory.mktemp('swin_cut'), 'swin_paper_cut')
+
+
+def test_swin_paper_section_is_no_longer_than_before_and_reads_nothing_defined_later(swin_cut):
+    cut, source = swin_cut
+    _check_paper_section(cut, source, 'swin_rope.py', ('SwinConfig', 'SwinTransformer'),
+                         {'fused_window_attention', 'cached_mask'})
+    with pytest.raises(TypeError, match='rope_positions'):  # beyond the paper: the full file's
+        cut.create_model('swin_tiny', pe='rope_mixed', rope_positions='ntk')
+
+
+@pytest.mark.parametrize('pe', _SWIN_PAPER_PES)
+def test_swin_paper_section_stands_alone(swin_cut, pe):
+    """The cut builds the variant with the full file's weights (the same seed draws the same
+    ones), loads the full file's state dict strictly, and gives the full file's logits and
+    gradients: bit for bit against its readable path, to float rounding against the fused one."""
+    cut = swin_cut[0]
+    torch.manual_seed(0)
+    full = swin_rope.create_model('swin_tiny', pe=pe, **_SWIN_TINY)
+    torch.manual_seed(0)
+    paper = cut.create_model('swin_tiny', pe=pe, **_SWIN_TINY)
+    assert type(paper).__module__ == cut.__name__
+    full_sd, paper_sd = full.state_dict(), paper.state_dict()
+    assert list(full_sd) == list(paper_sd)
+    assert all(torch.equal(full_sd[k], paper_sd[k]) for k in full_sd)  # the same random draws
+    _swin_redraw(full)  # weights that make position mistakes show
+    paper.load_state_dict(full.state_dict(), strict=True)
+
+    for size in ((64, 64), (96, 96), (64, 128)):  # the training size, a larger window, non-square
+        x = torch.randn(2 if size == (64, 64) else 1, 3, *size)
+        for model in (full, paper):
+            model.eval()
+        with torch.no_grad():
+            fused = full(x)
+            full.fused = False
+            readable = full(x)
+            del full.fused  # back to the full file's default, the fused path
+            cut_logits = paper(x)
+        assert torch.equal(cut_logits, readable), size
+        torch.testing.assert_close(cut_logits, fused, atol=1e-5, rtol=1e-5)
+
+        if size == (64, 128):
+            continue  # gradients at two windows are enough
+        grads = []
+        for model, fused_path in ((full, True), (full, False), (paper, False)):
+            model.train()
+            model.fused = fused_path
+            model.zero_grad()
+            model(x).square().sum().backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            del model.fused
+        fused_grads, readable_grads, cut_grads = grads
+        assert list(cut_grads) == list(readable_grads)
+        for n in cut_grads:
+            assert torch.equal(cut_grads[n], readable_grads[n]), (size, n)
+            torch.testing.assert_close(cut_grads[n], fused_grads[n], atol=1e-4, rtol=1e-4)

@@ -63,8 +63,7 @@ def test_swin_policies_identity_at_training_window_and_set_back_restores_bit_for
         base_train, base_off = model(at_train), model(off_train)
         for policy in swin_rope.ROPE_POSITIONS[1:]:
             model.rope_positions = policy
-            assert all(a.rope_positions[0] == policy for a in model.modules()
-                       if isinstance(a, swin_rope.WindowAttention))
+            assert model.cfg.rope_positions == policy and model.rope_setting()[0] == policy
             assert torch.equal(model(at_train), base_train), policy
             changed = model(off_train)
             assert (changed - base_off).abs().max() > 1e-2, policy
@@ -161,7 +160,7 @@ def test_logits_stay_relative_position_invariant_under_every_policy(pe):
         spread = [g.max(-1).values - g.min(-1).values
                   for g in _logits_by_offset((cos[..., 1:, :], sin[..., 1:, :]), t_x, t_y, 32, 2)]
         assert max(s.max() for s in spread) < 1e-4, policy
-        cos, sin = attn.rope_tables(6)  # (2, 1, nH, N, d/2): [1] rotates k, unscaled
+        cos, sin = attn.rope_tables(6, swin.rope_setting())  # (2, 1, nH, N, d/2): [1] rotates k, unscaled
         spread = [g.max(-1).values - g.min(-1).values
                   for g in _logits_by_offset((cos[1, 0], sin[1, 0]), w_x, w_y, attn.head_dim, attn.num_heads)]
         assert max(s.max() for s in spread) < 1e-4, policy

@@ -264,7 +264,7 @@ def _swin_explicit_attention(attn, x, window, shift_mask):
     qkv = x @ attn.qkv.weight.double().t() + attn.qkv.bias.double()  # (B_, N, 3C): [q | k | v]
     q, k, v = (qkv[..., i * C:(i + 1) * C].reshape(B_, N, nH, d).transpose(1, 2) for i in range(3))
     q = q * d ** -0.5
-    if attn.rope is not None:
+    if attn.rope_kind is not None:
         pos = torch.tensor([[n % window, n // window] for n in range(N)], dtype=torch.float64)  # (N, 2)
         f = attn.rope_freqs.double()  # (2, nH, d/2)
         phase = pos[:, 0, None, None] * f[0] + pos[:, 1, None, None] * f[1]  # (N, nH, d/2)
@@ -298,13 +298,13 @@ def test_swin_windowed_sdpa_equals_explicit_softmax():
         model = _swin_redraw(_swin_small_model(pe))
         attn = model.layers[0].blocks[1].attn
         with torch.no_grad():
-            sdpa = attn(x, window, mask)
+            sdpa, none = attn(x, window, mask, fused=True)
+            assert none is None
             torch.testing.assert_close(sdpa, _swin_explicit_attention(attn, x, window, mask),
                                        atol=1e-5, rtol=1e-5)
-            # the explicit probability path of forward_with_attention gives the same output
-            attn.return_attn = True
-            explicit = attn(x, window, mask)
-            attn.return_attn = False
+            # the readable path (explicit softmax, forward_with_attention's) gives the same output
+            explicit, probs = attn(x, window, mask, need_weights=True)
+            assert probs.shape == (2 * 16, attn.num_heads, 16, 16)
         torch.testing.assert_close(sdpa, explicit, atol=1e-5, rtol=1e-5)
 
 
