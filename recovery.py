@@ -449,9 +449,10 @@ def _prepare_output_dir(cfg, resume, records):
 class StopSignals:
     """SIGTERM and SIGUSR1 (a scheduler's preemption and its time-limit warning) only record
     their number; the training loop reads it at step boundaries, where all ranks agree, and
-    stops after writing a recovery checkpoint. The handler never raises, so a second signal
-    cannot break into that write. Forked data-loader workers inherit the handler and so ignore
-    the signals (torchrun sends them to each worker's whole process group)."""
+    stops after writing a recovery checkpoint (in the closing evaluation: between resolutions).
+    The handler never raises, so a second signal cannot break into that write. Loader workers
+    get the signals too (torchrun forwards them to each worker's whole process group, a
+    scheduler sends them to every process of the job) and ignore them: data.StopSafeLoader."""
 
     SIGNALS = ('SIGTERM', 'SIGUSR1')
 
@@ -685,6 +686,17 @@ def _stop_message(signum, epoch, steps_done, steps_per_epoch, cfg, path):
           f'by {signal.Signals(signum).name}')
     return (f'stopped {by} {where}: {saved}; run the same command with --resume auto to '
             f'continue (exit status {EXIT_STOPPED})')
+
+
+def _sweep_stop_message(signum, cfg):
+    """The one line of a run stopped in its closing evaluation across resolutions, after every
+    epoch was trained and saved."""
+    by = (f'because torchrun (pid {_LAUNCHER_PID}) has gone' if _launcher_gone() else
+          f'by {signal.Signals(signum).name}')
+    saved = os.path.join(cfg['output_dir'], 'checkpoint.pth')
+    return (f'stopped {by} in the closing evaluation across resolutions (training is complete: '
+            f'{saved}); run the same command with --resume auto to redo only that evaluation '
+            f'(exit status {EXIT_STOPPED})')
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,8 +14,10 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import recovery
 import train
@@ -98,10 +100,11 @@ def _train_wait_output(log, text, proc):
         time.sleep(0.005)
 
 
-def _train_at_a_random_moment(logs, procs):
-    """Return at a random moment of the runs writing `logs`: after 1-7 saves, then up to 0.1 s
-    (inside a step, a save or an evaluation). Returns (saves, delay), for failure messages."""
-    moment = saves, delay = random.randint(1, 7), random.uniform(0.0, 0.1)
+def _train_at_a_random_moment(logs, procs, most=7):
+    """Return at a random moment of the runs writing `logs`: after 1 to `most` saves (7 of
+    _TRAIN_FAULT_ARGS's 9), then up to 0.1 s (inside a step, a save or an evaluation). Returns
+    (saves, delay), for failure messages."""
+    moment = saves, delay = random.randint(1, most), random.uniform(0.0, 0.1)
     _train_after_saves(logs, procs, saves)
     time.sleep(delay)
     return moment
@@ -239,6 +242,146 @@ def test_train_sigterm_stops_every_rank_at_one_step_saves_once_and_resumes_bit_i
         cwd=tmp_path, env=_train_env(), capture_output=True, text=True, timeout=_TRAIN_TIMEOUT)
     assert resumed.returncode == 0, (moment, resumed.stderr[-3000:])
     assert f'resumed from {saved} (--resume auto)' in resumed.stdout
+    _train_assert_same_run(full, cut)
+
+
+# ----------------------------------------------------------------------------------------------
+# A folder run with loader workers, stopped as a scheduler stops it
+
+def _train_write_jpeg_folder(root):
+    """DIR/{train,val}/{a,b}/*.jpg: 24 + 4 noisy 320 x 320 JPEGs per class, 20 times the pixels
+    of the 16 px model input, so that decoding and 3-Augment, not the step, set the pace."""
+    rng = np.random.default_rng(0)
+    for split, count in (('train', 24), ('val', 4)):
+        for label, name in enumerate(('a', 'b')):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.uniform(0, 120, size=(320, 320, 3)).astype(np.uint8)
+                pixels[40:200, 20 + 120 * label:180 + 120 * label] += 120
+                Image.fromarray(pixels).save(folder / f'{i}.jpg', quality=90)
+
+
+# Each rank's exit status, written where EXIT_RECORD says: torchrun reports only its own.
+_TRAIN_EXIT_RECORDING_LAUNCHER = '''import os
+import recovery, train
+status = 'no status: a crash'
+try:
+    recovery.cli(train.main, train.get_args_parser())
+    status = 0
+except SystemExit as e:
+    status = e.code
+    raise
+finally:
+    with open(os.path.join(os.environ['EXIT_RECORD'], 'exit_' + os.environ['RANK']), 'w') as f:
+        f.write(str(status))
+'''
+
+
+def _train_loader_run(data, out, record, resume=False, launcher=()):
+    """The DeiT-III recipe on _train_write_jpeg_folder's folder: 2 processes with 2 loader
+    workers each, 2 epochs of 6 steps, a recovery checkpoint every 2 steps (4 inside epochs)."""
+    script = record / 'launch.py'
+    script.write_text(_TRAIN_EXIT_RECORDING_LAUNCHER)
+    args = ['--model', 'vit_tiny', '--pe', 'rope_mixed', '--data-path', str(data), '--epochs', '2',
+            '--batch-size', '4', '--img-size', '16', '--patch-size', '8', '--embed-dim', '32',
+            '--depth', '2', '--num-heads', '2', '--eval-resolutions', '16', '--num-workers', '2',
+            '--save-every-steps', '2', '--print-freq', '1', '--output-dir', str(out)]
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
+               '2', *launcher, str(script), *args, *(['--resume', 'auto'] if resume else [])]
+    return command, dict(_train_env(), EXIT_RECORD=str(record))
+
+
+def _train_exit_statuses(record):
+    return [(record / f'exit_{rank}').read_text() for rank in range(2)]
+
+
+@pytest.fixture(scope='module')
+def _train_loader_reference(tmp_path_factory):
+    """The JPEG folder and the uninterrupted run of _train_loader_run on it."""
+    base = tmp_path_factory.mktemp('train_loader')
+    _train_write_jpeg_folder(base / 'data')
+    command, env = _train_loader_run(base / 'data', base / 'full', base)
+    done = subprocess.run(command, cwd=base, env=env, capture_output=True, text=True,
+                          timeout=_TRAIN_TIMEOUT)
+    assert done.returncode == 0 and _train_exit_statuses(base) == ['0', '0'], done.stderr[-3000:]
+    return base / 'data', base / 'full'
+
+
+def _train_descendants(pid):
+    """pid and every process below it: torchrun, its workers, their loader workers."""
+    todo, seen = [pid], []
+    while todo:
+        seen.append(todo.pop())
+        todo += _train_children(seen[-1])
+    return seen
+
+
+@pytest.mark.parametrize('way', ['torchrun alone', 'its process group', 'every process'])
+def test_train_folder_run_with_loader_workers_stopped_by_a_scheduler_resumes_bit_identical(
+        _train_loader_reference, tmp_path, way):
+    """SIGTERM to torchrun alone (which forwards it to each worker's whole process group, loader
+    workers included); SIGUSR1 to torchrun's process group (torchrun told to forward it, as the
+    SLURM script of docs/long-runs.md needs); SIGTERM to every process of the job at once, twice,
+    as scancel and a preemption do. Every rank stops after one step with status 75, no loader
+    worker dies of the signal, and --resume auto ends bit-identical."""
+    data, full = _train_loader_reference
+    cut = tmp_path / 'cut'
+    launcher = ['--signals-to-handle', 'SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1'] \
+        if way == 'its process group' else []
+    command, env = _train_loader_run(data, cut, tmp_path, launcher=launcher)
+    log = tmp_path / 'stopped.log'
+    with open(log, 'w') as out:
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        moment = _train_at_a_random_moment([log], [proc], most=3)   # of 4 mid-epoch saves
+        job = _train_descendants(proc.pid)
+        signalled = time.time()
+        if way == 'torchrun alone':
+            os.kill(proc.pid, signal.SIGTERM)
+        elif way == 'its process group':
+            os.killpg(proc.pid, signal.SIGUSR1)   # torchrun's session: its workers have their own
+        else:
+            for _ in range(2):
+                for pid in _train_descendants(proc.pid):
+                    try:
+                        os.kill(pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.05)
+        proc.wait(timeout=_TRAIN_TIMEOUT)
+        _train_wait_gone(job)
+        stop_seconds = time.time() - signalled
+    finally:
+        if proc.poll() is None:
+            _train_kill_tree(proc.pid)
+            proc.wait()
+    output = log.read_text()
+    context = (way, moment, len(job), output[-3000:])
+    assert _train_exit_statuses(tmp_path) == ['75', '75'], context
+    stops = re.findall(r'stopped by (SIG\w+) (?:at epoch \d/2, step \d/6|after epoch \d/2|in the '
+                       r'closing evaluation across resolutions).*?(\S+\.pth)\)?; run the same '
+                       r'command with --resume auto', output)
+    assert len(stops) == 1, context   # rank 0 only
+    name, saved = stops[0]
+    assert name == ('SIGUSR1' if way == 'its process group' else 'SIGTERM'), context
+    # No loader worker died of it, and no traceback of ours (torchrun prints its own).
+    assert 'DataLoader worker' not in output and 'killed by signal' not in output, context
+    assert not re.search(r'File "[^"]*(train|data|recovery|distributed|launch)\.py"', output), \
+        context
+    assert stop_seconds < 20, (stop_seconds, context)
+    assert not list(cut.glob('*.tmp'))
+    (tmp_path / 'exit_0').unlink()
+    (tmp_path / 'exit_1').unlink()
+    command, env = _train_loader_run(data, cut, tmp_path, resume=True)
+    resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=_TRAIN_TIMEOUT)
+    assert resumed.returncode == 0, (context, resumed.stderr[-3000:])
+    assert _train_exit_statuses(tmp_path) == ['0', '0']
+    # A stop in the closing evaluation names checkpoint.pth, a link to the newest recovery one.
+    assert 'resumed from ' + (str(cut) if saved.endswith('checkpoint.pth') else saved) \
+        in resumed.stdout, (context, resumed.stdout[-3000:])
     _train_assert_same_run(full, cut)
 
 

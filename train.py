@@ -66,20 +66,21 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 from torchvision.transforms import v2
 
 import rope_vit
 import swin_rope
 from builtin_data import BUILTIN_DATASETS, GLYPH_WINDOW_MIN_AREA
-from data import (EpochSampler, RepeatedAugSampler, SeededSamples, _derived_seed, build_eval_dataset,
-                  build_eval_loader, build_train_dataset)
+from data import (EpochSampler, RepeatedAugSampler, SeededSamples, StopSafeLoader, _derived_seed,
+                  build_eval_dataset, build_eval_loader, build_train_dataset)
 from distributed import (all_reduce_max, all_reduce_sum, gather, init_distributed,
                          is_main_process, max_over_ranks, print0, rank_and_world)
 from recovery import (Checkpointer, SaveFailed, StopSignals, Stopped, TrainingDiverged, UserError,
                       _log_records, _on_rank0, _prepare_output_dir, _save_atomic, _stop_message,
-                      cli, find_resume, hold_output_dir, read_checkpoint, recovery_files,
-                      resumes_from_output_dir, rng_state, set_rng_state, unwrap_state_dict)
+                      _sweep_stop_message, cli, find_resume, hold_output_dir,
+                      read_checkpoint, recovery_files, resumes_from_output_dir, rng_state,
+                      set_rng_state, unwrap_state_dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,9 +522,11 @@ def main(args):
     # Its own generator: creating the loader's iterator then draws nothing from torch's global
     # RNG, which a mid-epoch checkpoint restores as the interrupted run left it.
     loader_generator = torch.Generator()
-    train_loader = DataLoader(SeededSamples(train_set), batch_size=cfg['batch_size'],
-                              sampler=sampler, num_workers=cfg['num_workers'], drop_last=True,
-                              pin_memory=device.type == 'cuda', generator=loader_generator)
+    # Its workers leave SIGTERM / SIGUSR1 to this process (data.StopSafeLoader), as do the
+    # evaluation loaders' (build_eval_loader).
+    train_loader = StopSafeLoader(SeededSamples(train_set), batch_size=cfg['batch_size'],
+                                  sampler=sampler, num_workers=cfg['num_workers'], drop_last=True,
+                                  pin_memory=device.type == 'cuda', generator=loader_generator)
     steps_per_epoch = len(order) // cfg['batch_size']
     eval_loader = build_eval_loader(eval_set, cfg['eval_batch_size'], cfg['num_workers'])
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
@@ -639,33 +642,43 @@ def main(args):
             if signum:
                 raise Stopped(_stop_message(signum, epoch, steps_per_epoch, steps_per_epoch,
                                             cfg, path))
-    print0(f'training took {datetime.timedelta(seconds=round(time.time() - run_start))}')
+        print0(f'training took {datetime.timedelta(seconds=round(time.time() - run_start))}')
 
-    # 5. The paper's experiment: accuracy across test resolutions. A signal from here on ends
-    # the process at once; --resume auto redoes only this part.
-    # RoPE models twice on the same weights: positions extrapolated (the paper's protocol) and
-    # interpolated to the training grid (eval_multires.py --rope-positions compares all policies).
-    label = config_label(cfg)
-    policies = CLOSING_ROPE_POSITIONS if 'rope' in model_without_ddp.pe else (None,)
-    by_policy = {}
-    for policy in policies:
-        if policy is not None:
-            model_without_ddp.rope_positions = policy
-        by_policy[policy] = evaluate_resolutions(
-            model_without_ddp, cfg, cfg['eval_resolutions'], cfg['eval_batch_size'], device,
-            amp_dtype=amp_dtype, progress=is_main_process(),
-            label=label if policy is None else f'{label} {policy}')
-    if policies[0] is not None:
-        model_without_ddp.rope_positions = policies[0]
-    print0(format_table({label if policy is None else f'{label} {policy}': rows
-                         for policy, rows in by_policy.items()}, cfg['img_size']))
-    summary = {'label': label, 'train_resolution': cfg['img_size'], 'results': by_policy[policies[0]]}
-    if policies[0] is not None:
-        summary['results_by_rope_positions'] = by_policy
-    error = _on_rank0(lambda: _save_atomic(
-        summary, os.path.join(cfg['output_dir'], 'resolutions.json')), device)
-    if error:
-        checkpointer.failed(error)
+        # 5. The paper's experiment: accuracy across test resolutions. A signal stops the run
+        # after the resolution in progress (exit status 75); training is complete and saved,
+        # and --resume auto redoes only this part.
+        # RoPE models twice on the same weights: positions extrapolated (the paper's protocol) and
+        # interpolated to the training grid (eval_multires.py --rope-positions compares all policies).
+        label = config_label(cfg)
+        policies = CLOSING_ROPE_POSITIONS if 'rope' in model_without_ddp.pe else (None,)
+        by_policy = {}
+        for policy in policies:
+            if policy is not None:
+                model_without_ddp.rope_positions = policy
+            by_policy[policy] = []
+            for resolution in cfg['eval_resolutions']:
+                by_policy[policy] += evaluate_resolutions(
+                    model_without_ddp, cfg, [resolution], cfg['eval_batch_size'], device,
+                    amp_dtype=amp_dtype, progress=is_main_process(),
+                    num_workers=cfg['num_workers'],
+                    label=label if policy is None else f'{label} {policy}')
+                # Each rank's share of a resolution may differ by a batch: the ranks agree on
+                # a signal between resolutions, where they all are.
+                signum = int(max_over_ranks([stop.signum], device)[0])
+                if signum:
+                    raise Stopped(_sweep_stop_message(signum, cfg))
+        if policies[0] is not None:
+            model_without_ddp.rope_positions = policies[0]
+        print0(format_table({label if policy is None else f'{label} {policy}': rows
+                             for policy, rows in by_policy.items()}, cfg['img_size']))
+        summary = {'label': label, 'train_resolution': cfg['img_size'],
+                   'results': by_policy[policies[0]]}
+        if policies[0] is not None:
+            summary['results_by_rope_positions'] = by_policy
+        error = _on_rank0(lambda: _save_atomic(
+            summary, os.path.join(cfg['output_dir'], 'resolutions.json')), device)
+        if error:
+            checkpointer.failed(error)
 
 
 def _check_resolution(model, r, what):
