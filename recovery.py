@@ -712,12 +712,33 @@ def rng_state():
                        'has_gauss': int(np_state['has_gauss']), 'gauss': float(np_state['gauss'])},
              'python': [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
     if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+        # This rank's own device only (init_distributed made it the current one): the one
+        # generator it draws from, and a state that maps onto any device layout at resume.
+        state['cuda'] = [torch.cuda.get_rng_state()]
     return state
 
 
-def set_rng_state(state):
-    """Restore what rng_state() returned (a resumed run draws on as the interrupted one)."""
+def cuda_rng_entry(saved, device):
+    """The index of the entry of a checkpoint's CUDA random states (`saved`, a list) that this
+    rank restores on its device `device`, or UserError when none maps onto it.
+
+    One entry (what rng_state saves): the saving rank's own device, restored on this rank's
+    whatever the layout (8 GPUs on one node resumed as 2 x 4, or one visible GPU per task).
+    Several (earlier versions saved every visible device): the entry of this rank's device
+    index, the one it drew from when the layout is the same."""
+    if len(saved) == 1:
+        return 0
+    if device.index < len(saved):
+        return device.index
+    raise UserError(f"the checkpoint holds the CUDA random states of {len(saved)} devices, none "
+                    f"for this rank's {device}: resume on the device layout it was saved on, or "
+                    "on one with at least as many GPUs per node")
+
+
+def set_rng_state(state, device=torch.device('cpu'), set_cuda_state=torch.cuda.set_rng_state):
+    """Restore what rng_state() returned (a resumed run draws on as the interrupted one), on a
+    rank whose device is `device`; returns what was restored, in words. The CUDA state is
+    restored on `device` only (cuda_rng_entry); a rank without a GPU keeps none of it."""
     torch.set_rng_state(state['torch'])
     numpy_state = state['numpy']
     np.random.set_state({'bit_generator': 'MT19937',
@@ -726,8 +747,15 @@ def set_rng_state(state):
                          'has_gauss': numpy_state['has_gauss'], 'gauss': numpy_state['gauss']})
     version, internal, gauss = state['python']
     random.setstate((version, tuple(internal), gauss))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    restored = 'torch (CPU), numpy and python'
+    saved = state.get('cuda') or []
+    if saved and device.type == 'cuda':
+        index = cuda_rng_entry(saved, device)
+        set_cuda_state(saved[index], device)
+        restored += f', and on {device} the CUDA state of entry {index + 1} of {len(saved)}'
+    elif saved:
+        restored += f'; not the {len(saved)} CUDA state(s): this process has no GPU'
+    return restored
 
 
 # ----------------------------------------------------------------------------------------------

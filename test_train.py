@@ -293,6 +293,52 @@ def test_train_bad_input_from_the_shell_has_no_traceback(tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+def test_train_cuda_random_states_restore_onto_this_ranks_device_on_any_layout(monkeypatch):
+    """Resume with the same world size on another device layout: a rank restores only the CUDA
+    state that maps onto its own device (checkpoints of 8 and of 1 entries), says what it
+    restored, and a state it cannot place is one line (UserError: exit 2)."""
+    saved = recovery.rng_state()
+    ahead = torch.rand(4)
+    states = lambda n: [torch.full((8,), i, dtype=torch.uint8) for i in range(n)]
+    calls = []
+
+    def record(state, device):
+        calls.append((int(state[0]), device))
+
+    # 8 entries, as earlier versions saved every GPU a process saw (1 node x 8): each rank
+    # takes its own device's entry, which is the one it drew from on that layout.
+    eight = dict(saved, cuda=states(8))
+    said = recovery.set_rng_state(eight, torch.device('cuda', 3), record)
+    assert calls == [(3, torch.device('cuda', 3))]
+    assert said == 'torch (CPU), numpy and python, and on cuda:3 the CUDA state of entry 4 of 8'
+    assert torch.equal(torch.rand(4), ahead)   # the CPU states came back as well
+    # 1 entry, as this version saves (the saving rank's own device): placed on whichever device
+    # this rank has: 2 nodes x 4, or srun with one visible GPU per task.
+    for index in (0, 1, 7):
+        calls.clear()
+        said = recovery.set_rng_state(dict(saved, cuda=states(1)), torch.device('cuda', index),
+                                      record)
+        assert calls == [(0, torch.device('cuda', index))]
+        assert said.endswith(f'and on cuda:{index} the CUDA state of entry 1 of 1')
+    # 8 entries, none for this rank's cuda:8: one line, nothing restored on a GPU.
+    calls.clear()
+    with pytest.raises(recovery.UserError) as error:
+        recovery.set_rng_state(eight, torch.device('cuda', 8), record)
+    assert str(error.value) == ("the checkpoint holds the CUDA random states of 8 devices, none "
+                                "for this rank's cuda:8: resume on the device layout it was saved "
+                                'on, or on one with at least as many GPUs per node')
+    assert calls == []
+    # A process without a GPU keeps the CUDA states aside and says so.
+    said = recovery.set_rng_state(eight, torch.device('cpu'), record)
+    assert calls == [] and said == ('torch (CPU), numpy and python; not the 8 CUDA state(s): '
+                                    'this process has no GPU')
+    assert torch.equal(torch.rand(4), ahead)
+    # A rank with a GPU saves the state of its own device only: one entry, whatever it sees.
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda device='cuda': torch.arange(3))
+    assert [t.tolist() for t in recovery.rng_state()['cuda']] == [[0, 1, 2]]
+
+
 def _train_values_outside(limit, kind):
     """Command-line strings just outside `limit` for a flag parsed by `kind` (int or float)."""
     values = []

@@ -78,7 +78,7 @@ from distributed import (all_reduce_max, all_reduce_sum, gather, init_distribute
                          is_main_process, max_over_ranks, print0, rank_and_world)
 from recovery import (Checkpointer, SaveFailed, StopSignals, Stopped, TrainingDiverged, UserError,
                       _log_records, _on_rank0, _prepare_output_dir, _save_atomic, _stop_message,
-                      _sweep_stop_message, cli, find_resume, hold_output_dir,
+                      _sweep_stop_message, cli, cuda_rng_entry, find_resume, hold_output_dir,
                       read_checkpoint, recovery_files, resumes_from_output_dir, rng_state,
                       set_rng_state, unwrap_state_dict)
 
@@ -552,6 +552,17 @@ def main(args):
         if same_layout:
             scheduler.load_state_dict(state['lr_scheduler'])
             rng = state['rng'][info.rank]
+            # A CUDA random state that does not map onto this rank's device: every rank stops
+            # alike, before training, rather than one alone while the others wait for it.
+            problem = None
+            if rng.get('cuda') and device.type == 'cuda':
+                try:
+                    cuda_rng_entry(rng['cuda'], device)
+                except UserError as e:
+                    problem = f'--resume {resume.path}: rank {info.rank}: {e}'
+            problems = [p for p in gather(problem) if p]
+            if problems:
+                raise UserError(problems[0])
             if start_step:
                 sums = state['epoch_sums'][info.rank]
                 seconds = state.get('epoch_seconds', 0.0)
@@ -600,7 +611,8 @@ def main(args):
             first_step = start_step if epoch == start_epoch else 0
             _seed_everything(cfg['seed'], epoch, info.rank)
             if first_step and rng is not None:
-                set_rng_state(rng)   # where the interrupted run was inside this epoch
+                # where the interrupted run was inside this epoch
+                print0(f'random states restored (rank 0): {set_rng_state(rng, device)}')
             loader_generator.manual_seed(_derived_seed(cfg['seed'], epoch, info.rank, 2))
             sampler.set_epoch(epoch, first_step * cfg['batch_size'])
             if hasattr(train_set, 'set_epoch'):
