@@ -268,6 +268,8 @@ def test_train_weight_decay_groups():
     (['--finetune', '{tmp}/corrupt.pth'], 'cannot read checkpoint'),
     (['--finetune', '{tmp}/other.pth'], 'does not fit vit_tiny: missing cls_token'),
     (['--amp', 'fp8'], 'invalid choice'),
+    (['--dist-timeout', '600', '--wait-for-output-dir', '1200'],
+     '--dist-timeout 600 must exceed --wait-for-output-dir 1200: the other ranks wait'),
 ])
 def test_train_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, argv, message):
     (tmp_path / 'empty' / 'train' / 'a').mkdir(parents=True)
@@ -337,6 +339,41 @@ def test_train_cuda_random_states_restore_onto_this_ranks_device_on_any_layout(m
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda device='cuda': torch.arange(3))
     assert [t.tolist() for t in recovery.rng_state()['cuda']] == [[0, 1, 2]]
+
+
+def test_train_local_rank_without_a_gpu_of_its_own_is_one_line_and_exit_2(
+        tmp_path, capsys, monkeypatch):
+    from distributed import cuda_index
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    assert [cuda_index(r, 8) for r in (0, 3, 7)] == [0, 3, 7]
+    assert cuda_index(5, 1) == 0   # srun --gpus-per-task=1: the one GPU this task sees
+    # Under torchrun (LOCAL_WORLD_SIZE set), a second rank on a one-GPU machine would share it.
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '0')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    out = tmp_path / 'out'
+    assert _train_cli(_TRAIN_TINY + ['--output-dir', str(out), '--amp', 'none']) == 2
+    assert capsys.readouterr().err == (
+        'error: LOCAL_RANK 1, but this process sees 1 GPU(s) (CUDA_VISIBLE_DEVICES=0): start at '
+        'most 1 process(es) per node, or give each process a GPU of its own\n')
+    assert not out.exists()
+
+
+def test_train_process_group_gets_the_dist_timeout(monkeypatch):
+    import datetime
+    import distributed
+    seen = {}
+    monkeypatch.setattr(distributed.dist, 'is_initialized', lambda: False)
+    monkeypatch.setattr(distributed.dist, 'init_process_group', lambda **kw: seen.update(kw))
+    monkeypatch.delenv('TORCHELASTIC_USE_AGENT_STORE', raising=False)
+    for key, value in dict(WORLD_SIZE='2', RANK='1', LOCAL_RANK='1').items():
+        monkeypatch.setenv(key, value)
+    info = distributed.init_distributed(train.get_args_parser().parse_args([]).dist_timeout)
+    assert (info.rank, info.world_size, info.distributed) == (1, 2, True)
+    assert seen['timeout'] == datetime.timedelta(minutes=30) and seen['backend'] == 'gloo'
+    assert '--dist-timeout SECONDS' in train.get_args_parser().format_help()
 
 
 def _train_values_outside(limit, kind):

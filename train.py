@@ -464,7 +464,10 @@ def main(args):
         resume, dropped = choose_resume()
 
     # 2. Processes, output folder (this run's alone from here on), configuration.
-    info = init_distributed()
+    try:
+        info = init_distributed(cfg['dist_timeout'])
+    except ValueError as e:   # LOCAL_RANK without a GPU of its own
+        raise UserError(str(e)) from None
     device = info.device
     hold_output_dir(cfg['output_dir'], device, cfg['wait_for_output_dir'])
     if from_folder:
@@ -826,6 +829,12 @@ def get_args_parser():
                    help='another run holds --output-dir: wait up to SECONDS for it to end (a '
                         'requeued job whose predecessor is still saving), then take it; 0 = stop '
                         'at once with exit status 2')
+    p.add_argument('--dist-timeout', type=float, default=1800.0, metavar='SECONDS',
+                   help='how long a collective waits for the other ranks before the run fails '
+                        '(the process group\'s timeout, NCCL and gloo alike). The longest waits '
+                        'train.py allows: rank 0 waiting --wait-for-output-dir for the folder, and '
+                        'a rank-0 checkpoint write (minutes for a large model on a slow file '
+                        'system); it must exceed --wait-for-output-dir')
     p.add_argument('--on-save-error', default='stop', choices=('stop', 'warn'),
                    help='a checkpoint or log that cannot be written (disk full, read-only '
                         'folder): stop (exit status 74) or warn and train on')
@@ -900,8 +909,8 @@ TRAIN_LIMITS = {
     'builtin_val': POSITIVE, 'builtin_seed': SEED, 'seed': SEED, 'num_workers': NON_NEGATIVE,
     'glyph_window_min_area': Limit(0, 1, low_open=True), 'train_resolutions': POSITIVE,
     'print_freq': POSITIVE, 'save_every_steps': NON_NEGATIVE,
-    # Below torch's 30-minute collective timeout, which the other ranks wait in meanwhile.
-    'wait_for_output_dir': Limit(0, 1200),
+    # The other ranks wait meanwhile in a collective: --dist-timeout must exceed it.
+    'wait_for_output_dir': Limit(0, 1200), 'dist_timeout': POSITIVE,
 }
 
 
@@ -981,6 +990,10 @@ def resolve_config(args, world_size):
             raise UserError(f"--aug {cfg['aug']} {why}; use --aug none with the built-in data")
 
     check_limits(cfg, TRAIN_LIMITS)   # the user's values and the recipe's alike
+    if cfg['dist_timeout'] <= cfg['wait_for_output_dir']:
+        raise UserError(f"--dist-timeout {cfg['dist_timeout']:g} must exceed --wait-for-output-dir "
+                        f"{cfg['wait_for_output_dir']:g}: the other ranks wait in a collective "
+                        'while rank 0 waits for the folder, and a rank-0 checkpoint write follows')
 
     total_batch = cfg['batch_size'] * world_size
     cfg['world_size'] = world_size
