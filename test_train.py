@@ -22,7 +22,7 @@ import eval_multires
 import recovery
 import train
 
-from testkit import (_TRAIN_SCRIPT, _TRAIN_TIMEOUT, _TRAIN_TINY, _eval_train_res, _train_assert_same_run,
+from testkit import (_TRAIN_SCRIPT, _TRAIN_SMALL, _TRAIN_TIMEOUT, _TRAIN_TINY, _eval_train_res, _train_assert_same_run,
     _train_cli, _train_env, _train_recorded_step_sizes, _train_recording_step_sizes, _train_state,
     _train_write_folder)
 
@@ -654,3 +654,25 @@ def test_train_folder_several_resolutions_two_processes_sigkill_resume_bit_ident
     for rank in range(2):   # steps 1-2 of epoch 2 done twice, before the kill and after, alike
         assert _train_recorded_step_sizes(cut_sizes, rank) == drawn, rank
     _train_assert_same_run(tmp_path / 'full', tmp_path / 'cut')
+
+
+def test_train_deterministic_changes_no_number_on_cpu_and_is_undone_after_the_run(
+        _train_small_reference, tmp_path):
+    out = tmp_path / 'out'
+    assert not torch.are_deterministic_algorithms_enabled()
+    seen = []
+    real = train._main
+
+    def observed(args):
+        seen.append((torch.are_deterministic_algorithms_enabled(),
+                     os.environ.get('CUBLAS_WORKSPACE_CONFIG')))
+        return real(args)
+    train._main = observed
+    try:
+        assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--deterministic']) == 0
+    finally:
+        train._main = real
+    assert seen == [(True, os.environ['CUBLAS_WORKSPACE_CONFIG'])]   # set before the run
+    assert not torch.are_deterministic_algorithms_enabled()   # the process goes on as before
+    assert _train_state(out / 'checkpoint.pth')['args']['deterministic'] is True
+    _train_assert_same_run(_train_small_reference, out)

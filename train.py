@@ -54,6 +54,7 @@ checkpoint or log could not be written (--on-save-error warn trains on instead),
 signal (or torchrun gone) with the state saved: run the same command with --resume auto.
 """
 import argparse
+import contextlib
 import datetime
 import math
 import os
@@ -410,7 +411,38 @@ def evaluate(model, loader, device, amp_dtype=None):
 # ----------------------------------------------------------------------------------------------
 # The run: set-up, the epoch loop, the closing table across test resolutions
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled):
+    """--deterministic: deterministic kernels only, for the duration of a run (the settings
+    before are restored, for a caller that goes on in the same process).
+
+    On CUDA, SDPA's backward and the bicubic resize's use atomics whose order varies from run to
+    run; cuBLAS needs a fixed workspace to repeat its sums. With this, torch picks deterministic
+    kernels or stops at the first operation that has none (its error names it). On CPU every
+    kernel train.py uses is deterministic already."""
+    if not enabled:
+        yield
+        return
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    # Read when cuBLAS makes its handle: before this process's first matrix product on a GPU.
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2:]
+
+
 def main(args):
+    with deterministic_algorithms(args.deterministic):
+        _main(args)
+
+
+def _main(args):
     # 1. Validate everything before touching the disk or the process group.
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     cfg = resolve_config(args, world_size)
@@ -844,6 +876,11 @@ def get_args_parser():
     p.add_argument('--amp', default=None, choices=('none', 'bf16', 'fp16'),
                    help='autocast dtype (default: bf16 on CUDA, none on CPU)')
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--deterministic', action='store_true',
+                   help='deterministic kernels only (torch.use_deterministic_algorithms; on '
+                        'CUDA, what a bit-identical resume needs: docs/long-runs.md), slower on '
+                        'GPUs; a kernel without a deterministic version stops the run. CPU runs '
+                        'are deterministic without it')
     p.add_argument('--rope-coord-shift', type=float, default=0.0,
                    help='RoPE coordinate augmentation (DINOv3), per batch in training: shift '
                         'positions by U(-a, a) per axis, in units of half the grid; 0 = off')
