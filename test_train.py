@@ -656,6 +656,7 @@ def test_train_folder_several_resolutions_two_processes_sigkill_resume_bit_ident
     _train_assert_same_run(tmp_path / 'full', tmp_path / 'cut')
 
 
+@pytest.mark.slow
 def test_train_deterministic_changes_no_number_on_cpu_and_is_undone_after_the_run(
         _train_small_reference, tmp_path):
     out = tmp_path / 'out'
