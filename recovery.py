@@ -10,7 +10,8 @@
     StopSignals                  SIGTERM / SIGUSR1: every rank stops after the same step
     hold_output_dir              one run per output folder: an exclusive lock for the run's life
     watch_launcher               a torchrun worker whose torchrun has died stops as on SIGTERM
-    rng_state, set_rng_state     the random states every checkpoint holds, per rank
+    rng_state, set_rng_state     the random states every checkpoint holds, per rank (of a GPU,
+    cuda_rng_entry               the rank's own), restored on another device layout
     Checkpointer                 rank 0 saves and rotates the recovery checkpoints; the
                                  save-error policy (--on-save-error stop | warn)
 

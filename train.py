@@ -46,9 +46,11 @@ the run that uses the folder (a second run there ends with exit status 2). Check
 torch.load(..., weights_only=True); every file is written to a temporary name and renamed.
 
 Long runs (README, "Long runs on a cluster"): --resume auto continues from the newest sound
-checkpoint (a damaged one is skipped with a warning), bit-identical on the same world size, and is
-implied after a torchrun restart (--max-restarts). SIGTERM or SIGUSR1 stops every rank after the
-same step, saves, and exits; so does a torchrun worker whose torchrun has died. Exit status: 0
+checkpoint (a damaged one is skipped with a warning), bit-identical on the same world size (on
+CPU; on CUDA with --deterministic), and is implied after a torchrun restart (--max-restarts).
+SIGTERM or SIGUSR1, to torchrun or to every process of the job (loader workers ignore them),
+stops every rank after the same step, saves, and exits; so does a torchrun worker whose torchrun
+has died. Exit status: 0
 done, 1 diverged (or a crash), 2 bad input or an output folder another run holds, 74 a
 checkpoint or log could not be written (--on-save-error warn trains on instead), 75 stopped by a
 signal (or torchrun gone) with the state saved: run the same command with --resume auto.
