@@ -685,6 +685,38 @@ def _train_snapshot(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix == '.pth'}
 
 
+def test_train_signal_in_the_closing_evaluation_stops_with_75_and_resume_redoes_only_it(
+        _train_small_reference, tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'out'
+    shutil.copytree(_train_small_reference, out)
+    (out / 'resolutions.json').unlink()
+    before, log_before = _train_snapshot(out), (out / 'log.jsonl').read_bytes()
+    real, calls = train.evaluate_resolutions, []
+
+    def signalled(model, cfg, resolutions, *args, **kwargs):
+        calls.append(list(resolutions))
+        if len(calls) == 1:   # SIGTERM while the first resolution is evaluated
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, cfg, resolutions, *args, **kwargs)
+    monkeypatch.setattr(train, 'evaluate_resolutions', signalled)
+    capsys.readouterr()
+    # Training is complete: the resume goes straight to the closing evaluation (RoPE-Mixed:
+    # extrapolated, then interpolated, at 16 px), which stops after its first resolution.
+    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--resume', 'auto']) == 75
+    progress, stop = capsys.readouterr().err.splitlines()   # the resolution done, the stop
+    assert 'RoPE-Mixed extrapolate @ 16: 8/8 images (100%)' in progress, progress
+    assert stop == (f'stopped by SIGTERM in the closing evaluation across resolutions (training is '
+                    f'complete: {out / "checkpoint.pth"}); run the same command with --resume '
+                    'auto to redo only that evaluation (exit status 75)'), stop
+    assert calls == [[16]] and not (out / 'resolutions.json').exists()
+    assert _train_snapshot(out) == before and (out / 'log.jsonl').read_bytes() == log_before
+    monkeypatch.setattr(train, 'evaluate_resolutions', real)
+    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--resume', 'auto']) == 0
+    assert json.loads((out / 'resolutions.json').read_text()) \
+        == json.loads((_train_small_reference / 'resolutions.json').read_text())
+    assert _train_snapshot(out) == before
+
+
 def test_train_failed_checkpoint_write_stops_with_one_line_and_keeps_previous_files(
         _train_small_reference, tmp_path, capsys, monkeypatch):
     out = tmp_path / 'out'
