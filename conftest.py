@@ -27,7 +27,7 @@ _gpu_allowed = [False]   # True while a test marked `cuda` runs
 class _GpuHidingPopen(subprocess.Popen):
     """subprocess.Popen that refuses a subprocess started by a test file with the GPUs visible."""
 
-    def __init__(self, *args, env=None, **kwargs):
+    def __init__(self, *args, **kwargs):
         frame = sys._getframe(1)
         while frame is not None and frame.f_code.co_filename == subprocess.__file__:
             frame = frame.f_back   # subprocess.run and friends
@@ -35,10 +35,11 @@ class _GpuHidingPopen(subprocess.Popen):
         name = os.path.basename(caller)
         if (not _gpu_allowed[0] and os.path.dirname(os.path.abspath(caller)) == _TEST_FILES
                 and (name.startswith('test_') or name in ('testkit.py', 'conftest.py'))):
+            env = kwargs.get('env')
             shown = None if env is None else env.get('CUDA_VISIBLE_DEVICES')
             assert shown == '', (f'{name}:{frame.f_lineno} starts a subprocess that may see a GPU '
                                  f'(CUDA_VISIBLE_DEVICES={shown!r}): give it env=_train_env()')
-        super().__init__(*args, env=env, **kwargs)
+        super().__init__(*args, **kwargs)
 
 
 @pytest.fixture(scope='session', autouse=True)
