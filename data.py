@@ -35,27 +35,46 @@ WORKER_IGNORED_SIGNALS = tuple(getattr(signal, name) for name in ('SIGTERM', 'SI
 
 
 class IgnoreStopSignals:
-    """A loader's worker_init_fn: the worker ignores WORKER_IGNORED_SIGNALS, then runs `chained`
-    (the caller's own worker_init_fn, if any).
+    """A loader's worker_init_fn: the worker leaves WORKER_IGNORED_SIGNALS to its main process,
+    but for a SIGTERM from that main process itself; then it runs `chained` (the caller's own
+    worker_init_fn, if any). A class, not a closure, so that it pickles into spawned workers.
 
     PyTorch's worker installs a SIGTERM handler of its own that ends the worker when the signal
     comes from anyone but its parent; the main process then fails at its next batch ("DataLoader
     worker (pid N) is killed by signal: Terminated") instead of stopping at a step boundary with
-    a checkpoint. Ignored, the signal is left to the main process. The worker still ends: its
-    main process tells it to through the loader's queues, and torch's watchdog ends a worker
-    whose main process has gone. A class, not a closure, so that it pickles into spawned
-    workers."""
+    a checkpoint. So the signals stay blocked in the worker (StopSafeLoader blocked them before
+    the fork), and a thread takes them one by one with sigwaitinfo, which names the sender: a
+    SIGTERM from the main process ends the worker at once, as torch's handler does (the main
+    process's multiprocessing terminates its loader workers so when it exits with a loader still
+    open, after a crash: ignored, that SIGTERM would leave it waiting for them forever); the
+    others are dropped. The worker still ends when its main process shuts the loader down, and
+    torch's watchdog ends one whose main process has gone. Without sigwaitinfo (macOS) only
+    SIGUSR1 and SIGINT are ignored and SIGTERM keeps torch's handler."""
 
     def __init__(self, chained=None):
         self.chained = chained
 
     def __call__(self, worker_id):
-        for sig in WORKER_IGNORED_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
-        if hasattr(signal, 'pthread_sigmask'):   # blocked by StopSafeLoader while forking
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED_SIGNALS)
+        if hasattr(signal, 'sigwaitinfo'):
+            signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+            threading.Thread(target=_take_stop_signals, args=(os.getppid(),), daemon=True,
+                             name='loader_worker_signals').start()
+        else:
+            ignored = tuple(s for s in WORKER_IGNORED_SIGNALS if s != signal.SIGTERM)
+            for sig in ignored:
+                signal.signal(sig, signal.SIG_IGN)
+            if hasattr(signal, 'pthread_sigmask'):   # blocked by StopSafeLoader while forking
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED_SIGNALS)
         if self.chained is not None:
             self.chained(worker_id)
+
+
+def _take_stop_signals(parent):
+    """A loader worker's signal thread (IgnoreStopSignals): the end on its parent's SIGTERM."""
+    while True:
+        info = signal.sigwaitinfo(WORKER_IGNORED_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)
 
 
 class StopSafeLoader(DataLoader):

@@ -385,6 +385,61 @@ def test_train_folder_run_with_loader_workers_stopped_by_a_scheduler_resumes_bit
     _train_assert_same_run(full, cut)
 
 
+_TRAIN_LOADER_PROBE = '''import sys, time
+import torch
+import data
+
+
+class Slow(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, index):
+        time.sleep(0.01)
+        return torch.zeros(1)
+
+
+batches = iter(data.StopSafeLoader(Slow(), batch_size=2, num_workers=2))
+next(batches)
+print(' '.join(str(w.pid) for w in batches._workers), flush=True)
+sys.stdin.readline()   # the test signals the workers meanwhile
+next(batches)
+print('alive', all(w.is_alive() for w in batches._workers), flush=True)
+raise RuntimeError('a crash with the loader open')
+'''
+
+
+def test_train_loader_workers_ignore_signals_from_outside_and_end_with_their_process(tmp_path):
+    """StopSafeLoader's workers survive SIGTERM, SIGUSR1 and SIGINT sent by another process (torch's
+    own handler would end them on SIGTERM, and the next batch would fail), yet a process that
+    crashes with the loader open still exits: its multiprocessing SIGTERMs its loader workers at
+    exit, and ignored that would leave it waiting for them forever."""
+    script = tmp_path / 'probe.py'
+    script.write_text(_TRAIN_LOADER_PROBE)
+    proc = subprocess.Popen([sys.executable, str(script)], env=_train_env(), text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        workers = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(workers) == 2, proc.stderr.read()
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            for pid in workers:
+                os.kill(pid, sig)
+        time.sleep(0.5)
+        proc.stdin.write('\n')
+        proc.stdin.flush()
+        assert proc.stdout.readline() == 'alive True\n'
+        started = time.time()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            _train_kill_tree(proc.pid)
+            proc.wait()
+    assert proc.returncode == 1 and err.rstrip().endswith('a crash with the loader open'), err
+    assert 'DataLoader worker' not in err, err
+    assert time.time() - started < 15
+    _train_wait_gone(workers, timeout=10)
+
+
 def test_train_lost_worker_torchrun_restart_resumes_by_itself_bit_identical(
         _train_reference_run, tmp_path):
     full, _ = _train_reference_run
