@@ -78,13 +78,13 @@ def _take_stop_signals(parent):
 
 
 class StopSafeLoader(DataLoader):
-    """A DataLoader whose workers ignore the stop signals (IgnoreStopSignals, chained with any
-    worker_init_fn given).
+    """A DataLoader whose workers leave the stop signals to the main process (IgnoreStopSignals,
+    chained with any worker_init_fn given).
 
     The signals are blocked in the main thread while the workers are started: a forked worker
     inherits the blocked mask, so a signal that arrives between the fork and its worker_init_fn
-    (where torch's own handler would end the worker) stays pending there and is discarded once
-    ignored; the main process gets its copy when the mask is restored."""
+    (where torch's own handler would end the worker) stays pending there until the worker's
+    signal thread takes it; the main process gets its copy when the mask is restored."""
 
     def __init__(self, *args, worker_init_fn=None, **kwargs):
         super().__init__(*args, worker_init_fn=IgnoreStopSignals(worker_init_fn), **kwargs)

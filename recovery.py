@@ -453,7 +453,8 @@ class StopSignals:
     stops after writing a recovery checkpoint (in the closing evaluation: between resolutions).
     The handler never raises, so a second signal cannot break into that write. Loader workers
     get the signals too (torchrun forwards them to each worker's whole process group, a
-    scheduler sends them to every process of the job) and ignore them: data.StopSafeLoader."""
+    scheduler sends them to every process of the job) and leave them to their rank:
+    data.StopSafeLoader."""
 
     SIGNALS = ('SIGTERM', 'SIGUSR1')
 
