@@ -22,9 +22,9 @@ import eval_multires
 import recovery
 import train
 
-from testkit import (_TRAIN_SCRIPT, _TRAIN_SMALL, _TRAIN_TIMEOUT, _TRAIN_TINY, _eval_train_res, _train_assert_same_run,
-    _train_cli, _train_env, _train_recorded_step_sizes, _train_recording_step_sizes, _train_state,
-    _train_write_folder)
+from testkit import (_TRAIN_SCRIPT, _TRAIN_SMALL, _TRAIN_TIMEOUT, _TRAIN_TINY, _eval_train_res,
+    _train_assert_same_run, _train_cli, _train_env, _train_recorded_step_sizes,
+    _train_recording_step_sizes, _train_state, _train_write_folder)
 
 
 def test_train_image_folder_deit3_recipe_skips_corrupt_images(tmp_path, capsys):

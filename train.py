@@ -696,8 +696,9 @@ def _main(args):
         # 5. The paper's experiment: accuracy across test resolutions. A signal stops the run
         # after the resolution in progress (exit status 75); training is complete and saved,
         # and --resume auto redoes only this part.
-        # RoPE models twice on the same weights: positions extrapolated (the paper's protocol) and
-        # interpolated to the training grid (eval_multires.py --rope-positions compares all policies).
+        # RoPE models twice on the same weights: positions extrapolated (the paper's protocol)
+        # and interpolated to the training grid (eval_multires.py --rope-positions compares all
+        # policies).
         label = config_label(cfg)
         policies = CLOSING_ROPE_POSITIONS if 'rope' in model_without_ddp.pe else (None,)
         by_policy = {}
