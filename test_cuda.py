@@ -18,8 +18,12 @@ import rope_vit
 from testkit import (_TRAIN_FAULT_ARGS, _TRAIN_ROOT, _TRAIN_SCRIPT, _TRAIN_TIMEOUT, _train_env,
     _vit_tiny)
 
-# Read when this file is collected, before conftest.py hides the GPUs from the other tests.
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+# Read when this file is collected, before conftest.py hides the GPUs from the other tests. bf16
+# kernels (autocast, and SDPA's fused ones) need compute capability 8.0 (Ampere) or newer, and
+# train.py's default on CUDA is bf16 autocast.
+needs_bf16 = pytest.mark.skipif(not torch.cuda.is_available()
+                                or torch.cuda.get_device_capability() < (8, 0),
+                                reason='needs a CUDA GPU with bf16 (compute capability 8.0+)')
 
 
 def test_cuda_the_other_tests_see_no_gpu_in_process_or_in_subprocesses():
@@ -39,7 +43,7 @@ def _relative_error(value, reference):
 
 
 @pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=[pytest.mark.cuda,
-                                                                         needs_cuda])])
+                                                                         needs_bf16])])
 def test_cuda_fused_rope_under_bf16_autocast_is_as_close_as_the_readable_path(device):
     """Logits and the RoPE-Mixed frequency gradient of the fused path (complex rotation, SDPA)
     and the readable one (real formula, explicit softmax): equal in fp32; under bf16 autocast
@@ -70,7 +74,7 @@ def test_cuda_fused_rope_under_bf16_autocast_is_as_close_as_the_readable_path(de
 
 
 @pytest.mark.cuda
-@needs_cuda
+@needs_bf16
 def test_cuda_sdpa_takes_a_fused_kernel_for_our_q_k_v_in_bf16(monkeypatch):
     """Every attention call of a ViT-S RoPE-Mixed training step under bf16 autocast runs with the
     math fallback switched off: SDPA raises when no fused kernel (flash, memory-efficient,
@@ -108,7 +112,7 @@ def _descendants(pid):
 
 @pytest.mark.slow
 @pytest.mark.cuda
-@needs_cuda
+@needs_bf16
 def test_cuda_torchrun_run_stopped_by_sigterm_resumes_and_finishes(tmp_path):
     """train.py as a GPU machine runs it (CUDA, bf16; NCCL where two GPUs give two processes,
     one process on one GPU, which makes no process group): SIGTERM to every process of the job
