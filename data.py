@@ -44,10 +44,10 @@ class IgnoreStopSignals:
     worker (pid N) is killed by signal: Terminated") instead of stopping at a step boundary with
     a checkpoint. So the signals stay blocked in the worker (StopSafeLoader blocked them before
     the fork), and a thread takes them one by one with sigwaitinfo, which names the sender: a
-    SIGTERM from the main process ends the worker at once, as torch's handler does (the main
-    process's multiprocessing terminates its loader workers so when it exits with a loader still
-    open, after a crash: ignored, that SIGTERM would leave it waiting for them forever); the
-    others are dropped. The worker still ends when its main process shuts the loader down, and
+    SIGTERM from the main process ends the worker at once, as torch's handler does (a main
+    process that exits with a loader still open, after a crash, has its multiprocessing send
+    its workers SIGTERM and wait for them: ignored, it would wait forever); the others are
+    dropped. The worker still ends when its main process shuts the loader down, and
     torch's watchdog ends one whose main process has gone. Without sigwaitinfo (macOS) only
     SIGUSR1 and SIGINT are ignored and SIGTERM keeps torch's handler."""
 

@@ -318,7 +318,7 @@ def _train_descendants(pid):
     return seen
 
 
-@pytest.mark.parametrize('way', ['torchrun alone', 'its process group', 'every process'])
+@pytest.mark.parametrize('way', ['torchrun-alone', 'its-process-group', 'every-process'])
 def test_train_folder_run_with_loader_workers_stopped_by_a_scheduler_resumes_bit_identical(
         _train_loader_reference, tmp_path, way):
     """SIGTERM to torchrun alone (which forwards it to each worker's whole process group, loader
@@ -329,7 +329,7 @@ def test_train_folder_run_with_loader_workers_stopped_by_a_scheduler_resumes_bit
     data, full = _train_loader_reference
     cut = tmp_path / 'cut'
     launcher = ['--signals-to-handle', 'SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1'] \
-        if way == 'its process group' else []
+        if way == 'its-process-group' else []
     command, env = _train_loader_run(data, cut, tmp_path, launcher=launcher)
     log = tmp_path / 'stopped.log'
     with open(log, 'w') as out:
@@ -339,9 +339,9 @@ def test_train_folder_run_with_loader_workers_stopped_by_a_scheduler_resumes_bit
         moment = _train_at_a_random_moment([log], [proc], most=3)   # of 4 mid-epoch saves
         job = _train_descendants(proc.pid)
         signalled = time.time()
-        if way == 'torchrun alone':
+        if way == 'torchrun-alone':
             os.kill(proc.pid, signal.SIGTERM)
-        elif way == 'its process group':
+        elif way == 'its-process-group':
             os.killpg(proc.pid, signal.SIGUSR1)   # torchrun's session: its workers have their own
         else:
             for _ in range(2):
@@ -366,7 +366,7 @@ def test_train_folder_run_with_loader_workers_stopped_by_a_scheduler_resumes_bit
                        r'command with --resume auto', output)
     assert len(stops) == 1, context   # rank 0 only
     name, saved = stops[0]
-    assert name == ('SIGUSR1' if way == 'its process group' else 'SIGTERM'), context
+    assert name == ('SIGUSR1' if way == 'its-process-group' else 'SIGTERM'), context
     # No loader worker died of it, and no traceback of ours (torchrun prints its own).
     assert 'DataLoader worker' not in output and 'killed by signal' not in output, context
     assert not re.search(r'File "[^"]*(train|data|recovery|distributed|launch)\.py"', output), \
