@@ -119,9 +119,9 @@ def test_cuda_torchrun_run_stopped_by_sigterm_resumes_and_finishes(tmp_path):
     after its first recovery checkpoint stops it with status 75; --resume auto continues, with
     the rank's own CUDA random state on its device, and finishes."""
     nproc = min(2, torch.cuda.device_count())
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=_TRAIN_ROOT)   # the GPUs visible
-    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT',
-                'CUDA_VISIBLE_DEVICES'):
+    # The GPUs this pytest sees (its own CUDA_VISIBLE_DEVICES, if any), unlike _train_env's.
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=_TRAIN_ROOT)
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
         env.pop(key, None)
     out = tmp_path / 'out'
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
