@@ -1,5 +1,8 @@
-"""Session fixtures shared by several test files: short training runs made once and compared with."""
+"""Session fixtures shared by several test files: short training runs made once and compared
+with; and what makes the tests mean the CPU on a machine with a GPU."""
+import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,6 +11,58 @@ import train
 
 from testkit import (_TRAIN_FAULT_ARGS, _TRAIN_SMALL, _TRAIN_TIMEOUT, _eval_train_res, _train_cli,
     _train_env, _train_torchrun)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tests mean the CPU. train.py takes CUDA, NCCL and bf16 whenever a GPU is visible, and the
+# bit-identity asserts assume CPU arithmetic: on a GPU machine every test but those marked
+# `cuda` sees no GPU, in this process (torch.cuda.is_available() is False) and in every
+# subprocess a test file starts (CUDA_VISIBLE_DEVICES= in its environment, as _train_env sets).
+
+_CUDA_AVAILABLE = torch.cuda.is_available
+_TEST_FILES = os.path.dirname(os.path.abspath(__file__))
+_gpu_allowed = [False]   # True while a test marked `cuda` runs
+
+
+class _GpuHidingPopen(subprocess.Popen):
+    """subprocess.Popen that refuses a subprocess started by a test file with the GPUs visible."""
+
+    def __init__(self, *args, **kwargs):
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename == subprocess.__file__:
+            frame = frame.f_back   # subprocess.run and friends
+        caller = frame.f_code.co_filename if frame is not None else ''
+        name = os.path.basename(caller)
+        if (not _gpu_allowed[0] and os.path.dirname(os.path.abspath(caller)) == _TEST_FILES
+                and (name.startswith('test_') or name in ('testkit.py', 'conftest.py'))):
+            env = kwargs.get('env')
+            shown = None if env is None else env.get('CUDA_VISIBLE_DEVICES')
+            assert shown == '', (f'{name}:{frame.f_lineno} starts a subprocess that may see a GPU '
+                                 f'(CUDA_VISIBLE_DEVICES={shown!r}): give it env=_train_env()')
+        super().__init__(*args, **kwargs)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _tests_mean_the_cpu():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, 'is_available', lambda: False)
+        patch.setattr(subprocess, 'Popen', _GpuHidingPopen)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _cuda_tests_see_the_gpu(request, monkeypatch):
+    """A test marked `cuda` (which skips without CUDA) sees the GPUs, in-process and in its
+    subprocesses."""
+    if request.node.get_closest_marker('cuda') is None:
+        yield
+        return
+    monkeypatch.setattr(torch.cuda, 'is_available', _CUDA_AVAILABLE)
+    _gpu_allowed[0] = True
+    try:
+        yield
+    finally:
+        _gpu_allowed[0] = False
 
 
 @pytest.fixture(scope='session')

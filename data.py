@@ -9,7 +9,9 @@ builtin_data.py; train.py builds its loaders from the functions here.
 import itertools
 import math
 import os
+import signal
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -20,6 +22,82 @@ from torchvision.transforms import v2
 from builtin_data import BUILTIN_DATASETS, IMAGENET_MEAN, IMAGENET_STD, builtin_setting
 from distributed import rank_and_world
 from recovery import UserError
+
+
+# ----------------------------------------------------------------------------------------------
+# Loaders whose workers leave the stop signals to the main process
+
+# SIGTERM and SIGUSR1 stop a run (recovery.StopSignals), SIGINT interrupts it. A scheduler
+# (SLURM's scancel, a preemption) sends them to every process of the job, and torchrun forwards
+# them to each worker's whole process group: the loader workers get them too.
+WORKER_IGNORED_SIGNALS = tuple(getattr(signal, name) for name in ('SIGTERM', 'SIGUSR1', 'SIGINT')
+                               if hasattr(signal, name))
+
+
+class IgnoreStopSignals:
+    """A loader's worker_init_fn: the worker leaves WORKER_IGNORED_SIGNALS to its main process,
+    but for a SIGTERM from that main process itself; then it runs `chained` (the caller's own
+    worker_init_fn, if any). A class, not a closure, so that it pickles into spawned workers.
+
+    PyTorch's worker installs a SIGTERM handler of its own that ends the worker when the signal
+    comes from anyone but its parent; the main process then fails at its next batch ("DataLoader
+    worker (pid N) is killed by signal: Terminated") instead of stopping at a step boundary with
+    a checkpoint. So the signals stay blocked in the worker (StopSafeLoader blocked them before
+    the fork), and a thread takes them one by one with sigwaitinfo, which names the sender: a
+    SIGTERM from the main process ends the worker at once, as torch's handler does (a main
+    process that exits with a loader still open, after a crash, has its multiprocessing send
+    its workers SIGTERM and wait for them: ignored, it would wait forever); the others are
+    dropped. The worker still ends when its main process shuts the loader down, and
+    torch's watchdog ends one whose main process has gone. Without sigwaitinfo (macOS) only
+    SIGUSR1 and SIGINT are ignored and SIGTERM keeps torch's handler."""
+
+    def __init__(self, chained=None):
+        self.chained = chained
+
+    def __call__(self, worker_id):
+        if hasattr(signal, 'sigwaitinfo'):
+            signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+            threading.Thread(target=_take_stop_signals, args=(os.getppid(),), daemon=True,
+                             name='loader_worker_signals').start()
+        else:
+            ignored = tuple(s for s in WORKER_IGNORED_SIGNALS if s != signal.SIGTERM)
+            for sig in ignored:
+                signal.signal(sig, signal.SIG_IGN)
+            if hasattr(signal, 'pthread_sigmask'):   # blocked by StopSafeLoader while forking
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED_SIGNALS)
+        if self.chained is not None:
+            self.chained(worker_id)
+
+
+def _take_stop_signals(parent):
+    """A loader worker's signal thread (IgnoreStopSignals): the end on its parent's SIGTERM."""
+    while True:
+        info = signal.sigwaitinfo(WORKER_IGNORED_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)
+
+
+class StopSafeLoader(DataLoader):
+    """A DataLoader whose workers leave the stop signals to the main process (IgnoreStopSignals,
+    chained with any worker_init_fn given).
+
+    The signals are blocked in the main thread while the workers are started: a forked worker
+    inherits the blocked mask, so a signal that arrives between the fork and its worker_init_fn
+    (where torch's own handler would end the worker) stays pending there until the worker's
+    signal thread takes it; the main process gets its copy when the mask is restored."""
+
+    def __init__(self, *args, worker_init_fn=None, **kwargs):
+        super().__init__(*args, worker_init_fn=IgnoreStopSignals(worker_init_fn), **kwargs)
+
+    def _get_iterator(self):
+        if (self.num_workers == 0 or not hasattr(signal, 'pthread_sigmask')
+                or threading.current_thread() is not threading.main_thread()):
+            return super()._get_iterator()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,7 +235,7 @@ def build_eval_loader(dataset, batch_size, num_workers=0):
     """A loader over this rank's share (indices rank, rank + world, ...): no sample twice."""
     rank, world = rank_and_world()
     shard = Subset(dataset, range(rank, len(dataset), world))
-    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    return StopSafeLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
 # ----------------------------------------------------------------------------------------------

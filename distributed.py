@@ -4,6 +4,7 @@ alike. Without a process group every function here acts as on a group of one.
 
 Imports torch and the standard library only.
 """
+import datetime
 import os
 import sys
 from typing import NamedTuple
@@ -20,21 +21,24 @@ class DistInfo(NamedTuple):
     distributed: bool
 
 
-def init_distributed():
+def init_distributed(timeout=None):
     """Join the torchrun process group (gloo on CPU, NCCL on CUDA) or run as one plain process.
 
     Reads RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them; calling it again returns the
-    same information without re-initialising.
+    same information without re-initialising. `timeout` (seconds): how long a collective waits
+    for the other ranks before the group fails (None: torch's default, 10 minutes for NCCL, 30
+    for gloo). ValueError when LOCAL_RANK has no GPU of its own (cuda_index).
     """
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     rank = int(os.environ.get('RANK', '0'))
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     if torch.cuda.is_available():
-        device = torch.device('cuda', local_rank)
+        device = torch.device('cuda', cuda_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     else:
         device = torch.device('cpu')
     distributed = world_size > 1
+    wait = None if timeout is None else datetime.timedelta(seconds=timeout)
     if distributed and not dist.is_initialized():
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
         shared_store = os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
@@ -50,10 +54,10 @@ def init_distributed():
                 dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']),
                               world_size, is_master=False))
             dist.init_process_group(backend=backend, store=store, world_size=world_size,
-                                    rank=rank)
+                                    rank=rank, timeout=wait)
         else:
             dist.init_process_group(backend=backend, init_method='env://',
-                                    world_size=world_size, rank=rank)
+                                    world_size=world_size, rank=rank, timeout=wait)
             if (shared_store and rank == 0
                     and int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', '0')) > 0):
                 sys.stderr.write('warning: torchrun keeps one store across restarts of this '
@@ -61,6 +65,21 @@ def init_distributed():
                                  'connect; launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 '
                                  '(README: Long runs on a cluster)\n')
     return DistInfo(rank, world_size, local_rank, device, distributed)
+
+
+def cuda_index(local_rank, visible):
+    """The GPU of the process with this LOCAL_RANK that sees `visible` GPUs: cuda:LOCAL_RANK, or
+    the one GPU a process sees when its launcher gave each process its own (srun
+    --gpus-per-task=1, CUDA_VISIBLE_DEVICES set per task) and started it without torchrun (which
+    sets LOCAL_WORLD_SIZE). Otherwise ValueError: two ranks would share a GPU, or none is left."""
+    if local_rank < visible:
+        return local_rank
+    if visible == 1 and 'LOCAL_WORLD_SIZE' not in os.environ:
+        return 0
+    raise ValueError(f'LOCAL_RANK {local_rank}, but this process sees {visible} GPU(s) '
+                     f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
+                     f'start at most {visible} process(es) per node, or give each process a GPU '
+                     'of its own')
 
 
 def in_group():

@@ -10,7 +10,8 @@
     StopSignals                  SIGTERM / SIGUSR1: every rank stops after the same step
     hold_output_dir              one run per output folder: an exclusive lock for the run's life
     watch_launcher               a torchrun worker whose torchrun has died stops as on SIGTERM
-    rng_state, set_rng_state     the random states every checkpoint holds, per rank
+    rng_state, set_rng_state     the random states every checkpoint holds, per rank (of a GPU,
+    cuda_rng_entry               the rank's own), restored on another device layout
     Checkpointer                 rank 0 saves and rotates the recovery checkpoints; the
                                  save-error policy (--on-save-error stop | warn)
 
@@ -449,9 +450,11 @@ def _prepare_output_dir(cfg, resume, records):
 class StopSignals:
     """SIGTERM and SIGUSR1 (a scheduler's preemption and its time-limit warning) only record
     their number; the training loop reads it at step boundaries, where all ranks agree, and
-    stops after writing a recovery checkpoint. The handler never raises, so a second signal
-    cannot break into that write. Forked data-loader workers inherit the handler and so ignore
-    the signals (torchrun sends them to each worker's whole process group)."""
+    stops after writing a recovery checkpoint (in the closing evaluation: between resolutions).
+    The handler never raises, so a second signal cannot break into that write. Loader workers
+    get the signals too (torchrun forwards them to each worker's whole process group, a
+    scheduler sends them to every process of the job) and leave them to their rank:
+    data.StopSafeLoader."""
 
     SIGNALS = ('SIGTERM', 'SIGUSR1')
 
@@ -687,6 +690,17 @@ def _stop_message(signum, epoch, steps_done, steps_per_epoch, cfg, path):
             f'continue (exit status {EXIT_STOPPED})')
 
 
+def _sweep_stop_message(signum, cfg):
+    """The one line of a run stopped in its closing evaluation across resolutions, after every
+    epoch was trained and saved."""
+    by = (f'because torchrun (pid {_LAUNCHER_PID}) has gone' if _launcher_gone() else
+          f'by {signal.Signals(signum).name}')
+    saved = os.path.join(cfg['output_dir'], 'checkpoint.pth')
+    return (f'stopped {by} in the closing evaluation across resolutions (training is complete: '
+            f'{saved}); run the same command with --resume auto to redo only that evaluation '
+            f'(exit status {EXIT_STOPPED})')
+
+
 # ----------------------------------------------------------------------------------------------
 # Random states: saved per rank in every checkpoint, so that a resumed run draws on as the
 # uninterrupted one would have
@@ -700,12 +714,33 @@ def rng_state():
                        'has_gauss': int(np_state['has_gauss']), 'gauss': float(np_state['gauss'])},
              'python': [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
     if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+        # This rank's own device only (init_distributed made it the current one): the one
+        # generator it draws from, and a state that maps onto any device layout at resume.
+        state['cuda'] = [torch.cuda.get_rng_state()]
     return state
 
 
-def set_rng_state(state):
-    """Restore what rng_state() returned (a resumed run draws on as the interrupted one)."""
+def cuda_rng_entry(saved, device):
+    """The index of the entry of a checkpoint's CUDA random states (`saved`, a list) that this
+    rank restores on its device `device`, or UserError when none maps onto it.
+
+    One entry (what rng_state saves): the saving rank's own device, restored on this rank's
+    whatever the layout (8 GPUs on one node resumed as 2 x 4, or one visible GPU per task).
+    Several (earlier versions saved every visible device): the entry of this rank's device
+    index, the one it drew from when the layout is the same."""
+    if len(saved) == 1:
+        return 0
+    if device.index < len(saved):
+        return device.index
+    raise UserError(f"the checkpoint holds the CUDA random states of {len(saved)} devices, none "
+                    f"for this rank's {device}: resume on the device layout it was saved on, or "
+                    "on one with at least as many GPUs per node")
+
+
+def set_rng_state(state, device=torch.device('cpu'), set_cuda_state=torch.cuda.set_rng_state):
+    """Restore what rng_state() returned (a resumed run draws on as the interrupted one), on a
+    rank whose device is `device`; returns what was restored, in words. The CUDA state is
+    restored on `device` only (cuda_rng_entry); a rank without a GPU keeps none of it."""
     torch.set_rng_state(state['torch'])
     numpy_state = state['numpy']
     np.random.set_state({'bit_generator': 'MT19937',
@@ -714,8 +749,15 @@ def set_rng_state(state):
                          'has_gauss': numpy_state['has_gauss'], 'gauss': numpy_state['gauss']})
     version, internal, gauss = state['python']
     random.setstate((version, tuple(internal), gauss))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    restored = 'torch (CPU), numpy and python'
+    saved = state.get('cuda') or []
+    if saved and device.type == 'cuda':
+        index = cuda_rng_entry(saved, device)
+        set_cuda_state(saved[index], device)
+        restored += f', and on {device} the CUDA state of entry {index + 1} of {len(saved)}'
+    elif saved:
+        restored += f'; not the {len(saved)} CUDA state(s): this process has no GPU'
+    return restored
 
 
 # ----------------------------------------------------------------------------------------------

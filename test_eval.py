@@ -21,7 +21,7 @@ import rope_vit
 import swin_rope
 import train
 
-from testkit import _eval_train_res
+from testkit import _eval_train_res, _train_env
 
 
 _eval_root = os.path.dirname(os.path.abspath(__file__))
@@ -204,7 +204,8 @@ def test_eval_format_table_layout():
 
 def _eval_run_cli(argv, cwd):
     return subprocess.Popen([sys.executable, os.path.join(_eval_root, 'eval_multires.py')] + argv,
-                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_train_env())
 
 
 def test_eval_end_to_end_tables_files_and_train_agreement(_eval_tiny_run, capsys):

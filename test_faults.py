@@ -14,8 +14,10 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import recovery
 import train
@@ -98,10 +100,11 @@ def _train_wait_output(log, text, proc):
         time.sleep(0.005)
 
 
-def _train_at_a_random_moment(logs, procs):
-    """Return at a random moment of the runs writing `logs`: after 1-7 saves, then up to 0.1 s
-    (inside a step, a save or an evaluation). Returns (saves, delay), for failure messages."""
-    moment = saves, delay = random.randint(1, 7), random.uniform(0.0, 0.1)
+def _train_at_a_random_moment(logs, procs, most=7):
+    """Return at a random moment of the runs writing `logs`: after 1 to `most` saves (7 of
+    _TRAIN_FAULT_ARGS's 9), then up to 0.1 s (inside a step, a save or an evaluation). Returns
+    (saves, delay), for failure messages."""
+    moment = saves, delay = random.randint(1, most), random.uniform(0.0, 0.1)
     _train_after_saves(logs, procs, saves)
     time.sleep(delay)
     return moment
@@ -240,6 +243,202 @@ def test_train_sigterm_stops_every_rank_at_one_step_saves_once_and_resumes_bit_i
     assert resumed.returncode == 0, (moment, resumed.stderr[-3000:])
     assert f'resumed from {saved} (--resume auto)' in resumed.stdout
     _train_assert_same_run(full, cut)
+
+
+# ----------------------------------------------------------------------------------------------
+# A folder run with loader workers, stopped as a scheduler stops it
+
+def _train_write_jpeg_folder(root):
+    """DIR/{train,val}/{a,b}/*.jpg: 24 + 4 noisy 320 x 320 JPEGs per class, 400 times the pixels
+    of the 16 px model input, so that decoding and 3-Augment, not the step, set the pace
+    (measured on one thread: 17.7 ms to load a batch of 4, 7.5 ms for a training step)."""
+    rng = np.random.default_rng(0)
+    for split, count in (('train', 24), ('val', 4)):
+        for label, name in enumerate(('a', 'b')):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.uniform(0, 120, size=(320, 320, 3)).astype(np.uint8)
+                pixels[40:200, 20 + 120 * label:180 + 120 * label] += 120
+                Image.fromarray(pixels).save(folder / f'{i}.jpg', quality=90)
+
+
+# Each rank's exit status, written where EXIT_RECORD says: torchrun reports only its own.
+_TRAIN_EXIT_RECORDING_LAUNCHER = '''import os
+import recovery, train
+status = 'no status: a crash'
+try:
+    recovery.cli(train.main, train.get_args_parser())
+    status = 0
+except SystemExit as e:
+    status = e.code
+    raise
+finally:
+    with open(os.path.join(os.environ['EXIT_RECORD'], 'exit_' + os.environ['RANK']), 'w') as f:
+        f.write(str(status))
+'''
+
+
+def _train_loader_run(data, out, record, resume=False, launcher=()):
+    """The DeiT-III recipe on _train_write_jpeg_folder's folder: 2 processes with 2 loader
+    workers each, 2 epochs of 6 steps, a recovery checkpoint every 2 steps (4 inside epochs)."""
+    script = record / 'launch.py'
+    script.write_text(_TRAIN_EXIT_RECORDING_LAUNCHER)
+    args = ['--model', 'vit_tiny', '--pe', 'rope_mixed', '--data-path', str(data), '--epochs', '2',
+            '--batch-size', '4', '--img-size', '16', '--patch-size', '8', '--embed-dim', '32',
+            '--depth', '2', '--num-heads', '2', '--eval-resolutions', '16', '--num-workers', '2',
+            '--save-every-steps', '2', '--print-freq', '1', '--output-dir', str(out)]
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
+               '2', *launcher, str(script), *args, *(['--resume', 'auto'] if resume else [])]
+    return command, dict(_train_env(), EXIT_RECORD=str(record))
+
+
+def _train_exit_statuses(record):
+    return [(record / f'exit_{rank}').read_text() for rank in range(2)]
+
+
+@pytest.fixture(scope='module')
+def _train_loader_reference(tmp_path_factory):
+    """The JPEG folder and the uninterrupted run of _train_loader_run on it."""
+    base = tmp_path_factory.mktemp('train_loader')
+    _train_write_jpeg_folder(base / 'data')
+    command, env = _train_loader_run(base / 'data', base / 'full', base)
+    done = subprocess.run(command, cwd=base, env=env, capture_output=True, text=True,
+                          timeout=_TRAIN_TIMEOUT)
+    assert done.returncode == 0 and _train_exit_statuses(base) == ['0', '0'], done.stderr[-3000:]
+    return base / 'data', base / 'full'
+
+
+def _train_descendants(pid):
+    """pid and every process below it: torchrun, its workers, their loader workers."""
+    todo, seen = [pid], []
+    while todo:
+        seen.append(todo.pop())
+        todo += _train_children(seen[-1])
+    return seen
+
+
+@pytest.mark.parametrize('way', ['torchrun-alone', 'its-process-group', 'every-process'])
+def test_train_folder_run_with_loader_workers_stopped_by_a_scheduler_resumes_bit_identical(
+        _train_loader_reference, tmp_path, way):
+    """SIGTERM to torchrun alone (which forwards it to each worker's whole process group, loader
+    workers included); SIGUSR1 to torchrun's process group (torchrun told to forward it, as the
+    SLURM script of docs/long-runs.md needs); SIGTERM to every process of the job at once, twice,
+    as scancel and a preemption do. Every rank stops after one step with status 75, no loader
+    worker dies of the signal, and --resume auto ends bit-identical."""
+    data, full = _train_loader_reference
+    cut = tmp_path / 'cut'
+    launcher = ['--signals-to-handle', 'SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1'] \
+        if way == 'its-process-group' else []
+    command, env = _train_loader_run(data, cut, tmp_path, launcher=launcher)
+    log = tmp_path / 'stopped.log'
+    with open(log, 'w') as out:
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        moment = _train_at_a_random_moment([log], [proc], most=3)   # of 4 mid-epoch saves
+        job = _train_descendants(proc.pid)
+        signalled = time.time()
+        if way == 'torchrun-alone':
+            os.kill(proc.pid, signal.SIGTERM)
+        elif way == 'its-process-group':
+            os.killpg(proc.pid, signal.SIGUSR1)   # torchrun's session: its workers have their own
+        else:
+            for _ in range(2):
+                for pid in _train_descendants(proc.pid):
+                    try:
+                        os.kill(pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.05)
+        proc.wait(timeout=_TRAIN_TIMEOUT)
+        _train_wait_gone(job)
+        stop_seconds = time.time() - signalled
+    finally:
+        if proc.poll() is None:
+            _train_kill_tree(proc.pid)
+            proc.wait()
+    output = log.read_text()
+    context = (way, moment, len(job), output[-3000:])
+    assert _train_exit_statuses(tmp_path) == ['75', '75'], context
+    stops = re.findall(r'stopped by (SIG\w+) (?:at epoch \d/2, step \d/6|after epoch \d/2|in the '
+                       r'closing evaluation across resolutions).*?(\S+\.pth)\)?; run the same '
+                       r'command with --resume auto', output)
+    assert len(stops) == 1, context   # rank 0 only
+    name, saved = stops[0]
+    assert name == ('SIGUSR1' if way == 'its-process-group' else 'SIGTERM'), context
+    # No loader worker died of it, and no traceback of ours (torchrun prints its own).
+    assert 'DataLoader worker' not in output and 'killed by signal' not in output, context
+    assert not re.search(r'File "[^"]*(train|data|recovery|distributed|launch)\.py"', output), \
+        context
+    assert stop_seconds < 20, (stop_seconds, context)
+    assert not list(cut.glob('*.tmp'))
+    (tmp_path / 'exit_0').unlink()
+    (tmp_path / 'exit_1').unlink()
+    command, env = _train_loader_run(data, cut, tmp_path, resume=True)
+    resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=_TRAIN_TIMEOUT)
+    assert resumed.returncode == 0, (context, resumed.stderr[-3000:])
+    assert _train_exit_statuses(tmp_path) == ['0', '0']
+    # A stop in the closing evaluation names checkpoint.pth, a link to the newest recovery one.
+    assert 'resumed from ' + (str(cut) if saved.endswith('checkpoint.pth') else saved) \
+        in resumed.stdout, (context, resumed.stdout[-3000:])
+    _train_assert_same_run(full, cut)
+
+
+_TRAIN_LOADER_PROBE = '''import sys, time
+import torch
+import data
+
+
+class Slow(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, index):
+        time.sleep(0.01)
+        return torch.zeros(1)
+
+
+batches = iter(data.StopSafeLoader(Slow(), batch_size=2, num_workers=2))
+next(batches)
+print(' '.join(str(w.pid) for w in batches._workers), flush=True)
+sys.stdin.readline()   # the test signals the workers meanwhile
+next(batches)
+print('alive', all(w.is_alive() for w in batches._workers), flush=True)
+raise RuntimeError('a crash with the loader open')
+'''
+
+
+def test_train_loader_workers_ignore_signals_from_outside_and_end_with_their_process(tmp_path):
+    """StopSafeLoader's workers survive SIGTERM, SIGUSR1 and SIGINT sent by another process (torch's
+    own handler would end them on SIGTERM, and the next batch would fail), yet a process that
+    crashes with the loader open still exits: its multiprocessing SIGTERMs its loader workers at
+    exit, and ignored that would leave it waiting for them forever."""
+    script = tmp_path / 'probe.py'
+    script.write_text(_TRAIN_LOADER_PROBE)
+    proc = subprocess.Popen([sys.executable, str(script)], env=_train_env(), text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        workers = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(workers) == 2, proc.stderr.read()
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            for pid in workers:
+                os.kill(pid, sig)
+        time.sleep(0.5)
+        proc.stdin.write('\n')
+        proc.stdin.flush()
+        assert proc.stdout.readline() == 'alive True\n'
+        started = time.time()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            _train_kill_tree(proc.pid)
+            proc.wait()
+    assert proc.returncode == 1 and err.rstrip().endswith('a crash with the loader open'), err
+    assert 'DataLoader worker' not in err, err
+    assert time.time() - started < 15
+    _train_wait_gone(workers, timeout=10)
 
 
 def test_train_lost_worker_torchrun_restart_resumes_by_itself_bit_identical(
@@ -540,6 +739,38 @@ def test_train_mid_epoch_stop_by_signal_resumes_bit_identical_with_augmentation_
 
 def _train_snapshot(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix == '.pth'}
+
+
+def test_train_signal_in_the_closing_evaluation_stops_with_75_and_resume_redoes_only_it(
+        _train_small_reference, tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'out'
+    shutil.copytree(_train_small_reference, out)
+    (out / 'resolutions.json').unlink()
+    before, log_before = _train_snapshot(out), (out / 'log.jsonl').read_bytes()
+    real, calls = train.evaluate_resolutions, []
+
+    def signalled(model, cfg, resolutions, *args, **kwargs):
+        calls.append(list(resolutions))
+        if len(calls) == 1:   # SIGTERM while the first resolution is evaluated
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, cfg, resolutions, *args, **kwargs)
+    monkeypatch.setattr(train, 'evaluate_resolutions', signalled)
+    capsys.readouterr()
+    # Training is complete: the resume goes straight to the closing evaluation (RoPE-Mixed:
+    # extrapolated, then interpolated, at 16 px), which stops after its first resolution.
+    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--resume', 'auto']) == 75
+    progress, stop = capsys.readouterr().err.splitlines()   # the resolution done, the stop
+    assert 'RoPE-Mixed extrapolate @ 16: 8/8 images (100%)' in progress, progress
+    assert stop == (f'stopped by SIGTERM in the closing evaluation across resolutions (training is '
+                    f'complete: {out / "checkpoint.pth"}); run the same command with --resume '
+                    'auto to redo only that evaluation (exit status 75)'), stop
+    assert calls == [[16]] and not (out / 'resolutions.json').exists()
+    assert _train_snapshot(out) == before and (out / 'log.jsonl').read_bytes() == log_before
+    monkeypatch.setattr(train, 'evaluate_resolutions', real)
+    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--resume', 'auto']) == 0
+    assert json.loads((out / 'resolutions.json').read_text()) \
+        == json.loads((_train_small_reference / 'resolutions.json').read_text())
+    assert _train_snapshot(out) == before
 
 
 def test_train_failed_checkpoint_write_stops_with_one_line_and_keeps_previous_files(

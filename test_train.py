@@ -22,9 +22,9 @@ import eval_multires
 import recovery
 import train
 
-from testkit import (_TRAIN_SCRIPT, _TRAIN_TIMEOUT, _TRAIN_TINY, _eval_train_res, _train_assert_same_run,
-    _train_cli, _train_env, _train_recorded_step_sizes, _train_recording_step_sizes, _train_state,
-    _train_write_folder)
+from testkit import (_TRAIN_SCRIPT, _TRAIN_SMALL, _TRAIN_TIMEOUT, _TRAIN_TINY, _eval_train_res,
+    _train_assert_same_run, _train_cli, _train_env, _train_recorded_step_sizes,
+    _train_recording_step_sizes, _train_state, _train_write_folder)
 
 
 def test_train_image_folder_deit3_recipe_skips_corrupt_images(tmp_path, capsys):
@@ -268,6 +268,8 @@ def test_train_weight_decay_groups():
     (['--finetune', '{tmp}/corrupt.pth'], 'cannot read checkpoint'),
     (['--finetune', '{tmp}/other.pth'], 'does not fit vit_tiny: missing cls_token'),
     (['--amp', 'fp8'], 'invalid choice'),
+    (['--dist-timeout', '600', '--wait-for-output-dir', '1200'],
+     '--dist-timeout 600 must exceed --wait-for-output-dir 1200: the other ranks wait'),
 ])
 def test_train_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, argv, message):
     (tmp_path / 'empty' / 'train' / 'a').mkdir(parents=True)
@@ -291,6 +293,87 @@ def test_train_bad_input_from_the_shell_has_no_traceback(tmp_path):
     assert done.stderr.startswith('error: ') and done.stderr.count('\n') == 1
     assert 'rope_mixed' in done.stderr and 'Traceback' not in done.stderr
     assert not (tmp_path / 'out').exists()
+
+
+def test_train_cuda_random_states_restore_onto_this_ranks_device_on_any_layout(monkeypatch):
+    """Resume with the same world size on another device layout: a rank restores only the CUDA
+    state that maps onto its own device (checkpoints of 8 and of 1 entries), says what it
+    restored, and a state it cannot place is one line (UserError: exit 2)."""
+    saved = recovery.rng_state()
+    ahead = torch.rand(4)
+    states = lambda n: [torch.full((8,), i, dtype=torch.uint8) for i in range(n)]
+    calls = []
+
+    def record(state, device):
+        calls.append((int(state[0]), device))
+
+    # 8 entries, as earlier versions saved every GPU a process saw (1 node x 8): each rank
+    # takes its own device's entry, which is the one it drew from on that layout.
+    eight = dict(saved, cuda=states(8))
+    said = recovery.set_rng_state(eight, torch.device('cuda', 3), record)
+    assert calls == [(3, torch.device('cuda', 3))]
+    assert said == 'torch (CPU), numpy and python, and on cuda:3 the CUDA state of entry 4 of 8'
+    assert torch.equal(torch.rand(4), ahead)   # the CPU states came back as well
+    # 1 entry, as this version saves (the saving rank's own device): placed on whichever device
+    # this rank has: 2 nodes x 4, or srun with one visible GPU per task.
+    for index in (0, 1, 7):
+        calls.clear()
+        said = recovery.set_rng_state(dict(saved, cuda=states(1)), torch.device('cuda', index),
+                                      record)
+        assert calls == [(0, torch.device('cuda', index))]
+        assert said.endswith(f'and on cuda:{index} the CUDA state of entry 1 of 1')
+    # 8 entries, none for this rank's cuda:8: one line, nothing restored on a GPU.
+    calls.clear()
+    with pytest.raises(recovery.UserError) as error:
+        recovery.set_rng_state(eight, torch.device('cuda', 8), record)
+    assert str(error.value) == ("the checkpoint holds the CUDA random states of 8 devices, none "
+                                "for this rank's cuda:8: resume on the device layout it was saved "
+                                'on, or on one with at least as many GPUs per node')
+    assert calls == []
+    # A process without a GPU keeps the CUDA states aside and says so.
+    said = recovery.set_rng_state(eight, torch.device('cpu'), record)
+    assert calls == [] and said == ('torch (CPU), numpy and python; not the 8 CUDA state(s): '
+                                    'this process has no GPU')
+    assert torch.equal(torch.rand(4), ahead)
+    # A rank with a GPU saves the state of its own device only: one entry, whatever it sees.
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda device='cuda': torch.arange(3))
+    assert [t.tolist() for t in recovery.rng_state()['cuda']] == [[0, 1, 2]]
+
+
+def test_train_local_rank_without_a_gpu_of_its_own_is_one_line_and_exit_2(
+        tmp_path, capsys, monkeypatch):
+    from distributed import cuda_index
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    assert [cuda_index(r, 8) for r in (0, 3, 7)] == [0, 3, 7]
+    assert cuda_index(5, 1) == 0   # srun --gpus-per-task=1: the one GPU this task sees
+    # Under torchrun (LOCAL_WORLD_SIZE set), a second rank on a one-GPU machine would share it.
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '0')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    out = tmp_path / 'out'
+    assert _train_cli(_TRAIN_TINY + ['--output-dir', str(out), '--amp', 'none']) == 2
+    assert capsys.readouterr().err == (
+        'error: LOCAL_RANK 1, but this process sees 1 GPU(s) (CUDA_VISIBLE_DEVICES=0): start at '
+        'most 1 process(es) per node, or give each process a GPU of its own\n')
+    assert not out.exists()
+
+
+def test_train_process_group_gets_the_dist_timeout(monkeypatch):
+    import datetime
+    import distributed
+    seen = {}
+    monkeypatch.setattr(distributed.dist, 'is_initialized', lambda: False)
+    monkeypatch.setattr(distributed.dist, 'init_process_group', lambda **kw: seen.update(kw))
+    monkeypatch.delenv('TORCHELASTIC_USE_AGENT_STORE', raising=False)
+    for key, value in dict(WORLD_SIZE='2', RANK='1', LOCAL_RANK='1').items():
+        monkeypatch.setenv(key, value)
+    info = distributed.init_distributed(train.get_args_parser().parse_args([]).dist_timeout)
+    assert (info.rank, info.world_size, info.distributed) == (1, 2, True)
+    assert seen['timeout'] == datetime.timedelta(minutes=30) and seen['backend'] == 'gloo'
+    assert '--dist-timeout SECONDS' in train.get_args_parser().format_help()
 
 
 def _train_values_outside(limit, kind):
@@ -571,3 +654,26 @@ def test_train_folder_several_resolutions_two_processes_sigkill_resume_bit_ident
     for rank in range(2):   # steps 1-2 of epoch 2 done twice, before the kill and after, alike
         assert _train_recorded_step_sizes(cut_sizes, rank) == drawn, rank
     _train_assert_same_run(tmp_path / 'full', tmp_path / 'cut')
+
+
+@pytest.mark.slow
+def test_train_deterministic_changes_no_number_on_cpu_and_is_undone_after_the_run(
+        _train_small_reference, tmp_path):
+    out = tmp_path / 'out'
+    assert not torch.are_deterministic_algorithms_enabled()
+    seen = []
+    real = train._main
+
+    def observed(args):
+        seen.append((torch.are_deterministic_algorithms_enabled(),
+                     os.environ.get('CUBLAS_WORKSPACE_CONFIG')))
+        return real(args)
+    train._main = observed
+    try:
+        assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--deterministic']) == 0
+    finally:
+        train._main = real
+    assert seen == [(True, os.environ['CUBLAS_WORKSPACE_CONFIG'])]   # set before the run
+    assert not torch.are_deterministic_algorithms_enabled()   # the process goes on as before
+    assert _train_state(out / 'checkpoint.pth')['args']['deterministic'] is True
+    _train_assert_same_run(_train_small_reference, out)

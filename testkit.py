@@ -145,7 +145,10 @@ _TRAIN_TINY = ['--img-size', '16', '--patch-size', '4', '--embed-dim', '32', '--
 
 
 def _train_env():
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=_TRAIN_ROOT)
+    """The environment of a subprocess of the tests: no GPU (train.py would take CUDA, NCCL and
+    bf16, and on a one-GPU machine put two ranks on one device), one thread per process, the
+    repository importable, no torchrun variables of an enclosing job."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=_TRAIN_ROOT, CUDA_VISIBLE_DEVICES='')
     for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
         env.pop(key, None)
     return env

@@ -46,14 +46,17 @@ the run that uses the folder (a second run there ends with exit status 2). Check
 torch.load(..., weights_only=True); every file is written to a temporary name and renamed.
 
 Long runs (README, "Long runs on a cluster"): --resume auto continues from the newest sound
-checkpoint (a damaged one is skipped with a warning), bit-identical on the same world size, and is
-implied after a torchrun restart (--max-restarts). SIGTERM or SIGUSR1 stops every rank after the
-same step, saves, and exits; so does a torchrun worker whose torchrun has died. Exit status: 0
+checkpoint (a damaged one is skipped with a warning), bit-identical on the same world size (on
+CPU; on CUDA with --deterministic), and is implied after a torchrun restart (--max-restarts).
+SIGTERM or SIGUSR1, to torchrun or to every process of the job (loader workers ignore them),
+stops every rank after the same step, saves, and exits; so does a torchrun worker whose torchrun
+has died. Exit status: 0
 done, 1 diverged (or a crash), 2 bad input or an output folder another run holds, 74 a
 checkpoint or log could not be written (--on-save-error warn trains on instead), 75 stopped by a
 signal (or torchrun gone) with the state saved: run the same command with --resume auto.
 """
 import argparse
+import contextlib
 import datetime
 import math
 import os
@@ -66,20 +69,21 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 from torchvision.transforms import v2
 
 import rope_vit
 import swin_rope
 from builtin_data import BUILTIN_DATASETS, GLYPH_WINDOW_MIN_AREA
-from data import (EpochSampler, RepeatedAugSampler, SeededSamples, _derived_seed, build_eval_dataset,
-                  build_eval_loader, build_train_dataset)
+from data import (EpochSampler, RepeatedAugSampler, SeededSamples, StopSafeLoader, _derived_seed,
+                  build_eval_dataset, build_eval_loader, build_train_dataset)
 from distributed import (all_reduce_max, all_reduce_sum, gather, init_distributed,
                          is_main_process, max_over_ranks, print0, rank_and_world)
 from recovery import (Checkpointer, SaveFailed, StopSignals, Stopped, TrainingDiverged, UserError,
                       _log_records, _on_rank0, _prepare_output_dir, _save_atomic, _stop_message,
-                      cli, find_resume, hold_output_dir, read_checkpoint, recovery_files,
-                      resumes_from_output_dir, rng_state, set_rng_state, unwrap_state_dict)
+                      _sweep_stop_message, cli, cuda_rng_entry, find_resume, hold_output_dir,
+                      read_checkpoint, recovery_files, resumes_from_output_dir, rng_state,
+                      set_rng_state, unwrap_state_dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,7 +413,38 @@ def evaluate(model, loader, device, amp_dtype=None):
 # ----------------------------------------------------------------------------------------------
 # The run: set-up, the epoch loop, the closing table across test resolutions
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled):
+    """--deterministic: deterministic kernels only, for the duration of a run (the settings
+    before are restored, for a caller that goes on in the same process).
+
+    On CUDA, SDPA's backward and the bicubic resize's use atomics whose order varies from run to
+    run; cuBLAS needs a fixed workspace to repeat its sums. With this, torch picks deterministic
+    kernels or stops at the first operation that has none (its error names it). On CPU every
+    kernel train.py uses is deterministic already."""
+    if not enabled:
+        yield
+        return
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    # Read when cuBLAS makes its handle: before this process's first matrix product on a GPU.
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2:]
+
+
 def main(args):
+    with deterministic_algorithms(args.deterministic):
+        _main(args)
+
+
+def _main(args):
     # 1. Validate everything before touching the disk or the process group.
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     cfg = resolve_config(args, world_size)
@@ -463,7 +498,10 @@ def main(args):
         resume, dropped = choose_resume()
 
     # 2. Processes, output folder (this run's alone from here on), configuration.
-    info = init_distributed()
+    try:
+        info = init_distributed(cfg['dist_timeout'])
+    except ValueError as e:   # LOCAL_RANK without a GPU of its own
+        raise UserError(str(e)) from None
     device = info.device
     hold_output_dir(cfg['output_dir'], device, cfg['wait_for_output_dir'])
     if from_folder:
@@ -521,9 +559,11 @@ def main(args):
     # Its own generator: creating the loader's iterator then draws nothing from torch's global
     # RNG, which a mid-epoch checkpoint restores as the interrupted run left it.
     loader_generator = torch.Generator()
-    train_loader = DataLoader(SeededSamples(train_set), batch_size=cfg['batch_size'],
-                              sampler=sampler, num_workers=cfg['num_workers'], drop_last=True,
-                              pin_memory=device.type == 'cuda', generator=loader_generator)
+    # Its workers leave SIGTERM / SIGUSR1 to this process (data.StopSafeLoader), as do the
+    # evaluation loaders' (build_eval_loader).
+    train_loader = StopSafeLoader(SeededSamples(train_set), batch_size=cfg['batch_size'],
+                                  sampler=sampler, num_workers=cfg['num_workers'], drop_last=True,
+                                  pin_memory=device.type == 'cuda', generator=loader_generator)
     steps_per_epoch = len(order) // cfg['batch_size']
     eval_loader = build_eval_loader(eval_set, cfg['eval_batch_size'], cfg['num_workers'])
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
@@ -549,6 +589,17 @@ def main(args):
         if same_layout:
             scheduler.load_state_dict(state['lr_scheduler'])
             rng = state['rng'][info.rank]
+            # A CUDA random state that does not map onto this rank's device: every rank stops
+            # alike, before training, rather than one alone while the others wait for it.
+            problem = None
+            if rng.get('cuda') and device.type == 'cuda':
+                try:
+                    cuda_rng_entry(rng['cuda'], device)
+                except UserError as e:
+                    problem = f'--resume {resume.path}: rank {info.rank}: {e}'
+            problems = [p for p in gather(problem) if p]
+            if problems:
+                raise UserError(problems[0])
             if start_step:
                 sums = state['epoch_sums'][info.rank]
                 seconds = state.get('epoch_seconds', 0.0)
@@ -597,7 +648,8 @@ def main(args):
             first_step = start_step if epoch == start_epoch else 0
             _seed_everything(cfg['seed'], epoch, info.rank)
             if first_step and rng is not None:
-                set_rng_state(rng)   # where the interrupted run was inside this epoch
+                # where the interrupted run was inside this epoch
+                print0(f'random states restored (rank 0): {set_rng_state(rng, device)}')
             loader_generator.manual_seed(_derived_seed(cfg['seed'], epoch, info.rank, 2))
             sampler.set_epoch(epoch, first_step * cfg['batch_size'])
             if hasattr(train_set, 'set_epoch'):
@@ -639,33 +691,44 @@ def main(args):
             if signum:
                 raise Stopped(_stop_message(signum, epoch, steps_per_epoch, steps_per_epoch,
                                             cfg, path))
-    print0(f'training took {datetime.timedelta(seconds=round(time.time() - run_start))}')
+        print0(f'training took {datetime.timedelta(seconds=round(time.time() - run_start))}')
 
-    # 5. The paper's experiment: accuracy across test resolutions. A signal from here on ends
-    # the process at once; --resume auto redoes only this part.
-    # RoPE models twice on the same weights: positions extrapolated (the paper's protocol) and
-    # interpolated to the training grid (eval_multires.py --rope-positions compares all policies).
-    label = config_label(cfg)
-    policies = CLOSING_ROPE_POSITIONS if 'rope' in model_without_ddp.pe else (None,)
-    by_policy = {}
-    for policy in policies:
-        if policy is not None:
-            model_without_ddp.rope_positions = policy
-        by_policy[policy] = evaluate_resolutions(
-            model_without_ddp, cfg, cfg['eval_resolutions'], cfg['eval_batch_size'], device,
-            amp_dtype=amp_dtype, progress=is_main_process(),
-            label=label if policy is None else f'{label} {policy}')
-    if policies[0] is not None:
-        model_without_ddp.rope_positions = policies[0]
-    print0(format_table({label if policy is None else f'{label} {policy}': rows
-                         for policy, rows in by_policy.items()}, cfg['img_size']))
-    summary = {'label': label, 'train_resolution': cfg['img_size'], 'results': by_policy[policies[0]]}
-    if policies[0] is not None:
-        summary['results_by_rope_positions'] = by_policy
-    error = _on_rank0(lambda: _save_atomic(
-        summary, os.path.join(cfg['output_dir'], 'resolutions.json')), device)
-    if error:
-        checkpointer.failed(error)
+        # 5. The paper's experiment: accuracy across test resolutions. A signal stops the run
+        # after the resolution in progress (exit status 75); training is complete and saved,
+        # and --resume auto redoes only this part.
+        # RoPE models twice on the same weights: positions extrapolated (the paper's protocol)
+        # and interpolated to the training grid (eval_multires.py --rope-positions compares all
+        # policies).
+        label = config_label(cfg)
+        policies = CLOSING_ROPE_POSITIONS if 'rope' in model_without_ddp.pe else (None,)
+        by_policy = {}
+        for policy in policies:
+            if policy is not None:
+                model_without_ddp.rope_positions = policy
+            by_policy[policy] = []
+            for resolution in cfg['eval_resolutions']:
+                by_policy[policy] += evaluate_resolutions(
+                    model_without_ddp, cfg, [resolution], cfg['eval_batch_size'], device,
+                    amp_dtype=amp_dtype, progress=is_main_process(),
+                    num_workers=cfg['num_workers'],
+                    label=label if policy is None else f'{label} {policy}')
+                # Each rank's share of a resolution may differ by a batch: the ranks agree on
+                # a signal between resolutions, where they all are.
+                signum = int(max_over_ranks([stop.signum], device)[0])
+                if signum:
+                    raise Stopped(_sweep_stop_message(signum, cfg))
+        if policies[0] is not None:
+            model_without_ddp.rope_positions = policies[0]
+        print0(format_table({label if policy is None else f'{label} {policy}': rows
+                             for policy, rows in by_policy.items()}, cfg['img_size']))
+        summary = {'label': label, 'train_resolution': cfg['img_size'],
+                   'results': by_policy[policies[0]]}
+        if policies[0] is not None:
+            summary['results_by_rope_positions'] = by_policy
+        error = _on_rank0(lambda: _save_atomic(
+            summary, os.path.join(cfg['output_dir'], 'resolutions.json')), device)
+        if error:
+            checkpointer.failed(error)
 
 
 def _check_resolution(model, r, what):
@@ -801,6 +864,12 @@ def get_args_parser():
                    help='another run holds --output-dir: wait up to SECONDS for it to end (a '
                         'requeued job whose predecessor is still saving), then take it; 0 = stop '
                         'at once with exit status 2')
+    p.add_argument('--dist-timeout', type=float, default=1800.0, metavar='SECONDS',
+                   help='how long a collective waits for the other ranks before the run fails '
+                        '(the process group\'s timeout, NCCL and gloo alike). The longest waits '
+                        'train.py allows: rank 0 waiting --wait-for-output-dir for the folder, and '
+                        'a rank-0 checkpoint write (minutes for a large model on a slow file '
+                        'system); it must exceed --wait-for-output-dir')
     p.add_argument('--on-save-error', default='stop', choices=('stop', 'warn'),
                    help='a checkpoint or log that cannot be written (disk full, read-only '
                         'folder): stop (exit status 74) or warn and train on')
@@ -810,6 +879,11 @@ def get_args_parser():
     p.add_argument('--amp', default=None, choices=('none', 'bf16', 'fp16'),
                    help='autocast dtype (default: bf16 on CUDA, none on CPU)')
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--deterministic', action='store_true',
+                   help='deterministic kernels only (torch.use_deterministic_algorithms; on '
+                        'CUDA, what a bit-identical resume needs: docs/long-runs.md), slower on '
+                        'GPUs; a kernel without a deterministic version stops the run. CPU runs '
+                        'are deterministic without it')
     p.add_argument('--rope-coord-shift', type=float, default=0.0,
                    help='RoPE coordinate augmentation (DINOv3), per batch in training: shift '
                         'positions by U(-a, a) per axis, in units of half the grid; 0 = off')
@@ -875,8 +949,8 @@ TRAIN_LIMITS = {
     'builtin_val': POSITIVE, 'builtin_seed': SEED, 'seed': SEED, 'num_workers': NON_NEGATIVE,
     'glyph_window_min_area': Limit(0, 1, low_open=True), 'train_resolutions': POSITIVE,
     'print_freq': POSITIVE, 'save_every_steps': NON_NEGATIVE,
-    # Below torch's 30-minute collective timeout, which the other ranks wait in meanwhile.
-    'wait_for_output_dir': Limit(0, 1200),
+    # The other ranks wait meanwhile in a collective: --dist-timeout must exceed it.
+    'wait_for_output_dir': Limit(0, 1200), 'dist_timeout': POSITIVE,
 }
 
 
@@ -956,6 +1030,10 @@ def resolve_config(args, world_size):
             raise UserError(f"--aug {cfg['aug']} {why}; use --aug none with the built-in data")
 
     check_limits(cfg, TRAIN_LIMITS)   # the user's values and the recipe's alike
+    if cfg['dist_timeout'] <= cfg['wait_for_output_dir']:
+        raise UserError(f"--dist-timeout {cfg['dist_timeout']:g} must exceed --wait-for-output-dir "
+                        f"{cfg['wait_for_output_dir']:g}: the other ranks wait in a collective "
+                        'while rank 0 waits for the folder, and a rank-0 checkpoint write follows')
 
     total_batch = cfg['batch_size'] * world_size
     cfg['world_size'] = world_size
