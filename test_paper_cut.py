@@ -54,17 +54,32 @@ def _globals_used(source, filename):
     return used
 
 
-def _check_paper_section(cut, source, file_name, classes, fast_path_names):
+# Per file: the module, its config and model class names, the fast path's names behind `fused`.
+_FILES = {'rope_vit.py': (rope_vit, ('ViTConfig', 'RopeViT'), {'rotate_qkv_fused', 'fused_block_ropes'}),
+          'swin_rope.py': (swin_rope, ('SwinConfig', 'SwinTransformer'), {'fused_window_attention', 'cached_mask'})}
+
+
+@pytest.fixture(scope='module')
+def paper_cuts(tmp_path_factory):
+    """File name -> (the cut imported alone, its source), each cut once for this module."""
+    return {name: _import_paper_cut(module, tmp_path_factory.mktemp(name[:-3]), f'{name[:-3]}_paper_cut')
+            for name, (module, _, _) in _FILES.items()}
+
+
+@pytest.mark.parametrize('file_name', list(_FILES))
+def test_paper_section_is_no_longer_than_before_and_reads_nothing_defined_later(paper_cuts, file_name):
+    cut, source = paper_cuts[file_name]
+    _, classes, fast_path_names = _FILES[file_name]
     assert source.count('\n') <= _PAPER_LINES[file_name], f'{file_name}: the paper section grew'
     for name in ('PE_VARIANTS', *classes, 'SIZES', 'PUBLISHED', 'list_models', 'create_model'):
         assert hasattr(cut, name), name
     assert getattr(cut, classes[1]).fused is False  # the readable path
     missing = {n for n in _globals_used(source, cut.__file__) if not hasattr(cut, n) and not hasattr(builtins, n)}
     # only the fast path behind the `fused` switch, which the cut never takes
-    assert missing == set(fast_path_names), missing
+    assert missing == fast_path_names, missing
     with pytest.raises(TypeError, match='rope_positions'):  # beyond the paper: the full file's
-        cut.create_model(f"{'vit' if file_name == 'rope_vit.py' else 'swin'}_tiny", pe='rope_mixed',
-                         rope_positions='ntk')
+        cut.create_model('vit_tiny' if file_name == 'rope_vit.py' else 'swin_tiny',
+                         pe='rope_mixed', rope_positions='ntk')
 
 
 def _logits_and_grads(model, x):
@@ -78,20 +93,9 @@ def _logits_and_grads(model, x):
 _VIT_CUT_CONFIG = dict(embed_dim=64, depth=2, num_heads=4, img_size=32, patch_size=8, num_classes=5)
 
 
-@pytest.fixture(scope='module')
-def vit_cut(tmp_path_factory):
-    return _import_paper_cut(rope_vit, tmp_path_factory.mktemp('vit_cut'), 'vit_paper_cut')
-
-
-def test_vit_paper_section_is_no_longer_than_before_and_reads_nothing_defined_later(vit_cut):
-    cut, source = vit_cut
-    _check_paper_section(cut, source, 'rope_vit.py', ('ViTConfig', 'RopeViT'),
-                         {'rotate_qkv_fused', 'fused_block_ropes'})
-
-
 @pytest.mark.parametrize('pe', [pe for pe in rope_vit.PE_VARIANTS if pe != 'none'])
-def test_vit_paper_section_stands_alone(vit_cut, pe):
-    cut = vit_cut[0]
+def test_vit_paper_section_stands_alone(paper_cuts, pe):
+    cut = paper_cuts['rope_vit.py'][0]
     torch.manual_seed(0)
     full = rope_vit.create_model('vit_tiny', pe=pe, **_VIT_CUT_CONFIG)
     torch.manual_seed(0)
@@ -133,25 +137,12 @@ _SWIN_TINY = dict(img_size=64, patch_size=4, embed_dim=16, depths=(2, 2, 2), num
 _SWIN_PAPER_PES = [pe for pe in swin_rope.PE_VARIANTS if pe != 'none']
 
 
-@pytest.fixture(scope='module')
-def swin_cut(tmp_path_factory):
-    return _import_paper_cut(swin_rope, tmp_path_factory.mktemp('swin_cut'), 'swin_paper_cut')
-
-
-def test_swin_paper_section_is_no_longer_than_before_and_reads_nothing_defined_later(swin_cut):
-    cut, source = swin_cut
-    _check_paper_section(cut, source, 'swin_rope.py', ('SwinConfig', 'SwinTransformer'),
-                         {'fused_window_attention', 'cached_mask'})
-    with pytest.raises(TypeError, match='rope_positions'):  # beyond the paper: the full file's
-        cut.create_model('swin_tiny', pe='rope_mixed', rope_positions='ntk')
-
-
 @pytest.mark.parametrize('pe', _SWIN_PAPER_PES)
-def test_swin_paper_section_stands_alone(swin_cut, pe):
+def test_swin_paper_section_stands_alone(paper_cuts, pe):
     """The cut builds the variant with the full file's weights (the same seed draws the same
     ones), loads the full file's state dict strictly, and gives the full file's logits and
     gradients: bit for bit against its readable path, to float rounding against the fused one."""
-    cut = swin_cut[0]
+    cut = paper_cuts['swin_rope.py'][0]
     torch.manual_seed(0)
     full = swin_rope.create_model('swin_tiny', pe=pe, **_SWIN_TINY)
     torch.manual_seed(0)
