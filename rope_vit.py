@@ -615,30 +615,27 @@ def yarn_attention_scale(policy: str, growth: float) -> float:
     return 1.0 + 0.1 * math.log(growth) if policy == 'yarn' and growth > 1 else 1.0
 
 
-def rope_policy(model: 'RopeViT', freqs: torch.Tensor, grid_h: int, grid_w: int
-                ) -> Tuple[Optional[torch.Tensor], float]:
-    """The model's position policy on a (grid_h, grid_w) grid: (frequency factors, attention scale).
+def rope_policy(model: 'RopeViT', freqs: torch.Tensor, grid_h: int, grid_w: int) -> Optional[torch.Tensor]:
+    """The model's position policy on a (grid_h, grid_w) grid: the factors of the frequencies.
 
     freqs (2, ..., D/2): the paper's (theta^x, theta^y) (RopeViT.rope_frequencies of the paper's
     section). Factors (rope_position_scale) in freqs' shape and the model's real dtype, theta^x
     scaled from the grid's width and theta^y from its height; None when all are 1. Axial's zero
-    components stay 0 whatever their factor.
+    components stay 0 whatever their factor. YaRN's temperature: RopeViT.attention_temperature.
     """
     cfg = model.cfg
     if cfg.rope_positions == 'extrapolate':  # before any arithmetic on the grid: export keeps it symbolic
-        return None, 1.0
+        return None
     train_h, train_w = cfg.rope_train_grid
     head_dim = model.embed_dim // model.num_heads
     real = torch.float64 if model.param_dtype == torch.float64 else torch.float32
     scales = [rope_position_scale(cfg.rope_positions, f, train, now, model.rope_theta, head_dim // 4,
                                   cfg.yarn_alpha, cfg.yarn_beta)
               for f, train, now in zip(freqs.detach().to(real).unbind(0), (train_w, train_h), (grid_w, grid_h))]
-    growth = math.sqrt(grid_h * grid_w / (train_h * train_w))
-    attention_scale = yarn_attention_scale(cfg.rope_positions, growth)
     if all(c is None for c in scales):
-        return None, attention_scale
+        return None
     ones = torch.ones(freqs.shape[1:], dtype=real, device=freqs.device)
-    return torch.stack([ones if c is None else c for c in scales]), attention_scale
+    return torch.stack([ones if c is None else c for c in scales])
 
 
 # Coordinate augmentation (DINOv3): RoPE positions moved during training, so that the model
@@ -877,7 +874,7 @@ class RopeViT(RopeViT):
     def rope_frequencies(self, grid_h: int, grid_w: int, device) -> torch.Tensor:
         """The paper's frequencies times the position policy's factors (rope_policy) on this grid."""
         freqs = super().rope_frequencies(grid_h, grid_w, device)
-        scale = rope_policy(self, freqs, grid_h, grid_w)[0]
+        scale = rope_policy(self, freqs, grid_h, grid_w)
         return freqs if scale is None else freqs * scale
 
     def attention_temperature(self, grid_h: int, grid_w: int) -> float:
