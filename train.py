@@ -171,35 +171,57 @@ class Lamb(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One multi-tensor step per group (torch._foreach_*): the same arithmetic as a loop over
+        the tensors, in the same order per element, but a few dozen operator calls per group
+        instead of about fifteen per tensor; on a GPU each call is one fused kernel launch."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group['betas']
-            for p in group['params']:
-                if p.grad is None:
-                    continue
+            params = [p for p in group['params'] if p.grad is not None]
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state['step'] = torch.tensor(0.0)
                     state['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state['exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state['step'] += 1
-                step = state['step'].item()
-                exp_avg, exp_avg_sq = state['exp_avg'], state['exp_avg_sq']
-                exp_avg.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(group['eps'])
-                update = (exp_avg / (1 - beta1 ** step)).div_(denom)
-                if group['weight_decay'] != 0:
-                    update.add_(p, alpha=group['weight_decay'])
-                    w_norm, u_norm = p.norm(), update.norm()
-                    ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm,
-                                        torch.ones_like(w_norm))
-                    update.mul_(ratio)
-                p.add_(update, alpha=-group['lr'])
+            if not params:
+                continue
+            steps = [self.state[p]['step'] for p in params]
+            torch._foreach_add_(steps, 1)
+            # The counts live on the CPU (no device sync). They differ only where a tensor had no
+            # gradient at some step: one batch per distinct count keeps each bias correction exact.
+            by_step = {}
+            for p, n in zip(params, torch.stack(steps).tolist()):
+                by_step.setdefault(n, []).append(p)
+            for step, ps in by_step.items():
+                self._update(ps, group, step)
         return loss
+
+    def _update(self, params, group, step):
+        beta1, beta2 = group['betas']
+        grads = [p.grad for p in params]
+        exp_avgs = [self.state[p]['exp_avg'] for p in params]
+        exp_avg_sqs = [self.state[p]['exp_avg_sq'] for p in params]
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denom = torch._foreach_div(exp_avg_sqs, 1 - beta2 ** step)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group['eps'])
+        update = torch._foreach_div(exp_avgs, 1 - beta1 ** step)
+        torch._foreach_div_(update, denom)
+        del denom
+        if group['weight_decay'] != 0:
+            torch._foreach_add_(update, params, alpha=group['weight_decay'])
+            w_norm = torch.stack(torch._foreach_norm(params))
+            u_norm = torch.stack(torch._foreach_norm(update))
+            ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm,
+                                torch.ones_like(w_norm))
+            torch._foreach_mul_(update, list(ratio.unbind()))
+        torch._foreach_add_(params, update, alpha=-group['lr'])
 
 
 def build_optimizer(model, cfg):
