@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import benchmark_step
 import builtin_data
 import data
 import eval_multires
@@ -223,42 +224,11 @@ def test_train_lamb_step_matches_hand_computation():
     torch.testing.assert_close(w.detach(), expected, atol=1e-6, rtol=0)
 
 
-class _LoopLamb(torch.optim.Optimizer):
-    """train.Lamb as it was before it went multi-tensor: one tensor at a time. Kept here as the
-    independent formulation the multi-tensor step is checked against."""
+@pytest.mark.parametrize('chunk', [None, 500])   # 500: many multi-tensor calls per group
+def test_train_multi_tensor_lamb_equals_the_loop_and_resumes_bit_identical(chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setattr(train.Lamb, 'CHUNK_ELEMENTS', chunk)
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            beta1, beta2 = group['betas']
-            for p in group['params']:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state['step'] = torch.tensor(0.0)
-                    state['exp_avg'] = torch.zeros_like(p)
-                    state['exp_avg_sq'] = torch.zeros_like(p)
-                state['step'] += 1
-                step = state['step'].item()
-                exp_avg, exp_avg_sq = state['exp_avg'], state['exp_avg_sq']
-                exp_avg.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(group['eps'])
-                update = (exp_avg / (1 - beta1 ** step)).div_(denom)
-                if group['weight_decay'] != 0:
-                    update.add_(p, alpha=group['weight_decay'])
-                    w_norm, u_norm = p.norm(), update.norm()
-                    ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm,
-                                        torch.ones_like(w_norm))
-                    update.mul_(ratio)
-                p.add_(update, alpha=-group['lr'])
-
-
-def test_train_multi_tensor_lamb_equals_the_loop_and_resumes_bit_identical():
     def model():
         torch.manual_seed(0)
         return train.build_model({'model': 'vit_tiny', 'model_kwargs': dict(
@@ -279,7 +249,7 @@ def test_train_multi_tensor_lamb_equals_the_loop_and_resumes_bit_identical():
 
     fused, loop = model(), model()
     run(train.Lamb, fused, 6)
-    run(_LoopLamb, loop, 6)
+    run(benchmark_step.LoopLamb, loop, 6)   # the loop train.Lamb was before
     for (name, a), b in zip(fused.named_parameters(), loop.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     # Resume: a fresh optimizer loaded from a state_dict after 3 steps goes on bit-identically.
