@@ -1204,7 +1204,10 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> RopeViT:
 # * RotateQK rotates q and k in place in the qkv output by one complex multiply and keeps
 #   nothing extra for backward; its backward forms the RoPE-Mixed frequency gradient in
 #   closed form (test_vit_fused_rotation_gradcheck_matches_plain_formula,
-#   test_vit_fused_path_equals_readable_path_and_saves_no_extra_activations).
+#   test_vit_fused_path_equals_readable_path_and_saves_no_extra_activations). Under bf16 / fp16
+#   autocast it rotates in place in that dtype by real arithmetic (there is no bf16 complex),
+#   forward and backward, without an fp32 copy of q and k
+#   (test_vit_fused_rotation_in_bf16_is_as_close_to_exact_as_a_rotation_in_fp32).
 # * The class token (if any) gets the identity rotation (angle 0) instead of being sliced off
 #   and re-attached around the rotation.
 
@@ -1307,6 +1310,28 @@ def _complex_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.view_as_complex(pairs)
 
 
+def _real_factors(rot: torch.Tensor, dtype: torch.dtype, conj: bool = False):
+    """rot (complex, (..., D/2)) as two real (..., D) tables in `dtype`, channel-pair layout:
+    c = (Re R, Re R), s = (-Im R, Im R) (signs swapped for conj(R)), so that on pairs
+    x R = x * c + swap(x) * s with swap(a, b) = (b, a). In the activations' dtype because a CPU
+    kernel with mixed input dtypes first copies every input to the wider one: fp32 tables
+    would bring back the fp32 copy of q and k that this path avoids."""
+    pairs = torch.view_as_real(rot)  # (..., D/2, 2): (Re, Im)
+    c = pairs[..., :1].expand(pairs.shape).flatten(-2)
+    im = pairs[..., 1:]
+    s = torch.cat([im, -im] if conj else [-im, im], dim=-1).flatten(-2)
+    return c.to(dtype), s.to(dtype)
+
+
+def _rotate_low_precision(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, out: torch.Tensor):
+    """out = x R on channel pairs, for bf16 / fp16 x without a wider copy: x * c + swap(x) * s
+    with one temporary of x's size and dtype. Each kernel computes in fp32 internally and
+    rounds its result once: swap(x) * s, then the sum (addcmul); out may be x itself."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (b, a) per pair: a new tensor
+    swapped.mul_(s)
+    torch.addcmul(swapped, x, c, out=out)
+
+
 class RotateQK(torch.autograd.Function):
     """Eq. 11 on q and k, in place in the qkv projection's output, with a lean backward.
 
@@ -1337,7 +1362,10 @@ class RotateQK(torch.autograd.Function):
         split = _split_heads(qkv, num_heads, batch)  # (3, B, heads, T, D) view
         if qkv.dtype in (torch.float32, torch.float64) and qkv.is_contiguous():
             torch.view_as_complex(split[:2].unflatten(-1, (-1, 2))).mul_(rot)  # one in-place pass
-        else:  # bf16 / fp16 (or odd strides): rotate in fp32, round once
+        elif qkv.dtype in (torch.bfloat16, torch.float16) and qkv.is_contiguous():
+            # bf16 autocast: rotate in place in bf16 (no fp32 copy of q and k; no complex bf16)
+            _rotate_low_precision(split[:2], *_real_factors(rot, qkv.dtype), out=split[:2])
+        else:  # odd strides: rotate in fp32, round once
             split[:2] = torch.view_as_real(_complex_pairs(split[:2].float()) * rot).flatten(-2)
         ctx.mark_dirty(qkv)
         ctx.save_for_backward(qkv, rot, positions)
@@ -1359,6 +1387,9 @@ class RotateQK(torch.autograd.Function):
         real_dtype = torch.promote_types(grads[0].dtype, torch.float32)
         grad_qkv = torch.empty(rotated_qkv.shape, dtype=grads[0].dtype, device=rotated_qkv.device)  # (B, T, 3C)
         grad_split = _split_heads(grad_qkv, ctx.num_heads, ctx.batch)  # (3, B, heads, T, D) view
+        if grad_qkv.dtype in (torch.bfloat16, torch.float16) and not ctx.needs_input_grad[1]:
+            return RotateQK._backward_low_precision(ctx, rotated_qkv, rot, positions, grads, grad_split,
+                                                    grad_qkv)
         grad_pairs = [_complex_pairs(g.to(real_dtype)) for g in grads[:2]]  # 2 x (B, heads, T, D/2)
         rot_back = rot.conj().resolve_conj()  # d(x R)/dx: multiply by conj(R), i.e. rotate back
         for i in range(2):
@@ -1383,6 +1414,28 @@ class RotateQK(torch.autograd.Function):
                     summed = summed.sum(0, keepdim=True)
                 grad_rot = summed * rot / rot.abs().square()
         return (grad_qkv, grad_rot, None, None, grad_freqs, None)[:len(ctx.needs_input_grad)]
+
+    @staticmethod
+    def _backward_low_precision(ctx, rotated_qkv, rot, positions, grads, grad_split, grad_qkv):
+        """backward under bf16 / fp16 when R itself needs no gradient (the training path): q's and
+        k's gradients rotated back (times conj(R)) in their own dtype, written into grad_qkv; the
+        frequency gradient Im(S) = sum of (g_b y_a - g_a y_b) over batch, q|k (g = g_a + i g_b,
+        x' = y_a + i y_b) from bf16 products summed in fp32."""
+        c, s = _real_factors(rot, grad_qkv.dtype, conj=True)
+        needs_freqs = len(ctx.needs_input_grad) > 4 and ctx.needs_input_grad[4]
+        rotated = _split_heads(rotated_qkv, ctx.num_heads, ctx.batch)
+        im_s = 0
+        for i in range(2):
+            if needs_freqs:  # (g_b y_a, g_a y_b) per pair, summed over the batch in fp32
+                cross = (grads[i].unflatten(-1, (-1, 2)).flip(-1) * rotated[i].unflatten(-1, (-1, 2)))
+                cross = cross.sum(0, dtype=torch.float32)  # (heads, T, D/2, 2)
+                im_s = im_s + cross[..., 0] - cross[..., 1]
+            _rotate_low_precision(grads[i], c, s, out=grad_split[i])
+        grad_split[2] = grads[2]  # v passes through
+        grad_freqs = None
+        if needs_freqs:  # dL/dtheta = p^T Im(S): (2, T) @ (T, heads * D/2)
+            grad_freqs = positions.t().float() @ im_s.transpose(0, 1).reshape(im_s.shape[1], -1)
+        return (grad_qkv, None, None, None, grad_freqs, None)[:len(ctx.needs_input_grad)]
 
 
 # The whole file's default: eager forward() takes the fused path, measured faster than the

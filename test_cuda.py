@@ -162,3 +162,45 @@ def test_cuda_torchrun_run_stopped_by_sigterm_resumes_and_finishes(tmp_path):
     final = torch.load(out / 'checkpoint.pth', map_location='cpu', weights_only=True)
     assert final['epoch'] == 3 and len(final['rng'][0]['cuda']) == 1
     assert all(torch.isfinite(t).all() for t in final['model'].values())
+
+
+def _epoch_host_syncs(device, steps, count=True):
+    """Host syncs of one train_one_epoch of `steps` steps (ViT-tiny RoPE-Mixed, LAMB, bf16
+    autocast, gradient clipping, print interval and agreement past the last step), as
+    torch.cuda.set_sync_debug_mode('warn') reports them."""
+    import warnings
+    import train
+    cfg = train.resolve_config(train.get_args_parser().parse_args(
+        ['--amp', 'bf16', '--opt', 'lamb', '--print-freq', '100', '--save-every-steps', '0']), 1)
+    cfg['num_classes'] = cfg['model_kwargs']['num_classes'] = 10
+    torch.manual_seed(0)
+    model = train.build_model(cfg).to(device)
+    optimizer = train.build_optimizer(model, cfg)
+    scheduler = train.build_scheduler(optimizer, cfg, steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    pin = device.type == 'cuda'   # what the loader gives a GPU run: pinned batches
+    loader = [(torch.randn(4, 3, cfg['img_size'], cfg['img_size']),
+               torch.randint(0, 10, (4,))) for _ in range(steps)]
+    loader = [(x.pin_memory(), y.pin_memory()) if pin else (x, y) for x, y in loader]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        if count:
+            torch.cuda.set_sync_debug_mode('warn')
+        try:
+            train.train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, 0, device,
+                                  torch.bfloat16, 10, None)
+        finally:
+            if count:
+                torch.cuda.set_sync_debug_mode(0)
+    return sum('synchroniz' in str(w.message) for w in caught)
+
+
+@pytest.mark.cuda
+@needs_bf16
+def test_cuda_training_step_syncs_the_host_only_at_the_agreement_and_print_interval():
+    """Steps between agreements add no host sync: an epoch of 6 steps syncs as often as one of 3
+    (the syncs counted are the last step's agreement and print, and the epoch's closing sums;
+    that they are counted at all shows the detector works)."""
+    device = torch.device('cuda')
+    short, long = _epoch_host_syncs(device, 3), _epoch_host_syncs(device, 6)
+    assert short > 0 and long == short, (short, long)

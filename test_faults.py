@@ -22,7 +22,7 @@ from PIL import Image
 import recovery
 import train
 
-from testkit import (_TRAIN_FAULT_ARGS, _TRAIN_SCRIPT, _TRAIN_SMALL, _TRAIN_TIMEOUT,
+from testkit import (_TRAIN_FAULT_ARGS, _TRAIN_SCRIPT, _TRAIN_SMALL, _TRAIN_TIMEOUT, _TRAIN_TINY,
     _train_assert_same_run, _train_cli, _train_env, _train_state, _train_torchrun, _train_write_folder)
 
 # Slow: each test trains several short runs, most of them under torchrun.
@@ -951,3 +951,32 @@ def test_train_resume_auto_continues_only_its_own_run_and_a_torchrun_restart_imp
     assert 'note: 3 checkpoint(s) of an earlier run' in printed and 'starting from scratch' in printed
     assert [os.path.basename(p) for p in recovery.recovery_files(str(other))] == [
         'recovery_e0000_i000000008.pth']
+
+
+def test_train_agree_every_k_steps_stops_on_a_signal_within_k_and_never_saves_a_nan(
+        tmp_path, capsys, monkeypatch):
+    # --agree-every 3 (a GPU's default is the print interval): the ranks read the stop flags and
+    # the divergence check after steps 3, 6, ... only, so a signal during step 1 stops the run
+    # after step 3, where the recovery checkpoint is written.
+    args = _TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '64', '--builtin-val', '8',
+                          '--epochs', '1', '--save-every-steps', '0', '--agree-every', '3']
+    out = tmp_path / 'out'
+    _train_send_at_step(monkeypatch, {1: signal.SIGTERM})
+    assert _train_cli(args + ['--output-dir', str(out)]) == 75
+    assert [os.path.basename(p) for p in recovery.recovery_files(str(out))] == [
+        'recovery_e0000_i000000024.pth']
+    # A non-finite loss from step 2 on stops the run at the agreement after step 3, names step 2,
+    # and nothing is saved: the weights stepped with it never reach a checkpoint.
+    nan_out = tmp_path / 'nan'
+    finite_loss, calls = train._loss, [0]
+
+    def loss(*a):
+        calls[0] += 1
+        return finite_loss(*a) * (float('nan') if calls[0] >= 2 else 1.0)
+    monkeypatch.setattr(train, '_loss', loss)
+    capsys.readouterr()
+    assert _train_cli(args + ['--output-dir', str(nan_out)]) == 1
+    assert capsys.readouterr().err.startswith('error: loss is nan at epoch 1, step 2/8;')
+    assert calls[0] == 3
+    assert recovery.recovery_files(str(nan_out)) == []
+    assert not (nan_out / 'checkpoint.pth').exists()
