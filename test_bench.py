@@ -1,5 +1,6 @@
 """benchmark.py: the benchmark table, its errors and its load meter."""
 import math
+import statistics
 import subprocess
 import sys
 
@@ -67,3 +68,30 @@ def test_bench_load_meter_and_bounded_wait():
     budget = [0.0]
     benchmark.wait_quiet(budget, threshold=1e9, window=0.05)  # quiet at once: returns after one window
     assert budget[0] <= 0
+
+
+def test_bench_loader_table_rates_ratios_and_bytes(tmp_path):
+    # benchmark_loader.py on 3 small generated JPEGs: every pipeline timed in every repetition,
+    # the training ones uint8 (a quarter of the float32 bytes), ratios against their peers.
+    import io
+    import benchmark_loader
+    paths = benchmark_loader.make_images(str(tmp_path), 3)
+    assert len(paths) == 3 and all(p.endswith('.jpg') for p in paths)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # per core, as main() runs it
+    try:
+        results = benchmark_loader.run(paths, 32, reps=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(results) == {'deit3', 'deit3 official', 'deit3 before #30', 'swin',
+                            'swin before #30', 'eval', 'eval official'}
+    assert all(len(r['rates']) == 2 and min(r['rates']) > 0 for r in results.values())
+    assert results['deit3']['sample_bytes'] == 3 * 32 * 32   # uint8
+    assert results['deit3 official']['sample_bytes'] == 4 * 3 * 32 * 32   # float32
+    assert results['swin']['sample_bytes'] == 4 * 3 * 32 * 32   # random erasing: float32
+    out = io.StringIO()
+    benchmark_loader.report(results, 3, 2, out=out)
+    line = next(l for l in out.getvalue().splitlines() if l.startswith('deit3 '))
+    assert f"{3 * 32 * 32 * 256:,d} x256" in line and 'vs deit3 official' in line
+    ratio = statistics.median(results['deit3']['rates']) / statistics.median(results['deit3 official']['rates'])
+    assert line.endswith(f'{ratio:.2f}x')

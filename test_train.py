@@ -472,6 +472,118 @@ def test_train_eval_transform_equals_the_official_pil_pipeline():
         torch.testing.assert_close(ours, official, atol=1e-6, rtol=0)
 
 
+def _recorded_draws(transform, image, seeds):
+    """Per seed: every random decision `transform` takes on `image`, as (transform class,
+    parameters) in order: the parameters each v2 transform drew (make_params; a random-apply
+    transform records nothing when it is not applied, so a flip counts as drawn only when
+    done), with RandomChoice recorded through the class of the one it applied."""
+    from torchvision.transforms import v2
+    draws, log = [], []
+
+    def spy(t):
+        make_params = t.make_params
+
+        def recording(flat_inputs):
+            params = make_params(flat_inputs)
+            log.append((type(t).__mro__[1].__name__ if type(t).__module__ == 'data'
+                        else type(t).__name__,
+                        {k: v.tolist() if torch.is_tensor(v) else v for k, v in params.items()
+                         if not callable(v)}))
+            return params
+        t.make_params = recording
+
+    for t in transform.transforms:
+        for inner in getattr(t, 'transforms', [t]):   # RandomChoice's candidates too
+            if not isinstance(inner, (v2.PILToTensor, v2.ToDtype, v2.Normalize)):   # no draws
+                spy(inner)
+    for seed in seeds:
+        log.clear()
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            out = transform(image)
+        draws.append((list(log), out))
+    return draws
+
+
+@pytest.mark.parametrize('recipe', ['deit3', 'swin'])
+def test_train_folder_pipeline_draws_the_augmentation_of_the_pipeline_before_issue_30(recipe):
+    # Issue #30 rewrote the training pipelines for speed (uint8 output normalised on the
+    # device, 3-Augment's colour steps on float with a separable blur); on a fixed seed every
+    # sample must draw what the pipeline before drew (kept in benchmark_loader.py as the
+    # benchmark's baseline): the same crop box, flip, choice of grey / solarise / blur, blur
+    # sigma, jitter factors, RandAugment operations. Then the distribution is the one before,
+    # checked here also against 3-Augment's own: crop area U(0.08, 1) of the image, flip 1/2,
+    # each of grey / solarise / blur 1/3.
+    import benchmark_loader
+    threads = torch.get_num_threads()
+    # One thread, as in a loader worker (torch gives each one thread): on a busy machine two
+    # threads spin against each other on these tiny images, 10x slower
+    torch.set_num_threads(1)
+    try:
+        _check_pipeline_draws(recipe, benchmark_loader)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_pipeline_draws(recipe, benchmark_loader):
+    cfg = dict(train.RECIPES[recipe], img_size=32)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    seeds = range(300)
+    ours = _recorded_draws(data._train_transform(cfg), image, seeds)
+    before = _recorded_draws(benchmark_loader.before_30_train_transform(cfg, 32), image, seeds)
+    for (draws, out), (draws_before, out_before) in zip(ours, before):
+        assert draws == draws_before
+        # The same input values up to rounding: the uint8 kernels before truncated after every
+        # colour step (up to a level each, compounded by the jitter's factors); ours rounds once.
+        values = data.to_model_input(out[None])[0]
+        levels = (values - out_before).abs() * torch.tensor(builtin_data.IMAGENET_STD).view(3, 1, 1) * 255
+        assert out.dtype == (torch.uint8 if recipe == 'deit3' else torch.float32)
+        assert levels.max() <= (6 if recipe == 'deit3' else 1e-3), levels.max()
+    names = [[name for name, _ in draws] for draws, _ in ours]
+    crops = [params for draws, _ in ours for name, params in draws if name == 'RandomResizedCrop']
+    # The crop is the first draw: the box torchvision's v1 RandomResizedCrop (the official
+    # DeiT-III code's) draws from the same seed, scale (0.08, 1), ratio (3/4, 4/3)
+    from torchvision import transforms as classic
+    official = []
+    for seed in seeds:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            official.append(classic.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]))
+    assert [(p['top'], p['left'], p['height'], p['width']) for p in crops] == official
+    areas = np.array([p['height'] * p['width'] / (60 * 80) for p in crops])
+    assert areas.min() >= 0.07 and areas.max() <= 1.0 and np.ptp(areas) > 0.8
+    flips = sum('RandomHorizontalFlip' in n for n in names) / len(seeds)
+    assert abs(flips - 0.5) < 0.09   # 300 draws: 3 standard deviations are 0.087
+    if recipe == 'deit3':
+        for choice in ('Grayscale', 'RandomSolarize', 'GaussianBlur'):
+            share = sum(choice in n for n in names) / len(seeds)
+            assert abs(share - 1 / 3) < 0.09, (choice, share)   # 3 sd: 0.082
+        assert all(n[-1] == 'ColorJitter' for n in names)
+
+
+def test_train_to_model_input_on_the_device_equals_the_cpu_normalisation():
+    # The worker's float32 normalisation before issue #30, per image, against the batch's on
+    # the device (here the CPU): the same torchvision functions, so the same values bit for bit;
+    # float batches (built-in data, evaluation, random erasing) pass unchanged.
+    from torchvision.transforms import v2
+    batch = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    cpu = torch.stack([v2.Normalize(builtin_data.IMAGENET_MEAN, builtin_data.IMAGENET_STD)(
+        v2.ToDtype(torch.float32, scale=True)(image)) for image in batch])
+    assert torch.equal(data.to_model_input(batch), cpu)
+    floats = torch.randn(2, 3, 8, 8)
+    assert data.to_model_input(floats) is floats
+
+
+def test_train_separable_blur_equals_torchvisions_blur():
+    from torchvision.transforms import v2
+    image = torch.rand(3, 40, 30)
+    for sigma in (0.1, 0.7, 2.0):
+        params = {'sigma': [sigma, sigma]}
+        ours = data.SeparableGaussianBlur(9, (0.1, 2.0)).transform(image, params)
+        torch.testing.assert_close(ours, v2.functional.gaussian_blur(image, [9, 9], [sigma, sigma]),
+                                   atol=1e-6, rtol=0)
+
+
 def test_train_coordinate_augmentation_off_by_default_and_seeded():
     cfg = vars(train.get_args_parser().parse_args([]))
     assert train.rope_coord_augment(cfg, 0, 0, 0) is None  # off by default

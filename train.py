@@ -76,7 +76,7 @@ import rope_vit
 import swin_rope
 from builtin_data import BUILTIN_DATASETS, GLYPH_WINDOW_MIN_AREA
 from data import (EpochSampler, RepeatedAugSampler, SeededSamples, StopSafeLoader, _derived_seed,
-                  build_eval_dataset, build_eval_loader, build_train_dataset)
+                  build_eval_dataset, build_eval_loader, build_train_dataset, to_model_input)
 from distributed import (all_reduce_max, all_reduce_sum, gather, init_distributed,
                          is_main_process, max_over_ranks, print0, rank_and_world)
 from recovery import (Checkpointer, SaveFailed, StopSignals, Stopped, TrainingDiverged, UserError,
@@ -374,7 +374,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, dev
         skipped = int((~good).sum())
         if skipped:   # undecodable files: drop them; keep one zero image so every rank steps
             images, targets = (images[good], targets[good]) if good.any() else (images[:1], None)
-        images = images.to(device, non_blocking=True)
+        # uint8 folder batches are converted and normalised on the device (data.to_model_input)
+        images = to_model_input(images.to(device, non_blocking=True))
         targets = None if targets is None else targets.to(device, non_blocking=True)
         soft = (F.one_hot(targets, num_classes).float() if targets is not None
                 else torch.zeros(1, num_classes, device=device))
@@ -453,7 +454,9 @@ def evaluate(model, loader, device, amp_dtype=None):
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)   # top1, top5, loss, n, skipped
     for images, targets in loader:
-        images, targets = images.to(device, non_blocking=True), targets.to(device)
+        # uint8 folder batches are converted and normalised on the device (data.to_model_input)
+        images = to_model_input(images.to(device, non_blocking=True))
+        targets = targets.to(device)
         good = targets >= 0
         sums[4] += (~good).sum()
         if not good.all():
@@ -629,9 +632,12 @@ def _main(args):
     # evaluation loaders' (build_eval_loader).
     train_loader = StopSafeLoader(SeededSamples(train_set), batch_size=cfg['batch_size'],
                                   sampler=sampler, num_workers=cfg['num_workers'], drop_last=True,
-                                  pin_memory=device.type == 'cuda', generator=loader_generator)
+                                  pin_memory=device.type == 'cuda', generator=loader_generator,
+                                  # workers kept across epochs, not forked again for each one
+                                  persistent_workers=cfg['num_workers'] > 0)
     steps_per_epoch = len(order) // cfg['batch_size']
-    eval_loader = build_eval_loader(eval_set, cfg['eval_batch_size'], cfg['num_workers'])
+    eval_loader = build_eval_loader(eval_set, cfg['eval_batch_size'], cfg['num_workers'],
+                                    pin_memory=device.type == 'cuda', persistent=True)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     mix = _mixup_cutmix(cfg, cfg['num_classes'])
     print0(f"{cfg['model']} ({model_without_ddp.pe}): "
@@ -1308,7 +1314,8 @@ def evaluate_resolutions(model, cfg, resolutions, batch_size, device, amp_dtype=
     for resolution in resolutions:
         model.check_img_size(resolution, resolution)
         dataset = build_eval_dataset(cfg, resolution, data_path=data_path, crop_ratio=crop_ratio)
-        loader = _Progress(build_eval_loader(dataset, batch_size, num_workers), len(dataset),
+        loader = _Progress(build_eval_loader(dataset, batch_size, num_workers,
+                                             pin_memory=device.type == 'cuda'), len(dataset),
                            f'{desc_base} @ {resolution}', world_size,
                            enabled=progress and is_main_process())
         stats = evaluate(model, loader, device, amp_dtype=amp_dtype)
