@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -355,21 +356,33 @@ def _derived_seed(*keys):
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
 
 
+class SampleKey(NamedTuple):
+    """What the training sampler hands SeededSamples for one sample: the dataset index, the seed
+    of its augmentation, the epoch (for datasets with set_epoch, whose samples change with it)
+    and, under --train-resolutions, its step's resolution (None: the dataset's own)."""
+    index: int
+    seed: int
+    epoch: int
+    resolution: Optional[int] = None
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """One rank's training order, resumable inside an epoch, with a seed for every sample.
 
     Wraps a DistributedSampler or RepeatedAugSampler. set_epoch(epoch, start) makes the next
     pass begin at position `start` of the epoch's order: the samples before it are neither loaded
-    nor drawn. It yields (index, seed) pairs for SeededSamples; the seed is a function of (seed,
-    epoch, rank, position), so a sample's augmentation does not depend on which loader worker
-    draws it, how many workers there are, or where a run was resumed.
+    nor drawn. It yields a SampleKey per sample for SeededSamples; the seed is a function of
+    (seed, epoch, rank, position), so a sample's augmentation does not depend on which loader
+    worker draws it, how many workers there are, or where a run was resumed. The epoch travels
+    in the key because persistent loader workers hold their own copy of the dataset, made when
+    they started: a set_epoch called on the main process's copy would never reach them.
     """
 
     def __init__(self, sampler, seed, rank, batch_size=1, step_resolution=None):
         self.sampler, self.seed, self.rank = sampler, seed, rank
         self.epoch, self.start = 0, 0
         # step_resolution(epoch, step): the resolution of that step's batch (several-resolution
-        # training); each sample then comes as (index, seed, resolution)
+        # training)
         self.batch_size, self.step_resolution = batch_size, step_resolution
 
     def set_epoch(self, epoch, start=0):
@@ -382,11 +395,11 @@ class EpochSampler(torch.utils.data.Sampler):
     def __iter__(self):
         seeds = np.random.SeedSequence([self.seed, self.epoch, self.rank, 1]).generate_state(
             len(self.sampler), np.uint64) >> 1   # >> 1: torch.manual_seed takes int64
-        pairs = zip(iter(self.sampler), seeds.tolist())
-        if self.step_resolution is not None:
-            pairs = ((index, seed, self.step_resolution(self.epoch, position // self.batch_size))
-                     for position, (index, seed) in enumerate(pairs))
-        return itertools.islice(pairs, self.start, None)
+        keys = (SampleKey(index, seed, self.epoch,
+                          None if self.step_resolution is None
+                          else self.step_resolution(self.epoch, position // self.batch_size))
+                for position, (index, seed) in enumerate(zip(iter(self.sampler), seeds.tolist())))
+        return itertools.islice(keys, self.start, None)
 
 
 class SeededSamples(Dataset):
@@ -404,9 +417,11 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        # (index, seed), or (index, seed, resolution) under --train-resolutions (built-in data
-        # and folders alike)
-        index, seed, *resolution = key
+        index, seed, epoch, resolution = SampleKey(*key)
+        if hasattr(self.dataset, 'set_epoch'):   # here, in whichever process draws the sample
+            self.dataset.set_epoch(epoch)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            return self.dataset.at_resolution(index, *resolution) if resolution else self.dataset[index]
+            if resolution is None:
+                return self.dataset[index]
+            return self.dataset.at_resolution(index, resolution)   # built-in data and folders alike

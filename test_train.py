@@ -169,6 +169,30 @@ def test_train_several_resolutions_render_each_step_at_its_drawn_size(tmp_path, 
     assert not (tmp_path / 'bad').exists()   # folder data: test_train_folder_several_resolutions_*
 
 
+def test_train_persistent_workers_see_every_epoch_of_the_builtin_data():
+    # The built-in training set shows fresh scenes every epoch (set_epoch). With persistent
+    # workers (train.py keeps them across epochs) each worker holds its own copy of the dataset:
+    # the epoch must reach it through the sampler's keys, so that epoch 1 with 2 persistent
+    # workers gives the batches of 0 workers, and not epoch 0's scenes again.
+    glyphs = builtin_data.GlyphsDataset('train', 8, 16)
+    order = torch.utils.data.DistributedSampler(glyphs, num_replicas=1, rank=0, shuffle=False,
+                                                drop_last=True)
+    batches = {}
+    for workers in (0, 2):
+        sampler = data.EpochSampler(order, 0, 0, 4)
+        loader = torch.utils.data.DataLoader(data.SeededSamples(glyphs), batch_size=4, sampler=sampler,
+                                             num_workers=workers, persistent_workers=workers > 0)
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            batches[workers, epoch] = [images for images, _ in loader]
+    for epoch in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(batches[0, epoch], batches[2, epoch], strict=True))
+    assert not torch.equal(batches[2, 0][0], batches[2, 1][0])   # new scenes in epoch 1
+    fresh = builtin_data.GlyphsDataset('train', 8, 16)
+    fresh.set_epoch(1)
+    assert torch.equal(batches[2, 1][0][0], fresh.at_resolution(0, 16)[0])
+
+
 def test_train_data_flag_and_builtin_checkpoints_evaluate_without_flags(tmp_path, capsys):
     base = _TRAIN_TINY + ['--batch-size', '8', '--builtin-val', '12', '--epochs', '1']
     # glyphs is the default; shapes, the counter-example, is chosen by name (its old flag
@@ -671,7 +695,7 @@ def test_train_folder_several_resolutions_crop_each_step_at_its_size_any_workers
                                     lambda e, s: train.train_step_resolution(cfg, e, s))
         sampler.set_epoch(epoch, start * batch)
         keys = list(sampler)
-        assert [r for _, _, r in keys] == [r for r in sizes for _ in range(batch)]
+        assert [key.resolution for key in keys] == [r for r in sizes for _ in range(batch)]
         runs = [list(torch.utils.data.DataLoader(data.SeededSamples(train_set), batch_size=batch,
                                                  sampler=sampler, num_workers=workers))
                 for workers in (0, 2)]
@@ -680,7 +704,7 @@ def test_train_folder_several_resolutions_crop_each_step_at_its_size_any_workers
             assert torch.equal(images, again) and torch.equal(labels, labels_again)
         # Each image: the recipe's pipeline made for its step's size, drawn from its own seed;
         # at --img-size the very pipeline (and draws) of a run without the flag.
-        for i, (index, seed, size) in enumerate(keys):
+        for i, (index, seed, _, size) in enumerate(keys):
             image, label = runs[0][i // batch][0][i % batch], runs[0][i // batch][1][i % batch]
             path, target = train_set.samples[index]
             if path.endswith('broken.png'):
@@ -691,7 +715,7 @@ def test_train_folder_several_resolutions_crop_each_step_at_its_size_any_workers
                 expected = data._train_transform(cfg, size)(train_set.loader(path))
             assert torch.equal(image, expected) and label == target
             if size == cfg['img_size']:
-                assert torch.equal(image, data.SeededSamples(plain)[(index, seed)][0])
+                assert torch.equal(image, data.SeededSamples(plain)[(index, seed, epoch)][0])
 
 
 def test_train_folder_several_resolutions_vit_and_swin_stored_evaluated_bad_sizes_refused(

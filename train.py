@@ -723,9 +723,7 @@ def _main(args):
                 # where the interrupted run was inside this epoch
                 print0(f'random states restored (rank 0): {set_rng_state(rng, device)}')
             loader_generator.manual_seed(_derived_seed(cfg['seed'], epoch, info.rank, 2))
-            sampler.set_epoch(epoch, first_step * cfg['batch_size'])
-            if hasattr(train_set, 'set_epoch'):
-                train_set.set_epoch(epoch)
+            sampler.set_epoch(epoch, first_step * cfg['batch_size'])   # the dataset's epoch too
 
             def after_step(steps_done, signum, sums, seconds, epoch=epoch):
                 if steps_done == steps_per_epoch:
