@@ -5,9 +5,12 @@ from file read to the tensor a loader worker hands over, on generated ImageNet-l
 
 Pipelines, all timed in this one process, one thread, in interleaved repetitions (every
 repetition runs every pipeline once over the same images, in a rotated order):
-  * deit3 / swin / eval: data.py's pipelines as train.py builds them (--recipe deit3 / swin);
-    their uint8 output is converted and normalised on the device (data.to_model_input), which
-    is not a loader worker's work and is not timed here.
+  * deit3 / swin / eval: data.py's pipelines as train.py builds them (--recipe deit3 / swin).
+    The training ones are the loader worker's half (augment.WorkerAugment: decode, crop, flip
+    and the draws of the rest, a uint8 crop and a plan); the device finishes the batch
+    (augment.BatchAugment), which is not a worker's work. Its CPU time per image is reported
+    apart (rows 'deit3 device half' / 'swin device half', batches of 64 on this CPU), for
+    scale only: on a GPU it runs on the GPU.
   * deit3 before #30 / swin before #30: the pipelines data.py had before issue #30 (decode,
     the whole image to a uint8 tensor, crop and augment as tensors, float32 normalised output),
     kept here as the baseline of the same run.
@@ -41,6 +44,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as v1
 from torchvision.transforms import v2
 
+import augment
 import data
 import train
 from builtin_data import IMAGENET_MEAN, IMAGENET_STD
@@ -153,6 +157,21 @@ def _pass(transform, paths, loader):
     return time.process_time() - start, out
 
 
+def _bytes(sample):
+    """Bytes a sample carries through the workers' shared memory: a tensor, or a Planned pair."""
+    tensors = sample if isinstance(sample, augment.Planned) else (sample,)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _device_half_pass(recipe, img_size, samples, batch=64):
+    """CPU seconds of augment.BatchAugment over the Planned `samples`, in batches of `batch`."""
+    finish = data.build_batch_augment(recipe_cfg(recipe, img_size))
+    start = time.process_time()
+    for first in range(0, len(samples), batch):
+        finish(torch.utils.data.default_collate(samples[first:first + batch]), torch.device('cpu'))
+    return time.process_time() - start
+
+
 def run(paths, img_size, reps, seed=0):
     """{name: dict(rates=[images/s per core per repetition], sample_bytes, batch, peer)}"""
     torch.manual_seed(seed)
@@ -161,6 +180,9 @@ def run(paths, img_size, reps, seed=0):
     loader = torchvision.datasets.folder.pil_loader   # ImageFolder's: open, decode, RGB
     results = {name: dict(rates=[], batch=batch, peer=peer, sample_bytes=None)
                for name, (_, batch, peer) in table.items()}
+    for recipe in ('deit3', 'swin'):   # the device's half, per image on this CPU (not a worker's)
+        results[f'{recipe} device half'] = dict(rates=[], batch=table[recipe][1], peer=None,
+                                                sample_bytes=None)
     names = list(table)
     for name in names:   # warm-up: file cache, lazy imports, allocator
         _pass(table[name][0], paths[:4], loader)
@@ -168,7 +190,12 @@ def run(paths, img_size, reps, seed=0):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             seconds, out = _pass(table[name][0], paths, loader)
             results[name]['rates'].append(len(paths) / seconds)
-            results[name]['sample_bytes'] = out.numel() * out.element_size()
+            results[name]['sample_bytes'] = _bytes(out)
+        for recipe in ('deit3', 'swin'):
+            samples = [table[recipe][0](loader(path)) for path in paths]
+            half = results[f'{recipe} device half']
+            half['rates'].append(len(paths) / _device_half_pass(recipe, img_size, samples))
+            half['sample_bytes'] = 4 * 3 * img_size * img_size   # what it hands the model: float32
     return results
 
 

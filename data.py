@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 import torchvision
 from torchvision.transforms import v2
 
+from augment import BatchAugment, WorkerAugment
 from builtin_data import BUILTIN_DATASETS, IMAGENET_MEAN, IMAGENET_STD, builtin_setting
 from distributed import rank_and_world
 from recovery import UserError
@@ -111,11 +112,9 @@ class SkippingImageFolder(torchvision.datasets.ImageFolder):
     every rank intact; train_one_epoch and evaluate drop targets < 0 and report how many.
     """
 
-    def __init__(self, root, transform, out_size, transforms_by_size=None, dtype=torch.float32):
+    def __init__(self, root, transform, out_size, transforms_by_size=None):
         super().__init__(root, transform=transform)
-        # dtype: what the transforms return (uint8 for the training pipelines that leave
-        # normalisation to the device), so that a placeholder collates with the real images
-        self.out_size, self.dtype = out_size, dtype
+        self.out_size = out_size
         # {r: the same pipeline producing r x r} for --train-resolutions; a plain dict, so the
         # dataset pickles into spawned loader workers as it is
         self.transforms_by_size = dict(transforms_by_size or {})
@@ -139,7 +138,9 @@ class SkippingImageFolder(torchvision.datasets.ImageFolder):
             image = self.loader(path)
         except (OSError, ValueError, SyntaxError) as e:   # PIL's errors for corrupt/truncated files
             sys.stderr.write(f'warning: skipping undecodable image {path}: {e}\n')
-            return torch.zeros(3, out_size, out_size, dtype=self.dtype), -1
+            # a placeholder that collates with the real samples (a transform's own, if it has one)
+            placeholder = getattr(transform, 'placeholder', None)
+            return (placeholder(out_size) if placeholder else torch.zeros(3, out_size, out_size)), -1
         return transform(image), target
 
 
@@ -159,115 +160,34 @@ def _eval_transform(resolution, crop_ratio):
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-class SeparableGaussianBlur(v2.GaussianBlur):
-    """v2.GaussianBlur computed as two 1-D passes (a row, then a column kernel) instead of one
-    k x k convolution: the Gaussian kernel is the outer product of its 1-D kernels, so the result
-    is the same up to float rounding, at 2k instead of k^2 multiplies per pixel (a 9 x 9 blur of
-    a 224 px float image: about 0.9 ms instead of 1.7-2 ms on one core). The sigma is drawn by
-    v2.GaussianBlur itself (make_params), so the draws are those of v2.GaussianBlur. For float
-    image tensors (C, H, W), as _train_transform applies it."""
-
-    def transform(self, inpt, params):
-        if not (isinstance(inpt, torch.Tensor) and inpt.is_floating_point() and inpt.ndim == 3):
-            return super().transform(inpt, params)
-        kx, ky = self.kernel_size
-        rows = self._kernel1d(kx, params['sigma'][0], inpt.dtype)
-        columns = self._kernel1d(ky, params['sigma'][1], inpt.dtype)
-        channels = inpt.shape[0]
-        out = torch.nn.functional.pad(inpt[None], (kx // 2, kx // 2, ky // 2, ky // 2),
-                                      mode='reflect')
-        out = torch.nn.functional.conv2d(out, rows.view(1, 1, 1, kx).expand(channels, 1, 1, kx),
-                                         groups=channels)
-        out = torch.nn.functional.conv2d(out, columns.view(1, 1, ky, 1).expand(channels, 1, ky, 1),
-                                         groups=channels)
-        return out[0]
-
-    @staticmethod
-    def _kernel1d(size, sigma, dtype):
-        # torchvision's kernel: exp(-x^2 / 2 sigma^2) at x = -(size - 1) / 2 ... (size - 1) / 2,
-        # divided by its sum
-        x = torch.linspace(-(size - 1) * 0.5, (size - 1) * 0.5, size, dtype=dtype)
-        kernel = torch.exp(-0.5 * (x / sigma).pow(2))
-        return kernel / kernel.sum()
-
-
 def _train_transform(cfg, size=None):
     """The recipe's training pipeline (cfg['aug']) producing size x size (default --img-size):
     at every size the same random crop, flip and colour steps, only the crop's output differs.
 
-    The output is uint8 (but with random erasing, --reprob): the device converts and normalises
-    the batch (to_model_input), a quarter of the bytes through the workers' shared memory,
-    pinning and the host-to-device copy, and no normalisation in the worker.
-
-    3-Augment converts the crop to float once and runs grey / solarise / blur and the colour
-    jitter on it (each uint8 kernel converts to float and back on its own: twice the time), the
-    blur as two 1-D passes (SeparableGaussianBlur), then quantises once to uint8. The transforms
-    and their order, and so their draws from torch's RNG (crop box, flip, the choice, the blur's
-    sigma, the jitter factors), are those of the uint8 pipeline before issue #30
-    (benchmark_loader.before_30_train_transform): a sample draws the same augmentation from its
-    seed; only the pixel rounding differs (test_train.py checks both). Cropping the PIL image
-    before converting it was measured slower (PIL's bicubic resize of the crop: 1.4 ms against
-    0.5 ms for the uint8 tensor kernel plus 0.3 ms to convert the whole image), and JPEG draft
-    decoding saves little (1.8 -> 1.4 ms at half size) and applies only to crops at least twice
-    the output, rare on ImageNet-sized images at 224 px: benchmark_loader.py and
-    docs/performance.md."""
+    3-Augment and RandAugment: the loader worker's half (augment.WorkerAugment: decode, crop,
+    flip, and the draws of the rest), whose Planned batches augment.BatchAugment finishes on the
+    device. 'none': the evaluation pipeline at this size (normalised float32)."""
     size = cfg['img_size'] if size is None else size
-    if cfg['aug'] not in ('three', 'randaug'):   # 'none': the evaluation pipeline at this size
+    if cfg['aug'] not in ('three', 'randaug'):
         return _eval_transform(size, cfg['eval_crop_ratio'])
-    steps = [v2.PILToTensor(),
-             # scale (0.08, 1): DeiT-III's 3-Augment, and torchvision's default for Swin
-             v2.RandomResizedCrop(size, scale=(0.08, 1.0),
-                                  interpolation=v2.InterpolationMode.BICUBIC),
-             v2.RandomHorizontalFlip()]
-    if cfg['aug'] == 'three':
-        # DeiT-III 3-Augment: one of grey / solarise / blur, then colour jitter. On float in
-        # [0, 1]: solarise inverts what was >= 128 of 255 (a threshold between 127 and 128
-        # levels, so that the rounding of k / 255 cannot move a pixel across it).
-        steps += [v2.ToDtype(torch.float32, scale=True),
-                  v2.RandomChoice([v2.Grayscale(num_output_channels=3),
-                                   v2.RandomSolarize(threshold=127.5 / 255, p=1.0),
-                                   SeparableGaussianBlur(kernel_size=9, sigma=(0.1, 2.0))])]
-        if cfg['color_jitter'] > 0:
-            steps.append(v2.ColorJitter(*(3 * [cfg['color_jitter']])))
-        steps.append(v2.ToDtype(torch.uint8, scale=True))
-    else:
-        # Bilinear: the tensor kernels of rotate / affine have no bicubic mode. On uint8: its
-        # posterise and equalise take integers only.
-        steps.append(v2.RandAugment(num_ops=2, magnitude=9,
-                                    interpolation=v2.InterpolationMode.BILINEAR))
-        if cfg['color_jitter'] > 0:
-            steps.append(v2.ColorJitter(*(3 * [cfg['color_jitter']])))
-    if cfg['reprob'] > 0:
-        # random erasing fills with noise drawn in normalised units: after Normalize, as before
-        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-                  v2.RandomErasing(p=cfg['reprob'], value='random')]
-    return v2.Compose(steps)
+    return WorkerAugment(cfg, size)
 
 
-def to_model_input(images):
-    """A batch as the model takes it: uint8 batches (the folder training pipelines without
-    random erasing) converted to float and normalised here, on the device they were moved to,
-    by the very torchvision functions (and so the same arithmetic) the CPU pipeline used; float
-    batches (built-in data, evaluation, random erasing) come normalised and pass unchanged."""
-    if images.dtype != torch.uint8:
-        return images
-    images = v2.functional.to_dtype(images, torch.float32, scale=True)
-    return v2.functional.normalize(images, IMAGENET_MEAN, IMAGENET_STD)
+def build_batch_augment(cfg):
+    """The device's half of the training augmentation (augment.BatchAugment), or None where the
+    training set's batches come finished (built-in data, aug 'none')."""
+    if cfg.get('dataset') in BUILTIN_DATASETS or cfg['aug'] not in ('three', 'randaug'):
+        return None
+    return BatchAugment(cfg)
 
 
-def _train_dtype(cfg):
-    """The dtype _train_transform(cfg) returns."""
-    return (torch.uint8 if cfg['aug'] in ('three', 'randaug') and not cfg['reprob'] > 0
-            else torch.float32)
-
-
-def _image_folder(cfg, split, transform, out_size, transforms_by_size=None, dtype=torch.float32):
+def _image_folder(cfg, split, transform, out_size, transforms_by_size=None):
     root = os.path.join(cfg['data_path'], split)
     if not os.path.isdir(root):
         raise UserError(f"{cfg['data_path']} has no {split}/ folder (expected "
                         f"{split}/<class>/<images>)")
     try:
-        return SkippingImageFolder(root, transform, out_size, transforms_by_size, dtype)
+        return SkippingImageFolder(root, transform, out_size, transforms_by_size)
     except (FileNotFoundError, OSError) as e:
         raise UserError(f'no images in {root}: {e}') from None
 
@@ -283,8 +203,7 @@ def build_train_dataset(cfg):
         raise UserError(f"data folder {cfg['data_path']} does not exist")
     # --train-resolutions: one pipeline per size, each sample drawn through its step's
     by_size = {int(r): _train_transform(cfg, int(r)) for r in cfg.get('train_resolutions') or ()}
-    return _image_folder(cfg, 'train', _train_transform(cfg), cfg['img_size'], by_size,
-                         _train_dtype(cfg))
+    return _image_folder(cfg, 'train', _train_transform(cfg), cfg['img_size'], by_size)
 
 
 def build_eval_dataset(cfg, resolution, data_path=None, crop_ratio=None):

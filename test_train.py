@@ -496,116 +496,153 @@ def test_train_eval_transform_equals_the_official_pil_pipeline():
         torch.testing.assert_close(ours, official, atol=1e-6, rtol=0)
 
 
-def _recorded_draws(transform, image, seeds):
-    """Per seed: every random decision `transform` takes on `image`, as (transform class,
-    parameters) in order: the parameters each v2 transform drew (make_params; a random-apply
-    transform records nothing when it is not applied, so a flip counts as drawn only when
-    done), with RandomChoice recorded through the class of the one it applied."""
+def _spy_draws(transforms, log):
+    """Make each v2 transform of `transforms` (RandomChoice's candidates too) append (its class
+    name, the parameters it drew) to `log` whenever it draws them (make_params; a random-apply
+    transform draws nothing when it is not applied, so a flip counts only when done)."""
     from torchvision.transforms import v2
-    draws, log = [], []
+    for t in transforms:
+        for inner in getattr(t, 'transforms', [t]):
+            if isinstance(inner, (v2.PILToTensor, v2.ToDtype, v2.Normalize)):   # no draws
+                continue
 
-    def spy(t):
-        make_params = t.make_params
+            def recording(flat_inputs, make_params=inner.make_params, name=type(inner).__name__):
+                params = make_params(flat_inputs)
+                log.append((name, {k: v.tolist() if torch.is_tensor(v) else v
+                                   for k, v in params.items() if not callable(v)}))
+                return params
+            inner.make_params = recording
 
-        def recording(flat_inputs):
-            params = make_params(flat_inputs)
-            log.append((type(t).__mro__[1].__name__ if type(t).__module__ == 'data'
-                        else type(t).__name__,
-                        {k: v.tolist() if torch.is_tensor(v) else v for k, v in params.items()
-                         if not callable(v)}))
-            return params
-        t.make_params = recording
 
-    for t in transform.transforms:
-        for inner in getattr(t, 'transforms', [t]):   # RandomChoice's candidates too
-            if not isinstance(inner, (v2.PILToTensor, v2.ToDtype, v2.Normalize)):   # no draws
-                spy(inner)
-    for seed in seeds:
-        log.clear()
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            out = transform(image)
-        draws.append((list(log), out))
-    return draws
+def _seeded(transform, image, seed):
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return transform(image)
+
+
+def _per_sample_pipeline(recipe, size):
+    """The recipe's augmentation as one per-sample v2 pipeline on the worker (no plan, no
+    device): the reference the worker's and the device's halves together must reproduce."""
+    from torchvision.transforms import v2
+    import benchmark_loader
+    cfg = dict(train.RECIPES[recipe], img_size=size)
+    if recipe == 'swin':   # RandAugment on uint8, then float, normalised, randomly erased
+        return benchmark_loader.before_30_train_transform(cfg, size)
+    jitter = cfg['color_jitter']
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),   # 3-Augment's colour steps on [0, 1] floats
+        v2.RandomChoice([v2.Grayscale(num_output_channels=3),
+                         v2.RandomSolarize(threshold=127.5 / 255, p=1.0),
+                         v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))]),
+        v2.ColorJitter(jitter, jitter, jitter),
+        v2.Normalize(builtin_data.IMAGENET_MEAN, builtin_data.IMAGENET_STD)])
 
 
 @pytest.mark.parametrize('recipe', ['deit3', 'swin'])
-def test_train_folder_pipeline_draws_the_augmentation_of_the_pipeline_before_issue_30(recipe):
-    # Issue #30 rewrote the training pipelines for speed (uint8 output normalised on the
-    # device, 3-Augment's colour steps on float with a separable blur); on a fixed seed every
-    # sample must draw what the pipeline before drew (kept in benchmark_loader.py as the
-    # benchmark's baseline): the same crop box, flip, choice of grey / solarise / blur, blur
-    # sigma, jitter factors, RandAugment operations. Then the distribution is the one before,
-    # checked here also against 3-Augment's own: crop area U(0.08, 1) of the image, flip 1/2,
-    # each of grey / solarise / blur 1/3.
+def test_train_folder_augmentation_split_between_worker_and_device_is_the_per_sample_pipeline(recipe):
+    # Issue #30: the loader worker crops, flips and draws the rest of the augmentation (a plan
+    # per sample); the device applies the plans to the batch. On a fixed seed, each sample must
+    # come out as the per-sample v2 pipeline of the recipe makes it from that seed (the same
+    # draws in the same order): 3-Augment up to float rounding (the blur as two 1-D passes, the
+    # jitter's factors per row); Swin's RandAugment on uint8 bit for bit, and random erasing
+    # the same box (the noise in it is the device's own draw).
+    import augment
     import benchmark_loader
+    from torchvision.transforms import v2
     threads = torch.get_num_threads()
     # One thread, as in a loader worker (torch gives each one thread): on a busy machine two
     # threads spin against each other on these tiny images, 10x slower
     torch.set_num_threads(1)
     try:
-        _check_pipeline_draws(recipe, benchmark_loader)
+        cfg = dict(train.RECIPES[recipe], img_size=32)
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+        seeds = range(300)
+        worker = data._train_transform(cfg)
+        assert isinstance(worker, augment.WorkerAugment)
+        crops = []
+        _spy_draws(worker.crop.transforms, crops)
+        samples = []
+        for seed in seeds:
+            crops.append(('sample', seed))
+            samples.append(_seeded(worker, image, seed))
+        batch = torch.utils.data.default_collate(samples)
+        assert batch.image.dtype == torch.uint8 and batch.image.shape == (300, 3, 32, 32)
+        ours = data.build_batch_augment(cfg)(batch, torch.device('cpu'))
+        reference, drawn = _per_sample_pipeline(recipe, 32), []
+        _spy_draws(reference.transforms, drawn)
+        expected = []
+        for seed in seeds:
+            drawn.clear()
+            expected.append(_seeded(reference, image, seed))
+            if recipe == 'swin':   # outside the erased box, bit for bit; the same box erased
+                box = [p for name, p in drawn if name == 'RandomErasing']
+                erased, top, left, height, width = batch.plan[seed, -5:].long().tolist()
+                assert bool(erased) == bool(box and box[0]['v'] is not None)
+                if erased:
+                    assert (top, left, height, width) == tuple(box[0][k] for k in 'ijhw')
+                    # every pixel of the box is noise: none kept its value before erasing
+                    unerased = _seeded(v2.Compose(reference.transforms[:-1]), image, seed)
+                    inside = (slice(None), slice(top, top + height), slice(left, left + width))
+                    assert (ours[seed][inside] != unerased[inside]).all()
+                    for x in (ours[seed], expected[-1]):
+                        x[:, top:top + height, left:left + width] = 0
+        expected = torch.stack(expected)
+        if recipe == 'swin':
+            assert torch.equal(ours, expected)
+        else:
+            torch.testing.assert_close(ours, expected, atol=2e-5, rtol=0)
+            # and the uint8 pipeline before #30, which truncated after every colour step (up
+            # to a level each, compounded by the jitter's factors): the same up to rounding
+            before = torch.stack([_seeded(benchmark_loader.before_30_train_transform(cfg, 32), image, s)
+                                  for s in seeds])
+            levels = (ours - before).abs() * torch.tensor(builtin_data.IMAGENET_STD).view(3, 1, 1) * 255
+            assert levels.max() <= 6, levels.max()
     finally:
         torch.set_num_threads(threads)
-
-
-def _check_pipeline_draws(recipe, benchmark_loader):
-    cfg = dict(train.RECIPES[recipe], img_size=32)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))
-    seeds = range(300)
-    ours = _recorded_draws(data._train_transform(cfg), image, seeds)
-    before = _recorded_draws(benchmark_loader.before_30_train_transform(cfg, 32), image, seeds)
-    for (draws, out), (draws_before, out_before) in zip(ours, before):
-        assert draws == draws_before
-        # The same input values up to rounding: the uint8 kernels before truncated after every
-        # colour step (up to a level each, compounded by the jitter's factors); ours rounds once.
-        values = data.to_model_input(out[None])[0]
-        levels = (values - out_before).abs() * torch.tensor(builtin_data.IMAGENET_STD).view(3, 1, 1) * 255
-        assert out.dtype == (torch.uint8 if recipe == 'deit3' else torch.float32)
-        assert levels.max() <= (6 if recipe == 'deit3' else 1e-3), levels.max()
-    names = [[name for name, _ in draws] for draws, _ in ours]
-    crops = [params for draws, _ in ours for name, params in draws if name == 'RandomResizedCrop']
-    # The crop is the first draw: the box torchvision's v1 RandomResizedCrop (the official
-    # DeiT-III code's) draws from the same seed, scale (0.08, 1), ratio (3/4, 4/3)
+    # The distribution: the crop box torchvision's v1 RandomResizedCrop (the official DeiT-III
+    # code's) draws from the same seed, scale (0.08, 1), ratio (3/4, 4/3); flip 1/2; each of
+    # grey / solarise / blur 1/3.
     from torchvision import transforms as classic
-    official = []
-    for seed in seeds:
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            official.append(classic.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]))
-    assert [(p['top'], p['left'], p['height'], p['width']) for p in crops] == official
-    areas = np.array([p['height'] * p['width'] / (60 * 80) for p in crops])
+    boxes = [(p['top'], p['left'], p['height'], p['width'])
+             for name, p in crops if name == 'RandomResizedCrop']
+    official = [_seeded(lambda im: classic.RandomResizedCrop.get_params(im, [0.08, 1.0], [3 / 4, 4 / 3]),
+                        image, seed) for seed in seeds]
+    assert boxes == official
+    areas = np.array([h * w / (60 * 80) for _, _, h, w in boxes])
     assert areas.min() >= 0.07 and areas.max() <= 1.0 and np.ptp(areas) > 0.8
-    flips = sum('RandomHorizontalFlip' in n for n in names) / len(seeds)
+    flips = sum(name == 'RandomHorizontalFlip' for name, _ in crops) / len(seeds)
     assert abs(flips - 0.5) < 0.09   # 300 draws: 3 standard deviations are 0.087
     if recipe == 'deit3':
-        for choice in ('Grayscale', 'RandomSolarize', 'GaussianBlur'):
-            share = sum(choice in n for n in names) / len(seeds)
+        for choice in range(3):
+            share = (batch.plan[:, 0] == choice).double().mean().item()
             assert abs(share - 1 / 3) < 0.09, (choice, share)   # 3 sd: 0.082
-        assert all(n[-1] == 'ColorJitter' for n in names)
 
 
-def test_train_to_model_input_on_the_device_equals_the_cpu_normalisation():
-    # The worker's float32 normalisation before issue #30, per image, against the batch's on
-    # the device (here the CPU): the same torchvision functions, so the same values bit for bit;
-    # float batches (built-in data, evaluation, random erasing) pass unchanged.
+def test_train_batch_augment_steps_and_rows():
+    # The device's pieces against torchvision per row: the blur with each row's sigma, and a
+    # batch with an undecodable image's placeholder (an all-zero plan) runs like the others.
+    import augment
     from torchvision.transforms import v2
-    batch = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    cpu = torch.stack([v2.Normalize(builtin_data.IMAGENET_MEAN, builtin_data.IMAGENET_STD)(
-        v2.ToDtype(torch.float32, scale=True)(image)) for image in batch])
-    assert torch.equal(data.to_model_input(batch), cpu)
-    floats = torch.randn(2, 3, 8, 8)
-    assert data.to_model_input(floats) is floats
-
-
-def test_train_separable_blur_equals_torchvisions_blur():
-    from torchvision.transforms import v2
-    image = torch.rand(3, 40, 30)
-    for sigma in (0.1, 0.7, 2.0):
-        params = {'sigma': [sigma, sigma]}
-        ours = data.SeparableGaussianBlur(9, (0.1, 2.0)).transform(image, params)
+    images = torch.rand(3, 3, 40, 30)
+    sigmas = torch.tensor([0.1, 0.7, 2.0], dtype=torch.float64)
+    blurred = augment.gaussian_blur_rows(images, sigmas)
+    for image, sigma, ours in zip(images, sigmas.tolist(), blurred):
         torch.testing.assert_close(ours, v2.functional.gaussian_blur(image, [9, 9], [sigma, sigma]),
                                    atol=1e-6, rtol=0)
+    for recipe in ('deit3', 'swin'):
+        cfg = dict(train.RECIPES[recipe], img_size=16)
+        worker = data._train_transform(cfg)
+        image = Image.fromarray(np.full((20, 24, 3), 100, dtype=np.uint8))
+        batch = torch.utils.data.default_collate([worker(image), worker.placeholder(16)])
+        out = augment.to_model_input(batch, torch.device('cpu'), data.build_batch_augment(cfg))
+        assert out.shape == (2, 3, 16, 16) and out.dtype == torch.float32 and out.isfinite().all()
+        kept = augment.take_rows(batch, torch.tensor([True, False]))
+        assert torch.equal(kept.image, batch.image[:1]) and torch.equal(kept.plan, batch.plan[:1])
+    floats = torch.randn(2, 3, 8, 8)
+    assert torch.equal(augment.to_model_input(floats, torch.device('cpu')), floats)
 
 
 def test_train_coordinate_augmentation_off_by_default_and_seeded():

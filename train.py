@@ -75,8 +75,9 @@ from torchvision.transforms import v2
 import rope_vit
 import swin_rope
 from builtin_data import BUILTIN_DATASETS, GLYPH_WINDOW_MIN_AREA
+from augment import take_rows, to_model_input
 from data import (EpochSampler, RepeatedAugSampler, SeededSamples, StopSafeLoader, _derived_seed,
-                  build_eval_dataset, build_eval_loader, build_train_dataset, to_model_input)
+                  build_batch_augment, build_eval_dataset, build_eval_loader, build_train_dataset)
 from distributed import (all_reduce_max, all_reduce_sum, gather, init_distributed,
                          is_main_process, max_over_ranks, print0, rank_and_world)
 from recovery import (Checkpointer, SaveFailed, StopSignals, Stopped, TrainingDiverged, UserError,
@@ -341,8 +342,10 @@ def agree_every(cfg, device):
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, device, amp_dtype,
                     num_classes, mix, start_step=0, sums=None, seconds=0.0, stop=None,
-                    after_step=None):
+                    after_step=None, batch_augment=None):
     """One epoch; returns dict(loss, skipped, images, seconds). Raises TrainingDiverged.
+
+    batch_augment: the device's half of the folder data's augmentation (data.build_batch_augment).
 
     A resumed epoch starts at `start_step` (the loader yields the rest) with the loss `sums` and
     `seconds` of the steps before. The ranks agree on `stop` (a StopSignals) and on the losses
@@ -373,9 +376,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, epoch, dev
         good = targets >= 0
         skipped = int((~good).sum())
         if skipped:   # undecodable files: drop them; keep one zero image so every rank steps
-            images, targets = (images[good], targets[good]) if good.any() else (images[:1], None)
-        # uint8 folder batches are converted and normalised on the device (data.to_model_input)
-        images = to_model_input(images.to(device, non_blocking=True))
+            images, targets = ((take_rows(images, good), targets[good]) if good.any()
+                               else (take_rows(images, slice(0, 1)), None))
+        # folder batches: their augmentation finished, converted and normalised on the device
+        images = to_model_input(images, device, batch_augment)
         targets = None if targets is None else targets.to(device, non_blocking=True)
         soft = (F.one_hot(targets, num_classes).float() if targets is not None
                 else torch.zeros(1, num_classes, device=device))
@@ -454,9 +458,7 @@ def evaluate(model, loader, device, amp_dtype=None):
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)   # top1, top5, loss, n, skipped
     for images, targets in loader:
-        # uint8 folder batches are converted and normalised on the device (data.to_model_input)
-        images = to_model_input(images.to(device, non_blocking=True))
-        targets = targets.to(device)
+        images, targets = images.to(device, non_blocking=True), targets.to(device)
         good = targets >= 0
         sums[4] += (~good).sum()
         if not good.all():
@@ -640,6 +642,7 @@ def _main(args):
                                     pin_memory=device.type == 'cuda', persistent=True)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     mix = _mixup_cutmix(cfg, cfg['num_classes'])
+    batch_augment = build_batch_augment(cfg)
     print0(f"{cfg['model']} ({model_without_ddp.pe}): "
            f'{sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.2f} M parameters; '
            f"{len(train_set)} training / {len(eval_set)} validation images; "
@@ -745,7 +748,7 @@ def _main(args):
             train_stats = train_one_epoch(
                 model, train_loader, optimizer, scheduler, scaler, cfg, epoch, device, amp_dtype,
                 cfg['num_classes'], mix, start_step=first_step, sums=sums, seconds=seconds,
-                stop=stop, after_step=after_step)
+                stop=stop, after_step=after_step, batch_augment=batch_augment)
             sums, seconds = None, 0.0
             val = evaluate(model_without_ddp, eval_loader, device, amp_dtype)
             improved = val['top1'] > best_top1
