@@ -36,6 +36,12 @@ class Planned(NamedTuple):
     plan: torch.Tensor
 
 
+def _to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """CPU `values` in the dtype of `like`, on its device, without making the host wait (a
+    blocking host-to-device copy would wait for every kernel queued before it)."""
+    return values.to(like.dtype).to(like.device, non_blocking=True)
+
+
 def _rows(where: torch.Tensor, device) -> torch.Tensor:
     """Indices of the rows where the CPU bool tensor `where` holds, on `device`."""
     return where.nonzero()[:, 0].to(device, non_blocking=True)
@@ -43,9 +49,8 @@ def _rows(where: torch.Tensor, device) -> torch.Tensor:
 
 def _blend(image, other, ratio):
     """torchvision's blend of float images, with a ratio per row: ratio (n,) float64 on the CPU."""
-    ratio = ratio.view(-1, 1, 1, 1)
-    weight, rest = ratio.to(image), (1 - ratio).to(image)   # 1 - ratio in float64, as torchvision
-    return image.mul(weight.to(image.device)).add_(other.mul(rest.to(image.device))).clamp_(0, 1)
+    ratio = ratio.view(-1, 1, 1, 1)   # 1 - ratio in float64, as torchvision computes it
+    return image.mul(_to(ratio, image)).add_(other.mul(_to(1 - ratio, image))).clamp_(0, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,7 +101,7 @@ def gaussian_blur_rows(images, sigmas, kernel_size=9):
     lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
     x = torch.linspace(-lim, lim, steps=kernel_size, dtype=images.dtype)
     kernels = torch.softmax(x.div(sigmas.to(images.dtype)[:, None]).pow(2).neg(), dim=1)   # (n, k)
-    kernels = kernels.repeat_interleave(channels, dim=0).to(images.device)   # (n * C, k)
+    kernels = _to(kernels.repeat_interleave(channels, dim=0), images)   # (n * C, k)
     pad = kernel_size // 2
     out = TF.pad(images.reshape(1, n * channels, height, width), (pad, pad, pad, pad),
                  mode='reflect')                                                 # (1, n * C, H + 2p, W + 2p)

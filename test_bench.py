@@ -72,7 +72,8 @@ def test_bench_load_meter_and_bounded_wait():
 
 def test_bench_loader_table_rates_ratios_and_bytes(tmp_path):
     # benchmark_loader.py on 3 small generated JPEGs: every pipeline timed in every repetition,
-    # the training ones uint8 (a quarter of the float32 bytes), ratios against their peers.
+    # the training ones a uint8 crop and a plan (about a quarter of the float32 bytes), the
+    # device's half timed apart, ratios against their peers.
     import io
     import benchmark_loader
     paths = benchmark_loader.make_images(str(tmp_path), 3)
@@ -84,14 +85,16 @@ def test_bench_loader_table_rates_ratios_and_bytes(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert set(results) == {'deit3', 'deit3 official', 'deit3 before #30', 'swin',
-                            'swin before #30', 'eval', 'eval official'}
+                            'swin before #30', 'eval', 'eval official', 'deit3 device half',
+                            'swin device half'}
     assert all(len(r['rates']) == 2 and min(r['rates']) > 0 for r in results.values())
-    assert results['deit3']['sample_bytes'] == 3 * 32 * 32   # uint8
+    # the workers' training samples: a uint8 crop and a plan of 9 float64 numbers per recipe
+    assert results['deit3']['sample_bytes'] == 3 * 32 * 32 + 9 * 8
+    assert results['swin']['sample_bytes'] == 3 * 32 * 32 + 9 * 8
     assert results['deit3 official']['sample_bytes'] == 4 * 3 * 32 * 32   # float32
-    assert results['swin']['sample_bytes'] == 4 * 3 * 32 * 32   # random erasing: float32
     out = io.StringIO()
     benchmark_loader.report(results, 3, 2, out=out)
     line = next(l for l in out.getvalue().splitlines() if l.startswith('deit3 '))
-    assert f"{3 * 32 * 32 * 256:,d} x256" in line and 'vs deit3 official' in line
+    assert f"{(3 * 32 * 32 + 72) * 256:,d} x256" in line and 'vs deit3 official' in line
     ratio = statistics.median(results['deit3']['rates']) / statistics.median(results['deit3 official']['rates'])
     assert line.endswith(f'{ratio:.2f}x')

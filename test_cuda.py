@@ -1,7 +1,8 @@
 """The suite on a machine with a GPU. Every other test means the CPU and sees no GPU, in this
 process and in its subprocesses (conftest.py); the tests marked `cuda` here see it and skip
 without CUDA: the fused RoPE under bf16 autocast (also run on the CPU), SDPA's fused kernels on our
-q, k, v in bf16, and a torchrun run of train.py on CUDA stopped by SIGTERM and resumed.
+q, k, v in bf16, a torchrun run of train.py on CUDA stopped by SIGTERM and resumed, the host syncs
+of a training step, and 3-Augment finished on the device without one.
 """
 import os
 import re
@@ -204,3 +205,33 @@ def test_cuda_training_step_syncs_the_host_only_at_the_agreement_and_print_inter
     device = torch.device('cuda')
     short, long = _epoch_host_syncs(device, 3), _epoch_host_syncs(device, 6)
     assert short > 0 and long == short, (short, long)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_3_augment_finished_on_the_device_never_waits_for_it():
+    """augment.BatchAugment of the DeiT-III recipe on a pinned Planned batch, as the loader
+    hands it over: no host sync (torch.cuda.set_sync_debug_mode), and the CPU's result."""
+    import warnings
+    import numpy as np
+    from PIL import Image
+    import data
+    import train
+    cfg = dict(train.RECIPES['deit3'], img_size=32)
+    worker, finish = data._train_transform(cfg), data.build_batch_augment(cfg)
+    torch.manual_seed(0)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    batch = torch.utils.data.default_collate([worker(image) for _ in range(64)])
+    pinned = type(batch)(*(t.pin_memory() for t in batch))
+    device = torch.device('cuda')
+    finish(pinned, device)   # warm-up: cuDNN, allocator
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            out = finish(pinned, device)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert not [w for w in caught if 'synchroniz' in str(w.message)]
+    torch.testing.assert_close(out.cpu(), finish(batch, torch.device('cpu')), atol=1e-4, rtol=0)

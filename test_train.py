@@ -737,22 +737,38 @@ def test_train_folder_several_resolutions_crop_each_step_at_its_size_any_workers
                                                  sampler=sampler, num_workers=workers))
                 for workers in (0, 2)]
         for (images, labels), (again, labels_again), size in zip(*runs, sizes, strict=True):
-            assert images.shape == (batch, 3, size, size)   # every rank: the step's size
-            assert torch.equal(images, again) and torch.equal(labels, labels_again)
+            # 3-Augment and RandAugment: the workers' Planned crops and plans; 'none': images
+            assert _fields(images)[0].shape == (batch, 3, size, size)   # every rank: the step's size
+            assert _same(images, again) and torch.equal(labels, labels_again)
         # Each image: the recipe's pipeline made for its step's size, drawn from its own seed;
         # at --img-size the very pipeline (and draws) of a run without the flag.
         for i, (index, seed, _, size) in enumerate(keys):
-            image, label = runs[0][i // batch][0][i % batch], runs[0][i // batch][1][i % batch]
+            images, labels = runs[0][i // batch]
+            image = type(images)(*(t[i % batch] for t in _fields(images))) if recipe != 'demo' \
+                else images[i % batch]
+            label = labels[i % batch]
             path, target = train_set.samples[index]
             if path.endswith('broken.png'):
-                assert label == -1 and torch.equal(image, torch.zeros(3, size, size))
+                placeholder = getattr(data._train_transform(cfg, size), 'placeholder', None)
+                assert label == -1 and _same(image, placeholder(size) if placeholder
+                                             else torch.zeros(3, size, size))
                 continue
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(seed)
                 expected = data._train_transform(cfg, size)(train_set.loader(path))
-            assert torch.equal(image, expected) and label == target
+            assert _same(image, expected) and label == target
             if size == cfg['img_size']:
-                assert torch.equal(image, data.SeededSamples(plain)[(index, seed, epoch)][0])
+                assert _same(image, data.SeededSamples(plain)[(index, seed, epoch)][0])
+
+
+def _fields(images):
+    """A loader's images as a tuple of tensors: (crops, plans) of a Planned batch, or (images,)."""
+    return tuple(images) if isinstance(images, tuple) else (images,)
+
+
+def _same(a, b):
+    return len(_fields(a)) == len(_fields(b)) and all(
+        torch.equal(x, y) for x, y in zip(_fields(a), _fields(b)))
 
 
 def test_train_folder_several_resolutions_vit_and_swin_stored_evaluated_bad_sizes_refused(

@@ -250,8 +250,10 @@ def _train_recording_step_sizes(train_one_epoch, folder, stall_at=None):
                             f.write(f'{os.getpid()} {os.getpgid(0)} {os.getppid()}')
                         os.replace(marker + '.tmp', marker)
                         time.sleep(_TRAIN_TIMEOUT)
+                    # a Planned batch of folder crops and plans, or a tensor
+                    shape = (images[0] if isinstance(images, tuple) else images).shape
                     with open(os.path.join(folder, f'sizes_{rank}.txt'), 'a') as f:
-                        f.write(f'{epoch} {step} {images.shape[-2]} {images.shape[-1]}\n')
+                        f.write(f'{epoch} {step} {shape[-2]} {shape[-1]}\n')
                     yield images, targets
         bound.arguments['loader'] = Recorded()
         return train_one_epoch(*bound.args, **bound.kwargs)
