@@ -103,8 +103,9 @@ def gaussian_blur_rows(images, sigmas, kernel_size=9):
     kernels = torch.softmax(x.div(sigmas.to(images.dtype)[:, None]).pow(2).neg(), dim=1)   # (n, k)
     kernels = _to(kernels.repeat_interleave(channels, dim=0), images)   # (n * C, k)
     pad = kernel_size // 2
+    # (n, C, H, W) -> (1, n * C, H + 2p, W + 2p): each row's channels a group of the convolutions
     out = TF.pad(images.reshape(1, n * channels, height, width), (pad, pad, pad, pad),
-                 mode='reflect')                                                 # (1, n * C, H + 2p, W + 2p)
+                 mode='reflect')
     out = TF.conv2d(out, kernels.view(n * channels, 1, 1, kernel_size), groups=n * channels)
     out = TF.conv2d(out, kernels.view(n * channels, 1, kernel_size, 1), groups=n * channels)
     return out.view(n, channels, height, width)
@@ -126,10 +127,12 @@ class ColorJitterStep:
                             dtype=torch.float64)
 
     def apply(self, images, plans):
-        adjust = (lambda x, f: _blend(x, torch.zeros_like(x), f),                       # brightness
-                  lambda x, f: _blend(x, F.rgb_to_grayscale(x, num_output_channels=1)   # contrast
-                                      .mean(dim=(-3, -2, -1), keepdim=True), f),
-                  lambda x, f: _blend(x, F.rgb_to_grayscale(x, num_output_channels=1), f))   # saturation
+        def grey(x):
+            return F.rgb_to_grayscale(x, num_output_channels=1)
+        # torchvision's order of the permutation: brightness, contrast, saturation
+        adjust = (lambda x, f: _blend(x, torch.zeros_like(x), f),
+                  lambda x, f: _blend(x, grey(x).mean(dim=(-3, -2, -1), keepdim=True), f),
+                  lambda x, f: _blend(x, grey(x), f))
         for position in range(4):
             for fn, op in enumerate(adjust):
                 rows = plans[:, position] == fn
@@ -225,7 +228,8 @@ class WorkerAugment:
         self.crop = v2.Compose([
             v2.PILToTensor(),
             # scale (0.08, 1): DeiT-III's 3-Augment, and torchvision's default for Swin
-            v2.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
+            v2.RandomResizedCrop(size, scale=(0.08, 1.0),
+                                 interpolation=v2.InterpolationMode.BICUBIC),
             v2.RandomHorizontalFlip()])
         self.steps = batch_steps(cfg)
         self.plan_width = sum(step.width for step in self.steps)

@@ -55,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from train import HelpFormatter, UserError, build_model, cli, param_groups
+from cli import HelpFormatter, UserError, cli
+from recipes import build_model, param_groups
 
 VIT_PE = ('ape', 'rope_axial', 'rope_mixed', 'rope_axial_ape', 'rope_mixed_ape')
 SWIN_PE = ('rpb', 'rope_axial', 'rope_mixed', 'rope_mixed_rpb')
@@ -200,18 +201,18 @@ class Runner:
         self.optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-6)
         self.flops = {}
 
-    def _autocast(self):
+    def amp_autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def step(self, mode):
         if mode == 'infer':
             self.model.eval()
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode(), self.amp_autocast():
                 self.model(self.x)
         else:
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
-            with self._autocast():
+            with self.amp_autocast():
                 loss = F.cross_entropy(self.model(self.x), self.y)
             loss.backward()
             self.optimizer.step()

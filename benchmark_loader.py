@@ -46,7 +46,7 @@ from torchvision.transforms import v2
 
 import augment
 import data
-import train
+import recipes
 from builtin_data import IMAGENET_MEAN, IMAGENET_STD
 
 # (width : height, weight): landscape 4:3 dominates ImageNet, then 3:2, square, upright ones
@@ -133,18 +133,18 @@ def official_eval_transform(size, crop_ratio=1.0):
 
 
 def recipe_cfg(recipe, img_size):
-    return dict(train.RECIPES[recipe], img_size=img_size)
+    return dict(recipes.RECIPES[recipe], img_size=img_size)
 
 
 def pipelines(img_size):
     deit3, swin = recipe_cfg('deit3', img_size), recipe_cfg('swin', img_size)
     return {   # name: (transform, batch size of its recipe, peer name or None)
-        'deit3': (data._train_transform(deit3), deit3['batch_size'], 'deit3 official'),
+        'deit3': (data.train_transform(deit3), deit3['batch_size'], 'deit3 official'),
         'deit3 official': (official_deit3_transform(img_size), deit3['batch_size'], None),
         'deit3 before #30': (before_30_train_transform(deit3, img_size), deit3['batch_size'], None),
-        'swin': (data._train_transform(swin), swin['batch_size'], 'swin before #30'),
+        'swin': (data.train_transform(swin), swin['batch_size'], 'swin before #30'),
         'swin before #30': (before_30_train_transform(swin, img_size), swin['batch_size'], None),
-        'eval': (data._eval_transform(img_size, 1.0), deit3['batch_size'], 'eval official'),
+        'eval': (data.eval_transform(img_size, 1.0), deit3['batch_size'], 'eval official'),
         'eval official': (official_eval_transform(img_size), deit3['batch_size'], None),
     }
 

@@ -1,7 +1,7 @@
 """The training step's own costs, measured as counts and ratios within one run (issue #30).
 
     python benchmark_step.py lamb [--model vit_base] [--reps 5]
-        operators dispatched per optimizer step (torch.profiler) for train.Lamb (multi-tensor),
+        operators dispatched per optimizer step (torch.profiler) for recipes.Lamb (multi-tensor),
         the per-tensor loop it replaced (LoopLamb, below) and torch.optim.AdamW (foreach and
         loop); then the step times, interleaved, as ratios to AdamW(foreach=True).
     python benchmark_step.py rope-bf16 [--model vit_small] [--reps 5]
@@ -21,12 +21,12 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import train
+import recipes
 
 
 class LoopLamb(torch.optim.Optimizer):
-    """train.Lamb as it was before it went multi-tensor (one tensor at a time): the baseline of
-    the operator count, and the independent formulation test_train checks train.Lamb against."""
+    """recipes.Lamb as it was before it went multi-tensor (one tensor at a time): the baseline of
+    the operator count, and the independent formulation test_train checks recipes.Lamb against."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -90,15 +90,15 @@ def interleaved(fns, reps):
 
 def lamb(args):
     torch.manual_seed(0)
-    model = train.build_model({'model': args.model, 'model_kwargs': dict(pe='rope_mixed')})
+    model = recipes.build_model({'model': args.model, 'model_kwargs': dict(pe='rope_mixed')})
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     optimizers = {
-        'Lamb (multi-tensor)': train.Lamb(train.param_groups(model, 0.05), lr=1e-3),
-        'Lamb (loop, before)': LoopLamb(train.param_groups(model, 0.05), lr=1e-3),
-        'AdamW(foreach=True)': torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-3,
+        'Lamb (multi-tensor)': recipes.Lamb(recipes.param_groups(model, 0.05), lr=1e-3),
+        'Lamb (loop, before)': LoopLamb(recipes.param_groups(model, 0.05), lr=1e-3),
+        'AdamW(foreach=True)': torch.optim.AdamW(recipes.param_groups(model, 0.05), lr=1e-3,
                                                  foreach=True),
-        'AdamW(foreach=False)': torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-3,
+        'AdamW(foreach=False)': torch.optim.AdamW(recipes.param_groups(model, 0.05), lr=1e-3,
                                                   foreach=False),
     }
     n = sum(p.numel() for p in model.parameters())
@@ -123,7 +123,7 @@ def rope_bf16(args):
 
     def build(pe):
         torch.manual_seed(0)
-        return train.build_model({'model': args.model, 'model_kwargs': dict(
+        return recipes.build_model({'model': args.model, 'model_kwargs': dict(
             pe=pe, img_size=args.img_size, drop_path_rate=0.0)})
     ape, rope = build('ape'), build('rope_mixed')
 

@@ -256,7 +256,7 @@ def render_glyph_scene(scene, resolution, segments=None):
 # ----------------------------------------------------------------------------------------------
 # The datasets, and the validation images kept once rendered
 
-class _RenderCache:
+class RenderCache:
     """Validation images of the built-in data, kept per process once rendered.
 
     Validation scenes never change, yet training scores them after every epoch and
@@ -285,7 +285,7 @@ class _RenderCache:
 
 
 # 512 MiB: the glyph validation set (1000 scenes) at all 8 demo test resolutions takes 167 MB.
-VAL_RENDER_CACHE = _RenderCache(512 * 2 ** 20)
+VAL_RENDER_CACHE = RenderCache(512 * 2 ** 20)
 
 
 class BuiltinDataset(Dataset):

@@ -9,15 +9,15 @@ import torch
 
 import train
 
-from testkit import (_TRAIN_FAULT_ARGS, _TRAIN_SMALL, _TRAIN_TIMEOUT, _eval_train_res, _train_cli,
-    _train_env, _train_torchrun)
+from testkit import (TRAIN_FAULT_ARGS, TRAIN_SMALL, TRAIN_TIMEOUT, eval_train_res, train_cli,
+    train_env, train_torchrun)
 
 
 # ----------------------------------------------------------------------------------------------
 # The tests mean the CPU. train.py takes CUDA, NCCL and bf16 whenever a GPU is visible, and the
 # bit-identity asserts assume CPU arithmetic: on a GPU machine every test but those marked
 # `cuda` sees no GPU, in this process (torch.cuda.is_available() is False) and in every
-# subprocess a test file starts (CUDA_VISIBLE_DEVICES= in its environment, as _train_env sets).
+# subprocess a test file starts (CUDA_VISIBLE_DEVICES= in its environment, as train_env sets).
 
 _CUDA_AVAILABLE = torch.cuda.is_available
 _TEST_FILES = os.path.dirname(os.path.abspath(__file__))
@@ -38,7 +38,7 @@ class _GpuHidingPopen(subprocess.Popen):
             env = kwargs.get('env')
             shown = None if env is None else env.get('CUDA_VISIBLE_DEVICES')
             assert shown == '', (f'{name}:{frame.f_lineno} starts a subprocess that may see a GPU '
-                                 f'(CUDA_VISIBLE_DEVICES={shown!r}): give it env=_train_env()')
+                                 f'(CUDA_VISIBLE_DEVICES={shown!r}): give it env=train_env()')
         super().__init__(*args, **kwargs)
 
 
@@ -66,32 +66,32 @@ def _cuda_tests_see_the_gpu(request, monkeypatch):
 
 
 @pytest.fixture(scope='session')
-def _train_reference_run(tmp_path_factory):
-    """The uninterrupted 2-process run of _TRAIN_FAULT_ARGS: (folder, completed process)."""
+def train_reference_run(tmp_path_factory):
+    """The uninterrupted 2-process run of TRAIN_FAULT_ARGS: (folder, completed process)."""
     out = tmp_path_factory.mktemp('train_reference') / 'full'
-    done = subprocess.run(_train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(out)]),
-                          cwd=out.parent, env=_train_env(), capture_output=True, text=True,
-                          timeout=_TRAIN_TIMEOUT)
+    done = subprocess.run(train_torchrun(TRAIN_FAULT_ARGS + ['--output-dir', str(out)]),
+                          cwd=out.parent, env=train_env(), capture_output=True, text=True,
+                          timeout=TRAIN_TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
 
 
 @pytest.fixture(scope='session')
-def _train_small_reference(tmp_path_factory):
+def train_small_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp('train_small') / 'full'
-    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out)]) == 0
+    assert train_cli(TRAIN_SMALL + ['--output-dir', str(out)]) == 0
     return out
 
 
 @pytest.fixture(scope='session')
-def _eval_tiny_run(tmp_path_factory):
+def eval_tiny_run(tmp_path_factory):
     """One epoch of train.py on a few built-in `glyphs` images: (output folder, checkpoint)."""
     out = tmp_path_factory.mktemp('eval_tiny_run')
     args = train.get_args_parser().parse_args([
         '--model', 'vit_tiny', '--pe', 'rope_mixed', '--epochs', '1', '--builtin-train', '32',
         '--builtin-val', '21', '--batch-size', '16', '--embed-dim', '48', '--depth', '3',
-        '--num-heads', '2', '--img-size', str(_eval_train_res), '--output-dir', str(out / 'run'),
-        '--eval-resolutions', str(_eval_train_res), '16', '--seed', '0'])
+        '--num-heads', '2', '--img-size', str(eval_train_res), '--output-dir', str(out / 'run'),
+        '--eval-resolutions', str(eval_train_res), '16', '--seed', '0'])
     torch.manual_seed(0)
     train.main(args)
     return out, out / 'run' / 'checkpoint.pth'

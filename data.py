@@ -5,6 +5,21 @@ sees exactly the images an uninterrupted one would.
 
 The built-in tasks themselves (scene generation, rendering, the validation cache) are in
 builtin_data.py; train.py builds its loaders from the functions here.
+
+Adding a dataset: register its class under a name in builtin_data.BUILTIN_DATASETS, and
+`train.py --data NAME` trains on it (eval_multires.py evaluates the checkpoints). The builders
+here make it as cls(split, size, resolution, seed): split 'train' or 'val', size from
+--builtin-train / --builtin-val, resolution the side of its square images, seed --builtin-seed.
+What they read of it:
+  CLASSES                 the class names; their count sizes the model's head
+  dataset[i]              (image, label): image float (3, r, r), normalised with builtin_data's
+                          IMAGENET_MEAN / IMAGENET_STD; label an int, < 0 for "skip this
+                          sample" (counted and reported, not trained on)
+  at_resolution(i, r)     sample i at side r (--train-resolutions, the test resolutions)
+  set_epoch(e), optional  the training split's samples of epoch e, set in whichever process
+                          draws them (a persistent loader worker included)
+test_train.py's test_train_a_dataset_added_in_one_place_trains_and_evaluates does exactly this.
+ImageNet-style folders need nothing: --data-path DIR (DIR/train/<class>/*, DIR/val/<class>/*).
 """
 import itertools
 import math
@@ -144,7 +159,7 @@ class SkippingImageFolder(torchvision.datasets.ImageFolder):
         return transform(image), target
 
 
-def _eval_transform(resolution, crop_ratio):
+def eval_transform(resolution, crop_ratio):
     """Test-time preprocessing at resolution r: shorter side to r / crop_ratio (bicubic), centre
     crop r, ImageNet mean / std (crop_ratio 1.0 for ViT as DeiT-III evaluates, 224 / 256 for Swin).
 
@@ -160,7 +175,7 @@ def _eval_transform(resolution, crop_ratio):
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def _train_transform(cfg, size=None):
+def train_transform(cfg, size=None):
     """The recipe's training pipeline (cfg['aug']) producing size x size (default --img-size):
     at every size the same random crop, flip and colour steps, only the crop's output differs.
 
@@ -169,7 +184,7 @@ def _train_transform(cfg, size=None):
     device. 'none': the evaluation pipeline at this size (normalised float32)."""
     size = cfg['img_size'] if size is None else size
     if cfg['aug'] not in ('three', 'randaug'):
-        return _eval_transform(size, cfg['eval_crop_ratio'])
+        return eval_transform(size, cfg['eval_crop_ratio'])
     return WorkerAugment(cfg, size)
 
 
@@ -202,8 +217,8 @@ def build_train_dataset(cfg):
     if not os.path.isdir(cfg['data_path']):
         raise UserError(f"data folder {cfg['data_path']} does not exist")
     # --train-resolutions: one pipeline per size, each sample drawn through its step's
-    by_size = {int(r): _train_transform(cfg, int(r)) for r in cfg.get('train_resolutions') or ()}
-    return _image_folder(cfg, 'train', _train_transform(cfg), cfg['img_size'], by_size)
+    by_size = {int(r): train_transform(cfg, int(r)) for r in cfg.get('train_resolutions') or ()}
+    return _image_folder(cfg, 'train', train_transform(cfg), cfg['img_size'], by_size)
 
 
 def build_eval_dataset(cfg, resolution, data_path=None, crop_ratio=None):
@@ -220,7 +235,7 @@ def build_eval_dataset(cfg, resolution, data_path=None, crop_ratio=None):
     if path is None or not os.path.isdir(path):
         raise UserError(f'data folder {path} does not exist (pass --data-path)')
     crop_ratio = crop_ratio or cfg['eval_crop_ratio']
-    return _image_folder(dict(cfg, data_path=path), 'val', _eval_transform(resolution, crop_ratio),
+    return _image_folder(dict(cfg, data_path=path), 'val', eval_transform(resolution, crop_ratio),
                          resolution)
 
 
@@ -270,7 +285,7 @@ class RepeatedAugSampler(torch.utils.data.Sampler):
         return iter(mine[:self.num_selected])
 
 
-def _derived_seed(*keys):
+def derived_seed(*keys):
     """A 64-bit seed that is a pure function of the integers `keys` (numpy's SeedSequence)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
 

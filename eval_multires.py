@@ -57,13 +57,15 @@ import sys
 import torch
 import torch.distributed
 
+import cli
 import data
 import distributed
+import evaluation
+import recipes
 import recovery
 import rope_vit
 import swin_rope
-import train
-from recovery import UserError
+from cli import UserError
 
 # Attention analysis resolutions when --attention-resolutions is not given (scaled like the sweep).
 DEFAULT_ATTENTION_RESOLUTIONS = (224, 320, 512)
@@ -129,7 +131,7 @@ def attention_metrics(attn, grid_hw, has_cls_token=True):
     return torch.stack([d for d, _ in per_layer]), torch.stack([e for _, e in per_layer])
 
 
-def _attention_layers(model, images):
+def attention_layers(model, images):
     """Per analysed layer: (name, distance, entropy) for one batch, via model.forward_with_attention.
 
     ViT: every block but the last (the last only feeds the class token, which the paper leaves
@@ -169,7 +171,7 @@ def analyze_attention(model, cfg, resolutions, num_images, batch_size, device, a
     """
     _, world_size = distributed.rank_and_world()
     model.eval()
-    desc_base = label or train.config_label(cfg)
+    desc_base = label or evaluation.config_label(cfg)
     out = {}
     for resolution in resolutions:
         model.check_img_size(resolution, resolution)
@@ -177,7 +179,7 @@ def analyze_attention(model, cfg, resolutions, num_images, batch_size, device, a
                                            crop_ratio=crop_ratio)
         count = min(num_images, len(dataset))
         first = torch.utils.data.Subset(dataset, range(count))
-        loader = train._Progress(data.build_eval_loader(first, batch_size), count,
+        loader = evaluation.Progress(data.build_eval_loader(first, batch_size), count,
                                  f'{desc_base} attention @ {resolution}', world_size,
                                  enabled=progress and distributed.is_main_process())
         names, sums, seen = None, None, 0
@@ -188,7 +190,7 @@ def analyze_attention(model, cfg, resolutions, num_images, batch_size, device, a
                 if not len(images):
                     continue
                 images = images.to(device, non_blocking=True)
-                layers = _attention_layers(model, images)
+                layers = attention_layers(model, images)
                 batch_sums = torch.tensor([[float(d), float(e)] for _, d, e in layers],
                                           dtype=torch.float64, device=device) * len(images)
                 names = names or [name for name, _, _ in layers]
@@ -227,7 +229,7 @@ def format_attention_table(analysis, metric):
     header = [f'{metric} \\ layer'] + [str(i + 1) for i in range(num_layers)]
     lines = [header] + [line + [''] * (num_layers + 1 - len(line)) for line in lines]
     unit = 'patches' if metric == 'distance' else 'nats'
-    return train._markdown_table(lines, f'mean attention {metric} ({unit}) per layer')
+    return evaluation.markdown_table(lines, f'mean attention {metric} ({unit}) per layer')
 
 
 class _AtomicFiles:
@@ -445,7 +447,7 @@ def format_frequency_table(analysis):
                           f"{row['magnitude_min']:.3f}", f"{row['magnitude_max']:.3f}",
                           f"{row['xy_energy_ratio']:.3f}", f"{row['angle_spread']:.3f}",
                           '-' if row['principal_direction'] is None else f"{row['principal_direction']:.0f}"])
-    return train._markdown_table(lines, 'learned RoPE-Mixed frequencies per layer; at init x/y energy '
+    return evaluation.markdown_table(lines, 'learned RoPE-Mixed frequencies per layer; at init x/y energy '
                                        '= 1 and angle spread = 1 exactly (isotropic)')
 
 
@@ -492,15 +494,15 @@ def _one_line(message):
     return ' '.join(str(message).split())
 
 
-def _published_config(name, checkpoint, args):
+def published_config(name, checkpoint, args):
     """A configuration for weights that carry none (published / timm): ImageNet-style folder data."""
     state_dict = recovery.unwrap_state_dict(checkpoint)
     head = state_dict.get('head.weight')
     num_classes = int(head.shape[0]) if isinstance(head, torch.Tensor) and head.dim() == 2 else 1000
-    family = train.model_family(name)
+    family = evaluation.model_family(name)
     return {
         'model': name, 'pe': None, 'model_kwargs': {'num_classes': num_classes},
-        'img_size': train.PAPER_TRAIN_RESOLUTION, 'num_classes': num_classes,
+        'img_size': evaluation.PAPER_TRAIN_RESOLUTION, 'num_classes': num_classes,
         'dataset': 'folder', 'data_path': args.data_path,
         'eval_crop_ratio': 224 / 256 if family == 'swin' else 1.0,
         'recipe': 'swin' if family == 'swin' else 'deit3',
@@ -517,7 +519,7 @@ def _load_entry(path, model_name, args):
     if not isinstance(checkpoint, dict):
         raise UserError(f'checkpoint {path} does not hold a state dict')
     if model_name:
-        cfg = _published_config(model_name, checkpoint, args)
+        cfg = published_config(model_name, checkpoint, args)
     elif isinstance(checkpoint.get('args'), dict):
         cfg = dict(checkpoint['args'])
         if args.data_path is not None:  # e.g. a model trained on ImageNet, now at another path
@@ -527,12 +529,12 @@ def _load_entry(path, model_name, args):
                         f'weights name the architecture with --model (one of: '
                         f'{", ".join(rope_vit.list_models() + swin_rope.list_models())})')
     if args.rpb_resize is not None:
-        if train.model_family(cfg['model']) != 'swin':
+        if evaluation.model_family(cfg['model']) != 'swin':
             raise UserError('--rpb-resize applies to Swin models only')
         cfg['model_kwargs'] = dict(cfg.get('model_kwargs') or {}, rpb_resize=args.rpb_resize)
-    model = train.build_model(cfg)
+    model = recipes.build_model(cfg)
     try:
-        train.model_module(cfg['model']).load_checkpoint(model, checkpoint, strict=True)
+        recipes.model_module(cfg['model']).load_checkpoint(model, checkpoint, strict=True)
     except ValueError as error:
         raise UserError(f'checkpoint {path} does not fit {cfg["model"]}: {_one_line(error)}')
     if cfg.get('pe') is None:
@@ -542,7 +544,7 @@ def _load_entry(path, model_name, args):
                         '--data-path (the ImageNet-style folder with val/)')
     crop_ratio = args.crop_ratio if args.crop_ratio is not None else cfg.get('eval_crop_ratio')
     return {'checkpoint': path, 'cfg': cfg, 'model': model, 'model_name': cfg['model'],
-            'label': train.config_label(cfg), 'train_resolution': train._train_resolution(cfg),
+            'label': evaluation.config_label(cfg), 'train_resolution': evaluation.training_resolution(cfg),
             'crop_ratio': crop_ratio}
 
 
@@ -646,23 +648,23 @@ def get_args_parser():
     return parser
 
 
-def _amp_dtype(amp, device):
+def amp_dtype_from_flag(amp, device):
     if amp == 'auto':
         amp = 'bf16' if device.type == 'cuda' else 'none'
-    return train._amp_dtype(amp)
+    return evaluation.amp_dtype_from_flag(amp)
 
 
 # Every int / float flag (test_train.py checks that none is missing).
 EVAL_LIMITS = {
-    'resolutions': train.POSITIVE, 'crop_ratio': train.Limit(0, 1, low_open=True),
-    'batch_size': train.POSITIVE, 'num_workers': train.NON_NEGATIVE,
-    'attention_images': train.POSITIVE, 'attention_resolutions': train.POSITIVE,
-    'attention_batch_size': train.POSITIVE,
+    'resolutions': cli.POSITIVE, 'crop_ratio': cli.Limit(0, 1, low_open=True),
+    'batch_size': cli.POSITIVE, 'num_workers': cli.NON_NEGATIVE,
+    'attention_images': cli.POSITIVE, 'attention_resolutions': cli.POSITIVE,
+    'attention_batch_size': cli.POSITIVE,
 }
 
 
 def _check_args(args):
-    train.check_limits(vars(args), EVAL_LIMITS)
+    cli.check_limits(vars(args), EVAL_LIMITS)
     if args.model is not None and len(args.model) not in (1, len(args.checkpoint)):
         raise UserError(f'--model needs one name, or one per checkpoint ({len(args.checkpoint)}), '
                         f'got {len(args.model)}')
@@ -696,7 +698,13 @@ def _unique_labels(entries):
 
 def main(args):
     """Evaluate every --checkpoint over its resolutions (and the attention analysis), print the
-    tables and write the files. Returns (results {label: rows}, analysis {label: {res: stats}})."""
+    tables and write the files. Returns (results {label: rows}, analysis {label: {res: stats}}).
+    A torchrun worker whose torchrun is gone stops as on SIGTERM (recovery.guarded_run)."""
+    with recovery.guarded_run():
+        return run_evaluation(args)
+
+
+def run_evaluation(args):
     _check_args(args)
     if args.attention_only:
         args.analyze_attention = True
@@ -715,14 +723,14 @@ def main(args):
             entry['resolutions'] = sorted(set(args.resolutions))
             _check_resolutions(entry, entry['resolutions'], 'resolution')
         else:
-            entry['resolutions'] = _allowed(entry, train.default_resolutions(entry['cfg']))
+            entry['resolutions'] = _allowed(entry, evaluation.default_resolutions(entry['cfg']))
         if args.analyze_attention:
             if args.attention_resolutions:
                 entry['attention_resolutions'] = sorted(set(args.attention_resolutions))
                 _check_resolutions(entry, entry['attention_resolutions'], 'attention resolution')
             else:
                 entry['attention_resolutions'] = _allowed(
-                    entry, train._scaled(entry['cfg'], DEFAULT_ATTENTION_RESOLUTIONS))
+                    entry, evaluation.scaled_resolutions(entry['cfg'], DEFAULT_ATTENTION_RESOLUTIONS))
             if not hasattr(entry['model'], 'forward_with_attention'):
                 raise UserError(f'{entry["model_name"]} has no forward_with_attention: '
                                 'attention analysis is not available for it')
@@ -750,14 +758,14 @@ def main(args):
     dist_info = distributed.init_distributed()
     try:
         device = dist_info.device
-        amp_dtype = _amp_dtype(args.amp, device)
+        amp_dtype = amp_dtype_from_flag(args.amp, device)
         results, analysis = {}, {}
         for entry in runs:
             model = entry['model'].to(device)
             if entry['rope_positions'] is not None:
                 model.rope_positions = entry['rope_positions']
             if not args.attention_only:
-                results[entry['label']] = train.evaluate_resolutions(
+                results[entry['label']] = evaluation.evaluate_resolutions(
                     model, entry['cfg'], entry['resolutions'], entry['batch_size'], device,
                     amp_dtype=amp_dtype, data_path=args.data_path, crop_ratio=entry['crop_ratio'],
                     progress=not args.quiet, num_workers=entry['num_workers'], label=entry['label'])
@@ -800,7 +808,7 @@ def _report(entries, results, analysis, output_dir, frequencies=None):
         train_res = {entry['group']: entry['train_resolution'] for entry in entries}
     shared = set(train_res.values())
     if results:
-        print(train.format_table(summary or results,
+        print(evaluation.format_table(summary or results,
                                  shared.pop() if len(shared) == 1 else train_res))
     for metric in ('distance', 'entropy'):
         if analysis:
@@ -840,4 +848,4 @@ def _report(entries, results, analysis, output_dir, frequencies=None):
 
 
 if __name__ == '__main__':
-    recovery.cli(main, get_args_parser())
+    cli.cli(main, get_args_parser())

@@ -1,27 +1,28 @@
 """Fault handling of train.py: how a failed run ends, and what lets a run survive a failure.
 
-    UserError ... Stopped, cli   how a run ends: one line on stderr and an exit status
     read_checkpoint, state_digest
                                  checkpoint files, and the digest that shows damaged bytes
-    _save_atomic, _publish       writes that leave the old file or the new one, never a part
+    save_atomic, _publish       writes that leave the old file or the new one, never a part
     recovery_name, find_resume   recovery checkpoints, and what --resume auto continues from
-    _prepare_output_dir          the output folder at start: damaged checkpoints set aside,
+    prepare_output_dir          the output folder at start: damaged checkpoints set aside,
                                  half-written files removed, the log cut back to the resume
     StopSignals                  SIGTERM / SIGUSR1: every rank stops after the same step
     hold_output_dir              one run per output folder: an exclusive lock for the run's life
-    watch_launcher               a torchrun worker whose torchrun has died stops as on SIGTERM
+    watch_launcher, guarded_run  a torchrun worker whose torchrun has died stops as on SIGTERM;
+                                 a run's output folders are let go when it ends
     rng_state, set_rng_state     the random states every checkpoint holds, per rank (of a GPU,
     cuda_rng_entry               the rank's own), restored on another device layout
+    choose_resume, open_output_dir
+                                 the checkpoint a run continues from; the folder set up for it
+    TrainingState                what a training checkpoint holds: restored, snapshot, saved
     Checkpointer                 rank 0 saves and rotates the recovery checkpoints; the
                                  save-error policy (--on-save-error stop | warn)
 
-Exit statuses: 0 done, 1 diverged (or a crash), 2 bad input or an output folder another run
-holds, 74 a checkpoint or log could not be written, 75 stopped by a signal (or because torchrun
-has gone) with the state saved (the same command with --resume auto continues).
-
-Imports torch, numpy, the standard library, distributed.py (which rank writes) and rope_vit (whose
-reader opens checkpoint files).
+How a run ends (errors and exit statuses) is cli.py's. Imports torch, numpy, the standard
+library, cli.py, distributed.py (which rank writes) and rope_vit (whose reader opens checkpoint
+files).
 """
+import contextlib
 import errno
 import json
 import math
@@ -34,6 +35,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 import zlib
 from typing import NamedTuple
 
@@ -44,77 +46,16 @@ except ImportError:   # Windows: no POSIX locks, output folders are not locked (
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import rope_vit
-from distributed import broadcast_from_rank0, in_group, is_main_process
-
-
-# ----------------------------------------------------------------------------------------------
-# How a run ends: errors, exit statuses and the command-line wrapper
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line on stderr, exit status 2."""
-
-
-class TrainingDiverged(Exception):
-    """The loss became NaN / inf: reported as one line on stderr, exit status 1."""
-
-
-class SaveFailed(Exception):
-    """A checkpoint, log or configuration file could not be written (disk full, read-only
-    folder): one line on stderr, exit status EXIT_SAVE_FAILED."""
-
-
-class Stopped(Exception):
-    """SIGTERM / SIGUSR1 stopped training after a recovery checkpoint was written: one line on
-    stderr saying how to continue, exit status EXIT_STOPPED."""
-
-
-# sysexits.h codes, so that a batch script can tell "run me again" from "fix something first".
-EXIT_SAVE_FAILED = 74   # EX_IOERR
-EXIT_STOPPED = 75       # EX_TEMPFAIL: preempted, state saved; the same command with --resume auto
-_EXIT_STATUS = {UserError: 2, TrainingDiverged: 1, SaveFailed: EXIT_SAVE_FAILED,
-                Stopped: EXIT_STOPPED}
-
-
-def _rank_from_env():
-    return int(os.environ.get('RANK', '0'))
-
-
-def cli(main_fn, parser, argv=None):
-    """Parse argv, run main_fn(args); user errors become `error: ...` on stderr and exit 2.
-
-    The other exceptions of _EXIT_STATUS end the same way (one line from rank 0) with their own
-    status: 1 diverged, 74 a file could not be written, 75 stopped by a signal (resumable).
-    """
-    def one_line_error(message):
-        sys.stderr.write(f'error: {message}\n')
-        sys.exit(2)
-    parser.error = one_line_error   # argparse would print the whole usage block first
-    args = parser.parse_args(argv)
-    status = 0
-    watch = watch_launcher()
-    try:
-        main_fn(args)
-    except tuple(_EXIT_STATUS) as e:
-        status = _EXIT_STATUS[type(e)]
-        if _rank_from_env() == 0:   # every rank sees the same input; one line is enough
-            sys.stderr.write(f'{"" if isinstance(e, Stopped) else "error: "}{e}\n')
-    finally:
-        if watch is not None:
-            watch.set()
-        if in_group():
-            dist.destroy_process_group()
-        release_output_dirs()   # the process ends here; a caller in the same process may go on
-    if status:
-        sys.exit(status)
+from cli import EXIT_STOPPED, SaveFailed, Stopped, UserError, launcher_rank
+from distributed import broadcast_from_rank0, gather, is_main_process, print0
 
 
 # ----------------------------------------------------------------------------------------------
 # Rank 0 writes; every rank decides alike
 
-def _on_rank0(action, device):
+def on_rank0(action, device):
     """Run action() on rank 0 only. Returns None on every rank when it worked, else the one-line
     reason of its OSError (a generic one on the other ranks): all ranks decide alike. Any other
     exception is raised again on rank 0 after the others were told, so that none waits forever."""
@@ -148,7 +89,7 @@ def read_checkpoint(path):
         raise UserError(str(e).strip().splitlines()[0]) from None
 
 
-def _digest_matches(checkpoint):
+def digest_matches(checkpoint):
     """False when a checkpoint of ours no longer matches the digest it was written with (damaged
     bytes, or edited and saved again); True otherwise, and for files without one."""
     if not (isinstance(checkpoint, dict) and 'digest' in checkpoint):
@@ -165,7 +106,7 @@ def _read_training_state(path):
         raise ValueError(str(e).split(': ', 1)[-1]) from None
     if not isinstance(state, dict) or any(k not in state for k in _TRAINING_KEYS):
         raise ValueError('not a training checkpoint of train.py')
-    if not _digest_matches(state):
+    if not digest_matches(state):
         raise ValueError('its content does not match its digest: damaged bytes')
     return state
 
@@ -264,7 +205,7 @@ def _commit(tmp, path):
     _fsync_dir(path)
 
 
-def _save_atomic(obj, path):
+def save_atomic(obj, path):
     """Write to a temporary name, fsync, rename: a crash or a failed write (disk full, read-only
     folder) leaves the old file or the new one, never a part, and no temporary file behind."""
     _commit(_write_temporary(obj, path), path)
@@ -376,7 +317,7 @@ def find_resume(cfg):
     restart = _restart_implies_auto(cfg, config)
     if cfg['resume'] != 'auto' and not restart:
         state = read_checkpoint(cfg['resume']) if cfg['resume'] is not None else None
-        if state is not None and not _digest_matches(state) and _rank_from_env() == 0:
+        if state is not None and not digest_matches(state) and launcher_rank() == 0:
             sys.stderr.write(f"warning: {cfg['resume']} does not match the digest train.py "
                              'wrote with it (edited since, or damaged bytes)\n')
         others = [p for p in recovery_files(cfg['output_dir'])
@@ -406,7 +347,7 @@ def find_resume(cfg):
 # The output folder at the start of a run: the log cut back to the checkpoint resumed from,
 # what an interrupted save left behind cleared away
 
-def _log_records(output_dir, epochs_done):
+def log_records(output_dir, epochs_done):
     """The records of log.jsonl for the first `epochs_done` epochs: those of epochs a resume
     redoes are dropped, and so are lines an interrupted write of an older version left."""
     records = []
@@ -424,7 +365,7 @@ def _log_records(output_dir, epochs_done):
     return records
 
 
-def _prepare_output_dir(cfg, resume, records):
+def prepare_output_dir(cfg, resume, records):
     """Rank 0, before training: the folder, its configuration and log; damaged recovery
     checkpoints set aside as *.damaged; temporary files of an interrupted save removed."""
     out = cfg['output_dir']
@@ -436,10 +377,10 @@ def _prepare_output_dir(cfg, resume, records):
     for path, _ in resume.damaged:
         if _RECOVERY_NAME.fullmatch(os.path.basename(path)):
             os.replace(path, f'{path}.damaged')
-    _save_atomic(cfg, os.path.join(out, 'config.json'))
+    save_atomic(cfg, os.path.join(out, 'config.json'))
     log_path = os.path.join(out, 'log.jsonl')
     if resume.state is not None:
-        _save_atomic(records, log_path)
+        save_atomic(records, log_path)
     elif os.path.isfile(log_path):
         os.remove(log_path)   # a fresh run in a used folder starts a fresh log
 
@@ -531,7 +472,7 @@ def _try_lock(path):
     return fd, None
 
 
-def _take_output_dir(output_dir, wait=0.0):
+def take_output_dir(output_dir, wait=0.0):
     """Rank 0: lock `output_dir` for the rest of this process's life (the folder is created if
     need be; the lock file's content names this process). Returns None when taken (or when the
     file system has no locks: a warning), else the one-line reason it is not, after waiting up to
@@ -598,7 +539,7 @@ def hold_output_dir(output_dir, device, wait=0.0):
     code, message, crash = 0, None, None
     if is_main_process():
         try:
-            message = _take_output_dir(output_dir, wait)
+            message = take_output_dir(output_dir, wait)
             code = 1 if message else 0
         except OSError as e:
             code = 2
@@ -672,12 +613,26 @@ def watch_launcher(interval=0.5):
     return done
 
 
+@contextlib.contextmanager
+def guarded_run():
+    """Around a run's main: a torchrun worker stops as on SIGTERM once its torchrun is gone
+    (watch_launcher); the output folders the run held are let go when it ends, however it
+    ends (a caller in the same process may go on)."""
+    watch = watch_launcher()
+    try:
+        yield
+    finally:
+        if watch is not None:
+            watch.set()
+        release_output_dirs()
+
+
 def _launcher_gone():
     """True in a watched torchrun worker whose torchrun has died (the stop line says so)."""
     return _watch_started.is_set() and os.getppid() != _LAUNCHER_PID
 
 
-def _stop_message(signum, epoch, steps_done, steps_per_epoch, cfg, path):
+def stop_message(signum, epoch, steps_done, steps_per_epoch, cfg, path):
     """The one line a Stopped run ends with: where it stopped, what was saved, how to go on."""
     where = (f"after epoch {epoch + 1}/{cfg['epochs']}" if steps_done == steps_per_epoch else
              f"at epoch {epoch + 1}/{cfg['epochs']}, step {steps_done}/{steps_per_epoch}")
@@ -690,7 +645,7 @@ def _stop_message(signum, epoch, steps_done, steps_per_epoch, cfg, path):
             f'continue (exit status {EXIT_STOPPED})')
 
 
-def _sweep_stop_message(signum, cfg):
+def sweep_stop_message(signum, cfg):
     """The one line of a run stopped in its closing evaluation across resolutions, after every
     epoch was trained and saved."""
     by = (f'because torchrun (pid {_LAUNCHER_PID}) has gone' if _launcher_gone() else
@@ -795,7 +750,7 @@ class Checkpointer:
                     # (log records of epochs not in the checkpoint are dropped at resume).
                     if improved:
                         _publish(tmp, os.path.join(out, 'best.pth'))
-                    _save_atomic(self.records, os.path.join(out, 'log.jsonl'))
+                    save_atomic(self.records, os.path.join(out, 'log.jsonl'))
                     _publish(tmp, os.path.join(out, 'checkpoint.pth'))
                 _commit(tmp, path)
             except BaseException:
@@ -805,7 +760,7 @@ class Checkpointer:
             for old in recovery_files(out):
                 if old not in keep:
                     _remove_quietly(old)
-        error = _on_rank0(write, self.device)
+        error = on_rank0(write, self.device)
         if error is None:
             self.previous = path
             return path
@@ -819,3 +774,174 @@ class Checkpointer:
                              'warn reports such a failure and trains on)')
         if is_main_process():
             sys.stderr.write(f'warning: {error}; training goes on (--on-save-error warn)\n')
+
+
+# ----------------------------------------------------------------------------------------------
+# A training run's checkpoints: the one it continues from, and what each one holds
+
+def choose_resume(cfg):
+    """The checkpoint this run continues from (find_resume; a Resume whose state is None when
+    there is none), checked against this run's model and data."""
+    resume = find_resume(cfg)
+    if resume.state is not None:
+        stored = resume.state.get('args', {})
+        for key in ('model', 'model_kwargs', 'dataset'):
+            if stored.get(key) != cfg[key]:
+                raise UserError(f'--resume {resume.path}: its {key} {stored.get(key)!r} differs '
+                                f'from this run\'s {cfg[key]!r}')
+    return resume
+
+
+def open_output_dir(cfg, resume, device):
+    """Once this run holds the output folder: check that every rank resumes from the same
+    checkpoint, give the run its id (the resumed run's when it continues one), set the folder
+    up for it (prepare_output_dir). Returns the log records kept."""
+    state = resume.state
+    position = (state['epoch'], state.get('images', 0)) if state is not None else None
+    chosen = gather((resume.path, position))
+    if any(c != chosen[0] for c in chosen):
+        raise UserError('the processes would resume from different checkpoints ('
+                        + ', '.join(f'rank {r}: {c[0] or "none"}' for r, c in enumerate(chosen))
+                        + '); every node must see the same --output-dir')
+    new_run_id = gather(uuid.uuid4().hex)[0]
+    cfg['run_id'] = resume.run_id if resume.continues else new_run_id
+    cfg['torchrun_id'] = os.environ.get('TORCHELASTIC_RUN_ID')
+    records = log_records(cfg['output_dir'], state['epoch'] + 1) if state is not None else []
+    error = on_rank0(lambda: prepare_output_dir(cfg, resume, records), device)
+    if error:
+        raise SaveFailed(error)
+    return records
+
+
+class TrainingState:
+    """What a training checkpoint holds, and where the run stands: the model, optimizer,
+    learning-rate schedule and loss scaler; the last complete epoch, the images seen of the
+    next, the best top-1; each rank's random states and, inside an epoch, its loss sums and
+    seconds so far. restore() continues from a checkpoint, snapshot() makes one, and
+    save_inside_epoch() / save_epoch() write them through the Checkpointer."""
+
+    def __init__(self, cfg, model, optimizer, scheduler, scaler, steps_per_epoch, device, rank,
+                 world_size, checkpointer):
+        self.cfg, self.model, self.optimizer = cfg, model, optimizer
+        self.scheduler, self.scaler = scheduler, scaler
+        self.steps_per_epoch, self.device = steps_per_epoch, device
+        self.rank, self.world_size, self.checkpointer = rank, world_size, checkpointer
+        # where training starts (restore moves it); the loss sums and seconds of its first
+        # epoch's steps before it, and this rank's random states there (None: drawn afresh)
+        self.start_epoch, self.start_step, self.best_top1 = 0, 0, -1.0
+        self.sums, self.seconds, self.rng = None, 0.0, None
+
+    def restore(self, resume, schedule_from_step):
+        """Continue from resume.state (nothing to do without one). On the checkpoint's own
+        layout (world size, batch, steps per epoch) everything is restored, and the run goes on
+        bit-identically; on another one the schedule restarts at the same step
+        (schedule_from_step(step) builds it) and the random states are drawn afresh."""
+        cfg, state = self.cfg, resume.state
+        if state is None:
+            if cfg['resume'] == 'auto' or resume.restart:
+                print0(f"--resume auto: no checkpoint of this run in {cfg['output_dir']}, "
+                       'starting from scratch')
+            return
+        self.model.load_state_dict(state['model'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scaler.load_state_dict(state['scaler'])
+        self.start_epoch, self.best_top1 = state['epoch'] + 1, state.get('best_top1', -1.0)
+        stored = state['args']
+        same_layout = (stored.get('world_size') == self.world_size
+                       and stored.get('batch_size') == cfg['batch_size']
+                       and state.get('steps_per_epoch', self.steps_per_epoch)
+                       == self.steps_per_epoch)
+        # `images` counts all ranks' samples, so another world size resumes at the same point.
+        self.start_step = min(state.get('images', 0) // cfg['total_batch'],
+                              self.steps_per_epoch - 1)
+        if same_layout:
+            self.scheduler.load_state_dict(state['lr_scheduler'])
+            self.rng = state['rng'][self.rank]
+            # A CUDA random state that does not map onto this rank's device: every rank stops
+            # alike, before training, rather than one alone while the others wait for it.
+            problem = None
+            if self.rng.get('cuda') and self.device.type == 'cuda':
+                try:
+                    cuda_rng_entry(self.rng['cuda'], self.device)
+                except UserError as e:
+                    problem = f'--resume {resume.path}: rank {self.rank}: {e}'
+            problems = [p for p in gather(problem) if p]
+            if problems:
+                raise UserError(problems[0])
+            if self.start_step:
+                self.sums = state['epoch_sums'][self.rank]
+                self.seconds = state.get('epoch_seconds', 0.0)
+        else:
+            done = self.start_epoch * self.steps_per_epoch + self.start_step
+            self.scheduler = schedule_from_step(done)
+            print0(f"note: the checkpoint was written by {stored.get('world_size')} process(es) x "
+                   f"batch {stored.get('batch_size')}, this run has {self.world_size} x "
+                   f"{cfg['batch_size']}: the schedule goes on from step {done} of "
+                   f"{cfg['epochs'] * self.steps_per_epoch} at lr {cfg['lr']:.4g}; random states "
+                   'are drawn afresh (the result differs from an uninterrupted run)')
+        how = ('after a torchrun restart (auto implied)' if resume.restart
+               else f"(--resume {cfg['resume']})")
+        print0(f'resumed from {resume.path} {how}: epoch {self.start_epoch + 1}/{cfg["epochs"]}, '
+               f'step {self.start_step}/{self.steps_per_epoch}')
+
+    def first_step(self, epoch):
+        """Where `epoch` starts: the resumed step in the first epoch, 0 after. In the first
+        epoch of a resumed run this rank's random states are restored as the interrupted run
+        left them (call it after seeding the epoch)."""
+        if epoch != self.start_epoch:
+            return 0
+        if self.start_step and self.rng is not None:
+            print0(f'random states restored (rank 0): {set_rng_state(self.rng, self.device)}')
+        return self.start_step
+
+    def epoch_start_sums(self, epoch):
+        """The loss sums and seconds an epoch starts from: the interrupted run's in the first
+        epoch of a resumed run, none after."""
+        return (self.sums, self.seconds) if epoch == self.start_epoch else (None, 0.0)
+
+    def snapshot(self, epoch, steps_done, sums=None, seconds=0.0, val=None):
+        """The training state after `steps_done` steps of `epoch` (all of them: its end)."""
+        complete = steps_done == self.steps_per_epoch
+        per_rank = gather({'rng': rng_state(),
+                           'sums': None if sums is None else sums.detach().cpu().clone()})
+        state = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                 'lr_scheduler': self.scheduler.state_dict(), 'scaler': self.scaler.state_dict(),
+                 'epoch': epoch if complete else epoch - 1,   # the last complete epoch
+                 'images': 0 if complete else steps_done * self.cfg['total_batch'],
+                 'steps_per_epoch': self.steps_per_epoch, 'args': self.cfg,
+                 'best_top1': self.best_top1, 'rng': [r['rng'] for r in per_rank]}
+        if complete:
+            state['val'] = val
+        else:
+            state['epoch_sums'] = [r['sums'] for r in per_rank]
+            state['epoch_seconds'] = seconds
+        return state
+
+    def save_inside_epoch(self, epoch, steps_done, signum, sums, seconds):
+        """After a step inside `epoch`: a recovery checkpoint every --save-every-steps steps and
+        on a stop signal (signum, agreed by every rank; None after a step without an agreement,
+        where nothing may be saved), then Stopped on a signal."""
+        if steps_done == self.steps_per_epoch:
+            return   # the epoch's own checkpoint follows its evaluation
+        every = self.cfg['save_every_steps']
+        due = every and (epoch * self.steps_per_epoch + steps_done) % every == 0
+        if signum is None:   # no agreement after this step: no decision, no save
+            assert not due, 'train_one_epoch agrees before every save'
+            return
+        if signum or due:
+            start = time.time()
+            path = self.checkpointer.save(self.snapshot(epoch, steps_done, sums, seconds))
+            if path:
+                print0(f'saved {os.path.basename(path)} ({time.time() - start:.1f} s)')
+            if signum:
+                raise Stopped(stop_message(signum, epoch, steps_done, self.steps_per_epoch,
+                                           self.cfg, path))
+
+    def save_epoch(self, epoch, val, record, improved, signum):
+        """The checkpoint of a finished `epoch` (checkpoint.pth, best.pth when improved, the log
+        record), then Stopped on a stop signal (signum, agreed by every rank)."""
+        path = self.checkpointer.save(self.snapshot(epoch, self.steps_per_epoch, val=val),
+                                      epoch_end=True, improved=improved, record=record)
+        if signum:
+            raise Stopped(stop_message(signum, epoch, self.steps_per_epoch, self.steps_per_epoch,
+                                       self.cfg, path))

@@ -220,7 +220,7 @@ class DropPath(nn.Module):
         return x * keep / (1.0 - self.p)
 
 
-def _split_heads(qkv: torch.Tensor, num_heads: int, batch: int) -> torch.Tensor:
+def split_heads(qkv: torch.Tensor, num_heads: int, batch: int) -> torch.Tensor:
     """(B * T, 3 * heads * D) -> (3, B, heads, T, D) view: channels [q | k | v], each head-major."""
     return qkv.view(batch, -1, 3, num_heads, qkv.shape[-1] // (3 * num_heads)).permute(2, 0, 3, 1, 4)
 
@@ -256,7 +256,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x.reshape(B * T, C))
         if rope is not None and rope.fused:  # the same Eq. 11 in place, one complex product per pair
             return rotate_qkv_fused(qkv, rope, self.num_heads, B)
-        q, k, v = _split_heads(qkv, self.num_heads, B).unbind(0)  # (B, heads, T, D) each
+        q, k, v = split_heads(qkv, self.num_heads, B).unbind(0)  # (B, heads, T, D) each
         if rope is not None:  # Eq. 11 on q and k (the class token's angle is 0: not rotated)
             q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
         return q, k, v
@@ -1302,7 +1302,7 @@ def fused_block_ropes(model: 'RopeViT', grid_h: int, grid_w: int, device) -> Lis
         return cache[key][1]
 
 
-def _complex_pairs(x: torch.Tensor) -> torch.Tensor:
+def complex_pairs(x: torch.Tensor) -> torch.Tensor:
     """(..., D) real -> (..., D/2) complex view of channel pairs (2j, 2j+1); copies only if strides forbid a view."""
     pairs = x.unflatten(-1, (-1, 2))  # (..., D/2, 2)
     if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
@@ -1359,14 +1359,14 @@ class RotateQK(torch.autograd.Function):
         allows in-place writes plus several outputs only then); rot complex (heads or 1, T, D/2)
         or (T, D/2); optional freqs (2, heads * D/2) = (theta^x, theta^y) that rot was built from,
         with positions (T, 2) = (p^x, p^y)."""
-        split = _split_heads(qkv, num_heads, batch)  # (3, B, heads, T, D) view
+        split = split_heads(qkv, num_heads, batch)  # (3, B, heads, T, D) view
         if qkv.dtype in (torch.float32, torch.float64) and qkv.is_contiguous():
             torch.view_as_complex(split[:2].unflatten(-1, (-1, 2))).mul_(rot)  # one in-place pass
         elif qkv.dtype in (torch.bfloat16, torch.float16) and qkv.is_contiguous():
             # bf16 autocast: rotate in place in bf16 (no fp32 copy of q and k; no complex bf16)
             _rotate_low_precision(split[:2], *_real_factors(rot, qkv.dtype), out=split[:2])
         else:  # odd strides: rotate in fp32, round once
-            split[:2] = torch.view_as_real(_complex_pairs(split[:2].float()) * rot).flatten(-2)
+            split[:2] = torch.view_as_real(complex_pairs(split[:2].float()) * rot).flatten(-2)
         ctx.mark_dirty(qkv)
         ctx.save_for_backward(qkv, rot, positions)
         ctx.num_heads, ctx.batch = num_heads, batch
@@ -1380,17 +1380,17 @@ class RotateQK(torch.autograd.Function):
         rotated_qkv, rot, positions = ctx.saved_tensors
         grads = [grad_q, grad_k, grad_v]
         if grad_qkv_out is not None:  # someone used the returned qkv as well
-            extra = _split_heads(grad_qkv_out, ctx.num_heads, ctx.batch)
+            extra = split_heads(grad_qkv_out, ctx.num_heads, ctx.batch)
             grads = [e if g is None else g + e for g, e in zip(grads, extra.unbind(0))]
-        grads = [torch.zeros(()).to(rotated_qkv).expand(_split_heads(rotated_qkv, ctx.num_heads, ctx.batch).shape[1:])
+        grads = [torch.zeros(()).to(rotated_qkv).expand(split_heads(rotated_qkv, ctx.num_heads, ctx.batch).shape[1:])
                  if g is None else g for g in grads]  # (B, heads, T, D) each
         real_dtype = torch.promote_types(grads[0].dtype, torch.float32)
         grad_qkv = torch.empty(rotated_qkv.shape, dtype=grads[0].dtype, device=rotated_qkv.device)  # (B, T, 3C)
-        grad_split = _split_heads(grad_qkv, ctx.num_heads, ctx.batch)  # (3, B, heads, T, D) view
+        grad_split = split_heads(grad_qkv, ctx.num_heads, ctx.batch)  # (3, B, heads, T, D) view
         if grad_qkv.dtype in (torch.bfloat16, torch.float16) and not ctx.needs_input_grad[1]:
             return RotateQK._backward_low_precision(ctx, rotated_qkv, rot, positions, grads, grad_split,
                                                     grad_qkv)
-        grad_pairs = [_complex_pairs(g.to(real_dtype)) for g in grads[:2]]  # 2 x (B, heads, T, D/2)
+        grad_pairs = [complex_pairs(g.to(real_dtype)) for g in grads[:2]]  # 2 x (B, heads, T, D/2)
         rot_back = rot.conj().resolve_conj()  # d(x R)/dx: multiply by conj(R), i.e. rotate back
         for i in range(2):
             if grad_qkv.dtype == real_dtype:
@@ -1402,8 +1402,8 @@ class RotateQK(torch.autograd.Function):
         needs_freqs = len(ctx.needs_input_grad) > 4 and ctx.needs_input_grad[4]  # freqs given and trained
         if ctx.needs_input_grad[1] or needs_freqs:
             # d(x R)/dR = conj(x) = conj(x') R / |R|^2; S sums g conj(x') over batch, q|k
-            rotated = _split_heads(rotated_qkv, ctx.num_heads, ctx.batch)[:2]
-            summed = sum((g * _complex_pairs(y.to(real_dtype)).conj()).sum(0)
+            rotated = split_heads(rotated_qkv, ctx.num_heads, ctx.batch)[:2]
+            summed = sum((g * complex_pairs(y.to(real_dtype)).conj()).sum(0)
                          for g, y in zip(grad_pairs, rotated))  # S (heads, T, D/2)
             if needs_freqs:  # dL/dtheta = p^T Im(S): (2, T) @ (T, heads * D/2)
                 grad_freqs = positions.t().to(real_dtype) @ summed.imag.transpose(0, 1).reshape(summed.shape[1], -1)
@@ -1423,7 +1423,7 @@ class RotateQK(torch.autograd.Function):
         x' = y_a + i y_b) from bf16 products summed in fp32."""
         c, s = _real_factors(rot, grad_qkv.dtype, conj=True)
         needs_freqs = len(ctx.needs_input_grad) > 4 and ctx.needs_input_grad[4]
-        rotated = _split_heads(rotated_qkv, ctx.num_heads, ctx.batch)
+        rotated = split_heads(rotated_qkv, ctx.num_heads, ctx.batch)
         im_s = 0
         for i in range(2):
             if needs_freqs:  # (g_b y_a, g_a y_b) per pair, summed over the batch in fp32

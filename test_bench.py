@@ -9,7 +9,7 @@ import torch
 
 import benchmark
 
-from testkit import _train_env
+from testkit import train_env
 
 
 @pytest.mark.slow
@@ -54,7 +54,7 @@ def test_bench_format_table_ratios():
 @pytest.mark.slow
 def test_bench_bad_resolution_is_one_line_error():
     proc = subprocess.run([sys.executable, 'benchmark.py', '--family', 'vit', '--resolutions', '30'],
-                          capture_output=True, text=True, timeout=120, env=_train_env())
+                          capture_output=True, text=True, timeout=120, env=train_env())
     assert proc.returncode == 2
     assert proc.stderr.startswith('error: --resolutions 30') and proc.stderr.count('\n') == 1
     assert 'Traceback' not in proc.stderr

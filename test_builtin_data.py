@@ -71,7 +71,7 @@ def test_train_glyphs_deterministic_per_split_index_seed():
 
 
 def test_train_builtin_validation_images_rendered_once(monkeypatch):
-    cache = builtin_data._RenderCache(limit_bytes=2 ** 20)
+    cache = builtin_data.RenderCache(limit_bytes=2 ** 20)
     monkeypatch.setattr(builtin_data, 'VAL_RENDER_CACHE', cache)
     rendered = []
 
@@ -106,7 +106,7 @@ def test_train_builtin_validation_images_rendered_once(monkeypatch):
     assert rendered == [20, 20]
     # Past the limit nothing more is kept; the images stay correct.
     one = 3 * 20 * 20 * 4
-    small = builtin_data._RenderCache(limit_bytes=2 * one)
+    small = builtin_data.RenderCache(limit_bytes=2 * one)
     monkeypatch.setattr(builtin_data, 'VAL_RENDER_CACHE', small)
     rendered.clear()
     val = builtin_data.GlyphsDataset('val', 6, 20, seed=5)

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import rope_vit
 import swin_rope
 
-from testkit import (_VIT_TINY, _offline_hub, _place_in_hub_cache, _published_with_drawn_weights,
-    _swin_redraw, _swin_small_model, _vit_stress_init_, _vit_tiny)
+from testkit import (VIT_TINY, offline_hub, place_in_hub_cache, published_with_drawn_weights,
+    swin_redraw, swin_small_model, vit_stress_init_, tiny_vit)
 
 
 # ---------------------------------------------------------------------------------------
@@ -44,7 +44,7 @@ def test_vit_published_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     with torch.no_grad():
         model.freqs.copy_(torch.stack([rope_vit.init_rope_freqs(6, 64, 10.0, mixed=True) for _ in range(12)], 1).flatten(2))
-    _vit_stress_init_(model).eval()
+    vit_stress_init_(model).eval()
     sd = _vit_official_state_dict(model)
     assert len(sd) == _VIT_OFFICIAL_KEY_COUNTS['rope_mixed_ape']
     assert sd['freqs'].shape == (2, 12, 192) and sd['pos_embed'].shape == (1, 196, 384)
@@ -80,16 +80,16 @@ def test_vit_state_dict_layout_and_key_counts():
 
 
 def test_vit_training_checkpoint_and_timm_layout_load(tmp_path):
-    model = _vit_tiny('rope_mixed_ape', img_size=(64, 96))
+    model = tiny_vit('rope_mixed_ape', img_size=(64, 96))
     path = tmp_path / 'checkpoint.pth'
-    args = {'model': 'vit_tiny', 'pe': 'rope_mixed_ape', 'model_kwargs': {**_VIT_TINY, 'img_size': [64, 96]}}
+    args = {'model': 'vit_tiny', 'pe': 'rope_mixed_ape', 'model_kwargs': {**VIT_TINY, 'img_size': [64, 96]}}
     torch.save({'model': model.state_dict(), 'optimizer': {'state': {}}, 'epoch': 3, 'args': args}, path)
     x = torch.randn(1, 3, 96, 64)
-    fresh = rope_vit.create_model('vit_tiny', pe='rope_mixed_ape', **_VIT_TINY, img_size=(64, 96)).eval()
+    fresh = rope_vit.create_model('vit_tiny', pe='rope_mixed_ape', **VIT_TINY, img_size=(64, 96)).eval()
     rope_vit.load_checkpoint(fresh, path)
     torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
     # a model built for 48x48 gets the stored 4x6 grid (named by args, 24 is no square) resized to 3x3
-    small = rope_vit.create_model('vit_tiny', pe='rope_mixed_ape', **_VIT_TINY, img_size=48).eval()
+    small = rope_vit.create_model('vit_tiny', pe='rope_mixed_ape', **VIT_TINY, img_size=48).eval()
     rope_vit.load_checkpoint(small, path)
     grid = model.pos_embed.detach().reshape(1, 4, 6, 64).permute(0, 3, 1, 2)  # (1, C, 4, 6)
     ref = F.interpolate(grid, size=(3, 3), mode='bicubic', align_corners=False).permute(0, 2, 3, 1).reshape(1, 9, 64)
@@ -98,13 +98,13 @@ def test_vit_training_checkpoint_and_timm_layout_load(tmp_path):
     sd = dict(model.state_dict())
     sd['rope.freqs'] = sd.pop('freqs').unflatten(-1, (2, 16))
     sd['rope.t_x'] = torch.zeros(24)
-    other = rope_vit.create_model('vit_tiny', pe='rope_mixed_ape', **_VIT_TINY, img_size=(64, 96)).eval()
+    other = rope_vit.create_model('vit_tiny', pe='rope_mixed_ape', **VIT_TINY, img_size=(64, 96)).eval()
     rope_vit.load_checkpoint(other, {'state_dict': sd})
     torch.testing.assert_close(other(x), model(x), atol=0, rtol=0)
 
 
 def test_vit_load_errors_name_keys(tmp_path):
-    model = rope_vit.create_model('vit_tiny', pe='rope_mixed', **_VIT_TINY)
+    model = rope_vit.create_model('vit_tiny', pe='rope_mixed', **VIT_TINY)
     sd = dict(model.state_dict())
     sd.pop('blocks.1.mlp.fc2.bias')
     sd['extra.weight'] = torch.zeros(3)
@@ -130,10 +130,10 @@ def test_vit_load_errors_name_keys(tmp_path):
 
 
 def test_vit_pretrained_loads_the_cached_file_strictly_without_network(tmp_path, monkeypatch):
-    _offline_hub(monkeypatch, tmp_path)
+    offline_hub(monkeypatch, tmp_path)
     name = 'rope_mixed_ape_deit_small_patch16_LS'
-    published = _published_with_drawn_weights(rope_vit, name)
-    path = _place_in_hub_cache(rope_vit, name, _vit_official_state_dict(published))  # official layout
+    published = published_with_drawn_weights(rope_vit, name)
+    path = place_in_hub_cache(rope_vit, name, _vit_official_state_dict(published))  # official layout
     assert path == str(tmp_path / 'torch_home' / 'hub' / 'checkpoints' / f'{name}.pth')
     assert rope_vit.PRETRAINED_URLS[name] == f'https://huggingface.co/naver-ai/{name}/resolve/main/pytorch_model.bin'
     assert len(rope_vit.PRETRAINED_URLS) == 15 and set(rope_vit.PRETRAINED_URLS) == set(rope_vit.PUBLISHED)
@@ -203,17 +203,17 @@ def test_safetensors_reader_matches_the_safetensors_package(tmp_path, module):
         with pytest.raises(ValueError, match=re.escape(str(bad))):
             module.read_safetensors(str(bad))
         with pytest.raises(ValueError):
-            module.load_checkpoint(_vit_tiny('rope_mixed') if module is rope_vit else _swin_small_model('rope_mixed'),
+            module.load_checkpoint(tiny_vit('rope_mixed') if module is rope_vit else swin_small_model('rope_mixed'),
                                    str(bad))
 
 
 def test_vit_loads_timm_safetensors_like_the_pth(tmp_path):
     st = pytest.importorskip('safetensors.torch')
-    model = _vit_tiny('rope_mixed_ape')
+    model = tiny_vit('rope_mixed_ape')
     sd = dict(model.state_dict())  # timm's layout, as its hub model.safetensors files hold it
     sd['rope.freqs'] = sd.pop('freqs').unflatten(-1, (2, 16)).contiguous()
     st.save_file(sd, str(tmp_path / 'model.safetensors'))
-    other = rope_vit.create_model('vit_tiny', pe='rope_mixed_ape', **_VIT_TINY).eval()
+    other = rope_vit.create_model('vit_tiny', pe='rope_mixed_ape', **VIT_TINY).eval()
     assert rope_vit.load_checkpoint(other, tmp_path / 'model.safetensors') == ([], [])
     x = torch.randn(1, 3, 48, 32)
     torch.testing.assert_close(other(x), model(x), atol=0, rtol=0)
@@ -270,10 +270,10 @@ def _swin_official_layout(model):
 def test_swin_published_format_round_trip(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     for pe in ('rpb', 'rope_axial', 'rope_mixed_rpb'):
-        src = _swin_redraw(_swin_small_model(pe, seed=0))
+        src = swin_redraw(swin_small_model(pe, seed=0))
         path = tmp_path / f'{pe}.pth'
         torch.save({'model': _swin_official_layout(src)}, path)
-        dst = _swin_small_model(pe, seed=5)
+        dst = swin_small_model(pe, seed=5)
         with torch.no_grad():
             before = dst(x)
             assert swin_rope.load_checkpoint(dst, path) == ([], [])
@@ -281,10 +281,10 @@ def test_swin_published_format_round_trip(tmp_path):
             assert not torch.equal(before, dst(x))
     # a training checkpoint {'model', 'optimizer', ...} loads too; a wrong head is an error
     torch.save({'model': src.state_dict(), 'optimizer': {}, 'epoch': 3}, tmp_path / 'train.pth')
-    swin_rope.load_checkpoint(_swin_small_model('rope_mixed_rpb'), tmp_path / 'train.pth')
+    swin_rope.load_checkpoint(swin_small_model('rope_mixed_rpb'), tmp_path / 'train.pth')
     with pytest.raises(ValueError, match=r'head.weight checkpoint \(7, 64\) vs model \(5, 64\)'):
-        swin_rope.load_checkpoint(_swin_small_model('rope_mixed_rpb', num_classes=5), tmp_path / 'train.pth')
-    res = swin_rope.load_checkpoint(_swin_small_model('rope_mixed'), tmp_path / 'train.pth', strict=False)
+        swin_rope.load_checkpoint(swin_small_model('rope_mixed_rpb', num_classes=5), tmp_path / 'train.pth')
+    res = swin_rope.load_checkpoint(swin_small_model('rope_mixed'), tmp_path / 'train.pth', strict=False)
     assert len(res.unexpected_keys) == 6 and res.missing_keys == []
     with pytest.raises(FileNotFoundError):
         swin_rope.load_checkpoint(src, tmp_path / 'absent.pth')
@@ -303,8 +303,8 @@ def test_swin_published_format_round_trip(tmp_path):
 def test_swin_rpb_table_of_other_window_is_resized_on_load_and_at_run_time():
     # A model built at 64 (window 4, table 7x7) run at 96 equals a model built at 96 (window 6,
     # table 11x11) that loads the first one's checkpoint: both resize bicubically, as official.
-    src = _swin_redraw(_swin_small_model('rope_mixed_rpb'))
-    dst = _swin_small_model('rope_mixed_rpb', img_size=96, window_size=6)
+    src = swin_redraw(swin_small_model('rope_mixed_rpb'))
+    dst = swin_small_model('rope_mixed_rpb', img_size=96, window_size=6)
     swin_rope.load_checkpoint(dst, src.state_dict())
     assert dst.layers[0].blocks[0].attn.relative_position_bias_table.shape == (121, 2)
     x = torch.randn(1, 3, 96, 96)
@@ -324,11 +324,11 @@ def test_swin_parameter_counts():
 
 
 def test_swin_pretrained_loads_the_cached_file_strictly_without_network(tmp_path, monkeypatch):
-    _offline_hub(monkeypatch, tmp_path)
+    offline_hub(monkeypatch, tmp_path)
     name = 'swin_rope_axial_tiny_patch4_window7_224'
-    published = _published_with_drawn_weights(swin_rope, name)
+    published = published_with_drawn_weights(swin_rope, name)
     sd = _swin_official_layout(published)  # with the derived tensors the official files hold
-    _place_in_hub_cache(swin_rope, name, sd)
+    place_in_hub_cache(swin_rope, name, sd)
     expected = published.state_dict()
     model = swin_rope.create_model(name, pretrained=True)
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
@@ -345,9 +345,9 @@ def test_swin_pretrained_loads_the_cached_file_strictly_without_network(tmp_path
 
 def test_swin_loads_safetensors(tmp_path):
     st = pytest.importorskip('safetensors.torch')
-    src = _swin_redraw(_swin_small_model('rope_mixed_rpb'))
+    src = swin_redraw(swin_small_model('rope_mixed_rpb'))
     st.save_file(src.state_dict(), str(tmp_path / 'model.safetensors'))
-    dst = _swin_small_model('rope_mixed_rpb', seed=3)
+    dst = swin_small_model('rope_mixed_rpb', seed=3)
     assert swin_rope.load_checkpoint(dst, tmp_path / 'model.safetensors') == ([], [])
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -360,7 +360,7 @@ def test_swin_loads_safetensors(tmp_path):
 
 @pytest.mark.slow
 def test_hubconf_entry_points_build_and_load_pretrained(tmp_path, monkeypatch):
-    _offline_hub(monkeypatch, tmp_path)
+    offline_hub(monkeypatch, tmp_path)
     root = os.path.dirname(os.path.abspath(__file__))
     sys.path.insert(0, root)
     try:
@@ -370,13 +370,13 @@ def test_hubconf_entry_points_build_and_load_pretrained(tmp_path, monkeypatch):
     assert hubconf.dependencies == ['torch']
     entries = [n for n in dir(hubconf) if callable(getattr(hubconf, n)) and not n.startswith('_')]  # torch.hub.list's rule
     assert sorted(entries) == sorted(rope_vit.list_models() + swin_rope.list_models())
-    small = torch.hub.load(root, 'vit_tiny', source='local', pe='rope_mixed', **_VIT_TINY)
+    small = torch.hub.load(root, 'vit_tiny', source='local', pe='rope_mixed', **VIT_TINY)
     assert isinstance(small, rope_vit.RopeViT) and small.pe == 'rope_mixed' and small.num_classes == 10
     swin = torch.hub.load(root, 'swin_rope_mixed_rpb_tiny_patch4_window7_224', source='local', num_classes=3)
     assert isinstance(swin, swin_rope.SwinTransformer) and swin.pe == 'rope_mixed_rpb' and swin.num_classes == 3
     name = 'rope_axial_deit_small_patch16_LS'
-    published = _published_with_drawn_weights(rope_vit, name)
-    _place_in_hub_cache(rope_vit, name, published.state_dict())
+    published = published_with_drawn_weights(rope_vit, name)
+    place_in_hub_cache(rope_vit, name, published.state_dict())
     model = torch.hub.load(root, name, source='local', pretrained=True)
     assert all(torch.equal(v, published.state_dict()[k]) for k, v in model.state_dict().items())
     assert 'pretrained=True loads the released weights' in hubconf.rope_mixed_deit_base_patch16_LS.__doc__

@@ -15,9 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import recipes
 import rope_vit
-from testkit import (_TRAIN_FAULT_ARGS, _TRAIN_ROOT, _TRAIN_SCRIPT, _TRAIN_TIMEOUT, _train_env,
-    _vit_tiny)
+from testkit import (TRAIN_FAULT_ARGS, TRAIN_ROOT, TRAIN_SCRIPT, TRAIN_TIMEOUT, train_env,
+    tiny_vit)
 
 # Read when this file is collected, before conftest.py hides the GPUs from the other tests. bf16
 # kernels (autocast, and SDPA's fused ones) need compute capability 8.0 (Ampere) or newer, and
@@ -31,7 +32,7 @@ def test_cuda_the_other_tests_see_no_gpu_in_process_or_in_subprocesses():
     assert not torch.cuda.is_available()
     probe = [sys.executable, '-c', 'import os, torch; '
              'print(repr(os.environ["CUDA_VISIBLE_DEVICES"]), torch.cuda.is_available())']
-    done = subprocess.run(probe, env=_train_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(probe, env=train_env(), capture_output=True, text=True, timeout=120)
     assert done.stdout == "'' False\n", done.stderr[-2000:]
     # A subprocess started by a test file with the GPUs visible is refused before it starts.
     for env in (None, dict(os.environ, CUDA_VISIBLE_DEVICES='0')):
@@ -51,7 +52,7 @@ def test_cuda_fused_rope_under_bf16_autocast_is_as_close_as_the_readable_path(de
     the fused path is as close to fp32 as the readable one (measured on the CPU: 0.6 % vs 0.7 %
     of the logits' norm, 2.2 % vs 2.2 % of the gradient's; a wrong policy moves them by 48 % and
     216 %)."""
-    model = _vit_tiny('rope_mixed').to(device)
+    model = tiny_vit('rope_mixed').to(device)
     x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(0)).to(device)
 
     def run(fused, bf16):
@@ -120,20 +121,20 @@ def test_cuda_torchrun_run_stopped_by_sigterm_resumes_and_finishes(tmp_path):
     after its first recovery checkpoint stops it with status 75; --resume auto continues, with
     the rank's own CUDA random state on its device, and finishes."""
     nproc = min(2, torch.cuda.device_count())
-    # The GPUs this pytest sees (its own CUDA_VISIBLE_DEVICES, if any), unlike _train_env's.
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=_TRAIN_ROOT)
+    # The GPUs this pytest sees (its own CUDA_VISIBLE_DEVICES, if any), unlike train_env's.
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=TRAIN_ROOT)
     for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
         env.pop(key, None)
     out = tmp_path / 'out'
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
-               str(nproc), _TRAIN_SCRIPT, *_TRAIN_FAULT_ARGS, '--output-dir', str(out),
+               str(nproc), TRAIN_SCRIPT, *TRAIN_FAULT_ARGS, '--output-dir', str(out),
                '--resume', 'auto']
     log = tmp_path / 'stopped.log'
     with open(log, 'w') as f:
         proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + _TRAIN_TIMEOUT
+        deadline = time.time() + TRAIN_TIMEOUT
         while 'saved recovery_' not in log.read_text():
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.01)
@@ -142,7 +143,7 @@ def test_cuda_torchrun_run_stopped_by_sigterm_resumes_and_finishes(tmp_path):
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        proc.wait(timeout=_TRAIN_TIMEOUT)
+        proc.wait(timeout=TRAIN_TIMEOUT)
     finally:
         if proc.poll() is None:
             for pid in _descendants(proc.pid):
@@ -155,7 +156,7 @@ def test_cuda_torchrun_run_stopped_by_sigterm_resumes_and_finishes(tmp_path):
                        r'status 75\)', output)
     assert len(stops) == 1, output[-3000:]
     resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=_TRAIN_TIMEOUT)
+                             timeout=TRAIN_TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f'resumed from {stops[0][1]} (--resume auto)' in resumed.stdout, resumed.stdout[-3000:]
     if stops[0][0].startswith('at epoch'):   # mid-epoch: the random states came back
@@ -175,9 +176,9 @@ def _epoch_host_syncs(device, steps, count=True):
         ['--amp', 'bf16', '--opt', 'lamb', '--print-freq', '100', '--save-every-steps', '0']), 1)
     cfg['num_classes'] = cfg['model_kwargs']['num_classes'] = 10
     torch.manual_seed(0)
-    model = train.build_model(cfg).to(device)
-    optimizer = train.build_optimizer(model, cfg)
-    scheduler = train.build_scheduler(optimizer, cfg, steps)
+    model = recipes.build_model(cfg).to(device)
+    optimizer = recipes.build_optimizer(model, cfg)
+    scheduler = recipes.build_scheduler(optimizer, cfg, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     pin = device.type == 'cuda'   # what the loader gives a GPU run: pinned batches
     loader = [(torch.randn(4, 3, cfg['img_size'], cfg['img_size']),
@@ -216,9 +217,8 @@ def test_cuda_3_augment_finished_on_the_device_never_waits_for_it():
     import numpy as np
     from PIL import Image
     import data
-    import train
-    cfg = dict(train.RECIPES['deit3'], img_size=32)
-    worker, finish = data._train_transform(cfg), data.build_batch_augment(cfg)
+    cfg = dict(recipes.RECIPES['deit3'], img_size=32)
+    worker, finish = data.train_transform(cfg), data.build_batch_augment(cfg)
     torch.manual_seed(0)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))
     batch = torch.utils.data.default_collate([worker(image) for _ in range(64)])

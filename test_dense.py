@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import rope_vit
 import swin_rope
 
-from testkit import _published_with_drawn_weights, _swin_redraw
+from testkit import published_with_drawn_weights, swin_redraw
 
 torchvision = pytest.importorskip('torchvision')
 from torchvision.models.detection import FasterRCNN  # noqa: E402
@@ -33,7 +33,7 @@ def _tiny_swin(pe, img_size=64, window_size=4, seed=0, **kwargs):
     cfg = dict(img_size=img_size, patch_size=4, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16),
                window_size=window_size, num_classes=5, drop_path_rate=0.0)
     cfg.update(kwargs)
-    return _swin_redraw(swin_rope.create_model('swin_tiny', pe=pe, **cfg)).eval()
+    return swin_redraw(swin_rope.create_model('swin_tiny', pe=pe, **cfg)).eval()
 
 
 def _valid_keys(rows, cols, window, shift):
@@ -92,7 +92,7 @@ def test_dense_rule_is_a_config_field_and_switches_between_forwards():
 
 def test_dense_rule_keeps_the_published_state_dict():
     name = 'swin_rope_mixed_tiny_patch4_window7_224'
-    published = _published_with_drawn_weights(swin_rope, name)
+    published = published_with_drawn_weights(swin_rope, name)
     with torch.device('meta'):
         dense = swin_rope.create_model(name, window_rule='dense')
     dense.to_empty(device='cpu')
@@ -234,7 +234,7 @@ def test_dense_equals_classification_where_the_windows_agree(pe):
 
 
 def test_dense_equals_classification_for_published_swin_t_at_224():
-    model = _published_with_drawn_weights(swin_rope, 'swin_rope_mixed_tiny_patch4_window7_224').eval()
+    model = published_with_drawn_weights(swin_rope, 'swin_rope_mixed_tiny_patch4_window7_224').eval()
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         reference = model.forward_intermediates(x)

@@ -10,7 +10,7 @@ import torch
 import rope_vit
 import swin_rope
 
-from testkit import _swin_redraw, _swin_small_model, _vit_tiny
+from testkit import swin_redraw, swin_small_model, tiny_vit
 
 # Slow: compile and export trace whole models: tens of seconds each on 2 cores.
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ def test_vit_compile_fullgraph_dynamic_every_pe(pe):
     captured graphs (inductor cannot generate code for them), logits at two sizes and the
     gradients of a training step equal eager."""
     torch._dynamo.reset()
-    model = _vit_tiny(pe, patch_size=8, img_size=32)
+    model = tiny_vit(pe, patch_size=8, img_size=32)
     complex_nodes = []
     compiled = torch.compile(model, backend=_recording_backend(complex_nodes), fullgraph=True, dynamic=True)
     _compiled_matches_eager(model, compiled, [(32, 48), (64, 40)], (48, 32), tol=1e-4)
@@ -83,7 +83,7 @@ def test_vit_compile_inductor_warns_nothing():
     """Inductor, fullgraph, dynamic (main warned 'does not support code generation for complex
     operators'): RoPE-Mixed + APE with one block (each block compiles to the same kernels),
     eval and a training step, equal to eager. The costliest test (about a minute on 2 cores)."""
-    messages = _inductor_run(_vit_tiny('rope_mixed_ape', patch_size=8, img_size=32, depth=1), [(32, 48)], (48, 32))
+    messages = _inductor_run(tiny_vit('rope_mixed_ape', patch_size=8, img_size=32, depth=1), [(32, 48)], (48, 32))
     assert not [m for m in messages if 'complex' in m.lower()], messages
 
 
@@ -92,7 +92,7 @@ def test_vit_export_dynamic_size_and_onnxruntime(pe, tmp_path):
     """torch.export with dynamic height and width (multiples of the patch size), traced at 32x48
     and run at two other sizes; then that one program to ONNX (dynamo exporter) and run with
     onnxruntime on CPU at the same two sizes: max |logit difference| to eager <= 1e-4."""
-    model = _vit_tiny(pe, patch_size=8, img_size=32)
+    model = tiny_vit(pe, patch_size=8, img_size=32)
     height, width = torch.export.Dim('height', min=1, max=64), torch.export.Dim('width', min=1, max=64)
     program = torch.export.export(model, (torch.randn(2, 3, 32, 48),),
                                   dynamic_shapes={'x': {2: 8 * height, 3: 8 * width}})
@@ -129,7 +129,7 @@ def _check_onnxruntime(program, inputs, expected, path):
 def _swin_one_stage():
     """RoPE-Mixed + RPB, one stage of a plain and a shifted block, built for 64 x 64 with window 4:
     (window, shift) (4, 2) at 64, (6, 3) at 96, (8, 4) at 128."""
-    return _swin_redraw(_swin_small_model('rope_mixed_rpb', depths=(2,), num_heads=(2,)))
+    return swin_redraw(swin_small_model('rope_mixed_rpb', depths=(2,), num_heads=(2,)))
 
 
 @pytest.mark.parametrize('pe', swin_rope.PE_VARIANTS)
@@ -138,7 +138,7 @@ def test_swin_compile_fullgraph_every_pe(pe):
     of the ViT tests (dynamo's capture, no code generation): no graph break, no complex tensor in
     the graphs, logits at two sizes and a training step's gradients equal eager."""
     torch._dynamo.reset()
-    model = _swin_redraw(_swin_small_model(pe))
+    model = swin_redraw(swin_small_model(pe))
     complex_nodes = []
     compiled = torch.compile(model, backend=_recording_backend(complex_nodes), fullgraph=True, dynamic=False)
     _compiled_matches_eager(model, compiled, [(64, 64), (96, 96)], (64, 64), tol=1e-4)
@@ -202,7 +202,7 @@ def test_swin_export_dynamic_square_size():
 def test_swin_export_and_onnxruntime_per_resolution(pe, tmp_path):
     """torch.export at 64 and at 96 (windows 4 and 6, the run-time rule), each program to ONNX
     (dynamo exporter) and run with onnxruntime on CPU: max |logit difference| to eager <= 1e-4."""
-    model = _swin_redraw(_swin_small_model(pe, depths=(2, 2), num_heads=(2, 4)))
+    model = swin_redraw(swin_small_model(pe, depths=(2, 2), num_heads=(2, 4)))
     for size in (64, 96):
         x = torch.randn(2, 3, size, size)
         with torch.no_grad():

@@ -18,7 +18,7 @@ import torch
 import rope_vit
 import swin_rope
 
-from testkit import _offline_hub, _place_in_hub_cache, _published_with_drawn_weights
+from testkit import offline_hub, place_in_hub_cache, published_with_drawn_weights
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(ROOT, 'README.md')
@@ -182,9 +182,9 @@ def test_readme_first_screen_example_runs_as_written(tmp_path, monkeypatch, caps
     attempt fails, so the weights it loads can only be that file."""
     code = _first_screen_example()[0].group(1)
     name = re.search(r"create_model\('([^']+)', pretrained=True\)", code).group(1)
-    _offline_hub(monkeypatch, tmp_path)
-    published = _published_with_drawn_weights(rope_vit, name)
-    _place_in_hub_cache(rope_vit, name, published.state_dict())  # the released {'model': ...} layout
+    offline_hub(monkeypatch, tmp_path)
+    published = published_with_drawn_weights(rope_vit, name)
+    place_in_hub_cache(rope_vit, name, published.state_dict())  # the released {'model': ...} layout
     namespace = {}
     exec(compile(code, 'README.md', 'exec'), namespace)
     assert capsys.readouterr().out.strip() == 'torch.Size([1, 1000])'
@@ -222,11 +222,11 @@ def test_readme_published_weights_example_runs_offline(tmp_path, monkeypatch, ca
     """The example as written, with the two released files already in torch.hub's cache (no
     network) and timm's model.safetensors in the working directory."""
     st = pytest.importorskip('safetensors.torch')
-    _offline_hub(monkeypatch, tmp_path)
+    offline_hub(monkeypatch, tmp_path)
     for module, name in ((rope_vit, 'rope_mixed_deit_small_patch16_LS'),
                          (swin_rope, 'swin_rope_mixed_tiny_patch4_window7_224')):
-        model = _published_with_drawn_weights(module, name)
-        _place_in_hub_cache(module, name, model.state_dict())
+        model = published_with_drawn_weights(module, name)
+        place_in_hub_cache(module, name, model.state_dict())
         if module is rope_vit:  # timm's layout of the same weights
             timm_sd = dict(model.state_dict())
             timm_sd['rope.freqs'] = timm_sd.pop('freqs').unflatten(-1, (6, 32)).contiguous()
@@ -251,10 +251,10 @@ def test_readme_dense_backbone_example_runs_as_written(capsys):
 def test_readme_swin_detector_example_runs_offline(tmp_path, monkeypatch, capsys):
     """The Swin detector example as written, with the released file already in torch.hub's cache
     (no network): the weights it runs are that file's, under the dense window rule."""
-    _offline_hub(monkeypatch, tmp_path)
+    offline_hub(monkeypatch, tmp_path)
     name = 'swin_rope_mixed_tiny_patch4_window7_224'
-    published = _published_with_drawn_weights(swin_rope, name)
-    _place_in_hub_cache(swin_rope, name, published.state_dict())
+    published = published_with_drawn_weights(swin_rope, name)
+    place_in_hub_cache(swin_rope, name, published.state_dict())
     namespace = {}
     exec(compile(_readme_example('### Swin at any image size inside a torchvision detector'), 'README.md', 'exec'),
          namespace)

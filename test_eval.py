@@ -14,14 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import data
 import eval_multires
-import recovery
+import evaluation
 import rope_vit
 import swin_rope
-import train
 
-from testkit import _eval_train_res, _train_env
+from testkit import eval_train_res, train_env
 
 
 _eval_root = os.path.dirname(os.path.abspath(__file__))
@@ -148,30 +148,30 @@ def test_eval_metrics_per_layer_list_and_bad_shape():
 def test_eval_default_resolutions_paper_lists_and_scaling():
     vit = {'model': 'vit_small', 'img_size': 224, 'model_kwargs': {}}
     swin = {'model': 'swin_tiny', 'img_size': 224, 'model_kwargs': {}}
-    assert train.default_resolutions(vit) == [96, 144, 192, 224, 256, 320, 384, 512]
-    assert train.default_resolutions(swin) == [96, 128, 160, 192, 224, 256, 320, 384]
+    assert evaluation.default_resolutions(vit) == [96, 144, 192, 224, 256, 320, 384, 512]
+    assert evaluation.default_resolutions(swin) == [96, 128, 160, 192, 224, 256, 320, 384]
     small = {'model': 'vit_tiny', 'img_size': 64, 'model_kwargs': {'patch_size': 8}}
     # Independent: the multiple of 8 nearest to r * 64 / 224, found by search.
     expected = [min(range(8, 1024, 8), key=lambda s: abs(s - r * 64 / 224))
                 for r in (96, 144, 192, 224, 256, 320, 384, 512)]
-    assert train.default_resolutions(small) == expected
+    assert evaluation.default_resolutions(small) == expected
     assert 64 in expected and len(set(expected)) == len(expected)
     swin_small = {'model': 'swin_tiny', 'img_size': 128, 'model_kwargs': {}}
-    out = train.default_resolutions(swin_small)
+    out = evaluation.default_resolutions(swin_small)
     assert 128 in out and all(r % 32 == 0 and r > 0 for r in out)
 
 
 def test_eval_config_labels():
-    assert train.config_label({'model': 'vit_small', 'pe': 'rope_mixed'}) == 'ViT-S RoPE-Mixed'
-    assert train.config_label({'model': 'rope_axial_ape_deit_base_patch16_LS',
+    assert evaluation.config_label({'model': 'vit_small', 'pe': 'rope_mixed'}) == 'ViT-S RoPE-Mixed'
+    assert evaluation.config_label({'model': 'rope_axial_ape_deit_base_patch16_LS',
                                'pe': 'rope_axial_ape'}) == 'ViT-B APE + RoPE-Axial'
-    assert train.config_label({'model': 'swin_tiny_patch4_window7_224',
+    assert evaluation.config_label({'model': 'swin_tiny_patch4_window7_224',
                                'pe': 'rpb'}) == 'Swin-T RPB'
     custom = {'model': 'vit_tiny', 'pe': 'ape', 'model_kwargs': dict(patch_size=4, embed_dim=96, depth=4)}
-    assert train.config_label(custom) == 'ViT (96 dim, 4 layers, 4 px patches) APE'
+    assert evaluation.config_label(custom) == 'ViT (96 dim, 4 layers, 4 px patches) APE'
     custom['model_kwargs']['global_pool'] = 'avg'
-    assert train.config_label(custom) == 'ViT (96 dim, 4 layers, 4 px patches, avg pool) APE'
-    assert train.config_label({'model': 'vit_small', 'pe': 'rope_mixed', 'model_kwargs': {'global_pool': 'avg'}}) \
+    assert evaluation.config_label(custom) == 'ViT (96 dim, 4 layers, 4 px patches, avg pool) APE'
+    assert evaluation.config_label({'model': 'vit_small', 'pe': 'rope_mixed', 'model_kwargs': {'global_pool': 'avg'}}) \
         == 'ViT-S (avg pool) RoPE-Mixed'
 
 
@@ -182,36 +182,36 @@ def test_eval_format_table_layout():
         'ViT-S RoPE-Mixed': [{'resolution': r, 'top1': v, 'top5': 99.0, 'n': 10}
                              for r, v in ((96, 55.7), (224, 80.9))],
     }
-    lines = train.format_table(results, 224).splitlines()
+    lines = evaluation.format_table(results, 224).splitlines()
     header = [c.strip() for c in lines[0].strip('|').split('|')]
     assert header == ['model', '96', '224*', '512']
     ape = [c.strip() for c in lines[2].strip('|').split('|')]
     mixed = [c.strip() for c in lines[3].strip('|').split('|')]
     assert ape == ['ViT-S APE', '35.4', '80.4', '75.4']
     assert mixed == ['ViT-S RoPE-Mixed', '55.7', '80.9', '-']
-    per_row = train.format_table(results, {'ViT-S APE': 96, 'ViT-S RoPE-Mixed': 224})
+    per_row = evaluation.format_table(results, {'ViT-S APE': 96, 'ViT-S RoPE-Mixed': 224})
     assert '35.4*' in per_row and '80.9*' in per_row and '224*' not in per_row
     # Means over seeds (--mean-over-seeds) show their spread; a group of one run has none.
     means = {'3 seeds': [{'resolution': 224, 'top1': 80.44, 'top1_sd': 0.25, 'runs': 3}],
              'one seed': [{'resolution': 224, 'top1': 79.96, 'top1_sd': 0.0, 'runs': 1}]}
-    lines = train.format_table(means, 224).splitlines()
+    lines = evaluation.format_table(means, 224).splitlines()
     assert [c.strip() for c in lines[2].strip('|').split('|')] == ['3 seeds', '80.4 ± 0.2']
     assert [c.strip() for c in lines[3].strip('|').split('|')] == ['one seed', '80.0']
     assert lines[-1].endswith('over 3 runs (seeds); a row without ± is one run')
-    only_one = train.format_table({'one seed': means['one seed']}, 224)
+    only_one = evaluation.format_table({'one seed': means['one seed']}, 224)
     assert '±' not in only_one.replace('a row without ±', '') and 'deviation' not in only_one
 
 
 def _eval_run_cli(argv, cwd):
     return subprocess.Popen([sys.executable, os.path.join(_eval_root, 'eval_multires.py')] + argv,
                             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_train_env())
+                            env=train_env())
 
 
-def test_eval_end_to_end_tables_files_and_train_agreement(_eval_tiny_run, capsys):
-    base, checkpoint = _eval_tiny_run
+def test_eval_end_to_end_tables_files_and_train_agreement(eval_tiny_run, capsys):
+    base, checkpoint = eval_tiny_run
     out = base / 'eval_out'
-    resolutions = [16, _eval_train_res, 48]
+    resolutions = [16, eval_train_res, 48]
     args = eval_multires.get_args_parser().parse_args([
         '--checkpoint', str(checkpoint), str(checkpoint), '--labels', 'first', 'second',
         '--resolutions'] + [str(r) for r in reversed(resolutions)] + [
@@ -222,9 +222,9 @@ def test_eval_end_to_end_tables_files_and_train_agreement(_eval_tiny_run, capsys
     # The table: one row per checkpoint, one column per requested resolution, training one marked.
     table = [line for line in printed.out.splitlines() if line.startswith('| ')]
     header = [c.strip() for c in table[0].strip('|').split('|')]
-    assert header == ['model', '16', f'{_eval_train_res}*', '48']
+    assert header == ['model', '16', f'{eval_train_res}*', '48']
     assert [line.split('|')[1].strip() for line in table[1:3]] == ['first', 'second']
-    assert f'@ {_eval_train_res}: 21/21 images' in printed.err  # progress per resolution
+    assert f'@ {eval_train_res}: 21/21 images' in printed.err  # progress per resolution
 
     with open(out / 'multires.json') as f:
         report = json.load(f)
@@ -234,7 +234,7 @@ def test_eval_end_to_end_tables_files_and_train_agreement(_eval_tiny_run, capsys
     assert len(rows) == 2 * len(resolutions)
     for entry in report['checkpoints']:
         assert [r['resolution'] for r in entry['results']] == resolutions
-        assert entry['train_resolution'] == _eval_train_res and entry['pe'] == 'rope_mixed'
+        assert entry['train_resolution'] == eval_train_res and entry['pe'] == 'rope_mixed'
         mine = [r for r in rows if r['label'] == entry['label']]
         for csv_row, json_row in zip(mine, entry['results']):
             assert int(csv_row['resolution']) == json_row['resolution']
@@ -244,7 +244,7 @@ def test_eval_end_to_end_tables_files_and_train_agreement(_eval_tiny_run, capsys
             assert int(csv_row['n']) == json_row['n'] == 21
 
     # Accuracy at the training resolution equals train.py's own final evaluation exactly.
-    ours = {r['resolution']: r for r in report['checkpoints'][0]['results']}[_eval_train_res]
+    ours = {r['resolution']: r for r in report['checkpoints'][0]['results']}[eval_train_res]
     with open(checkpoint.parent / 'log.jsonl') as f:
         last_epoch = [json.loads(line) for line in f][-1]
     assert ours['top1'] == last_epoch['val_top1'] and ours['top5'] == last_epoch['val_top5']
@@ -272,8 +272,8 @@ def test_eval_end_to_end_tables_files_and_train_agreement(_eval_tiny_run, capsys
     assert not [p for p in os.listdir(out) if p.startswith('.')]  # no temporary leftovers
 
 
-def test_eval_bad_input_exit_2_one_line_nothing_written(_eval_tiny_run, capsys):
-    base, checkpoint = _eval_tiny_run
+def test_eval_bad_input_exit_2_one_line_nothing_written(eval_tiny_run, capsys):
+    base, checkpoint = eval_tiny_run
     work = base / 'bad_inputs'
     work.mkdir()
     corrupt = work / 'corrupt.pth'
@@ -301,10 +301,10 @@ def test_eval_bad_input_exit_2_one_line_nothing_written(_eval_tiny_run, capsys):
     # One case through a real process (the script's entry point and its exit status) ...
     arch_out = work / 'out_architecture_subprocess'
     process = _eval_run_cli(cases['architecture'][0] + ['--output-dir', str(arch_out)], work)
-    # ... and every case in this process through recovery.cli, the function the main guard runs.
+    # ... and every case in this process through cli.cli, the function the main guard runs.
     for name, (argv, expected) in cases.items():
         with pytest.raises(SystemExit) as exit_info:
-            recovery.cli(eval_multires.main, eval_multires.get_args_parser(),
+            cli.cli(eval_multires.main, eval_multires.get_args_parser(),
                       argv + ['--output-dir', str(work / f'out_{name.replace(" ", "_")}')])
         stderr = capsys.readouterr().err
         assert exit_info.value.code == 2, (name, stderr)
@@ -385,7 +385,7 @@ def test_eval_published_weights_on_an_image_folder(tmp_path):
             assert row['top1'] == top1_of_model(row['resolution'])
     model.rope_positions = 'extrapolate'
     # Swin weights are evaluated with the Swin code's crop ratio.
-    swin_cfg = eval_multires._published_config('swin_tiny_patch4_window7_224', {}, args)
+    swin_cfg = eval_multires.published_config('swin_tiny_patch4_window7_224', {}, args)
     assert swin_cfg['eval_crop_ratio'] == 224 / 256 and swin_cfg['num_classes'] == 1000
 
 
@@ -395,7 +395,7 @@ def test_eval_swin_attention_is_window_local_over_every_block():
                                    num_heads=(1, 2), img_size=32, window_size=2).eval()
     images = torch.randn(2, 3, 48, 48)  # window 2 * 48 / 32 = 3: stage grids 12x12 and 6x6
     with torch.no_grad():
-        layers = eval_multires._attention_layers(model, images)
+        layers = eval_multires.attention_layers(model, images)
         _, blocks = model.forward_with_attention(images)
     assert [name for name, _, _ in layers] == ['stage 0 block 0', 'stage 0 block 1',
                                                'stage 1 block 2', 'stage 1 block 3']
@@ -407,8 +407,8 @@ def test_eval_swin_attention_is_window_local_over_every_block():
         torch.testing.assert_close(entropy, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_eval_mean_over_seeds_groups_runs_by_label(_eval_tiny_run, tmp_path, capsys):
-    _, checkpoint = _eval_tiny_run
+def test_eval_mean_over_seeds_groups_runs_by_label(eval_tiny_run, tmp_path, capsys):
+    _, checkpoint = eval_tiny_run
     # Two more "seeds": the same run with other head weights (so the accuracies differ).
     state = torch.load(checkpoint, weights_only=True)
     paths = [str(checkpoint)]
@@ -420,12 +420,12 @@ def test_eval_mean_over_seeds_groups_runs_by_label(_eval_tiny_run, tmp_path, cap
         torch.save({'model': model, 'args': state['args']}, paths[-1])
     out = tmp_path / 'out'
     results, _ = eval_multires.main(eval_multires.get_args_parser().parse_args([
-        '--checkpoint', *paths, '--resolutions', '16', str(_eval_train_res), '--rope-positions',
+        '--checkpoint', *paths, '--resolutions', '16', str(eval_train_res), '--rope-positions',
         'extrapolate', 'interpolate', '--mean-over-seeds', '--output-dir', str(out),
         '--num-workers', '0', '--quiet']))
     assert len(results) == 6   # every run is evaluated and kept under its own label
     printed = capsys.readouterr().out
-    label = train.config_label(state['args'])
+    label = evaluation.config_label(state['args'])
     with open(out / 'multires.json') as f:
         report = json.load(f)
     assert [m['label'] for m in report['means']] == [f'{label} extrapolate', f'{label} interpolate']
@@ -436,7 +436,7 @@ def test_eval_mean_over_seeds_groups_runs_by_label(_eval_tiny_run, tmp_path, cap
         runs = [e for e in report['checkpoints'] if e['rope_positions'] == policy]
         assert [e['checkpoint'] for e in runs] == paths
         assert {e['group'] for e in runs} == {f'{label} {policy}'}
-        for resolution in (16, _eval_train_res):
+        for resolution in (16, eval_train_res):
             top1 = [r['top1'] for e in runs for r in e['results'] if r['resolution'] == resolution]
             row = next(r for r in summary if r['label'] == f'{label} {policy}'
                        and int(r['resolution']) == resolution)

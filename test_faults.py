@@ -19,11 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
+import evaluation
+import recipes
 import recovery
 import train
 
-from testkit import (_TRAIN_FAULT_ARGS, _TRAIN_SCRIPT, _TRAIN_SMALL, _TRAIN_TIMEOUT, _TRAIN_TINY,
-    _train_assert_same_run, _train_cli, _train_env, _train_state, _train_torchrun, _train_write_folder)
+from testkit import (TRAIN_FAULT_ARGS, TRAIN_SCRIPT, TRAIN_SMALL, TRAIN_TIMEOUT, TRAIN_TINY,
+    assert_same_run, train_cli, train_env, train_state, train_torchrun, write_train_folder)
 
 # Slow: each test trains several short runs, most of them under torchrun.
 pytestmark = pytest.mark.slow
@@ -67,7 +70,7 @@ class _TrainProcesses:
         if log:
             out = open(log, 'w')
             self.files.append(out)
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env or _train_env(), text=True, stdout=out,
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env or train_env(), text=True, stdout=out,
                                 stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
@@ -83,18 +86,18 @@ class _TrainProcesses:
 
 def _train_after_saves(logs, procs, count):
     """Wait until the runs writing `logs` have reported `count` mid-epoch saves (of the 9 that
-    _TRAIN_FAULT_ARGS makes, the 8th in the last epoch): a moment chosen by progress rather than
+    TRAIN_FAULT_ARGS makes, the 8th in the last epoch): a moment chosen by progress rather than
     by time, so that it falls inside training on a fast machine as on a loaded one."""
-    deadline = time.time() + _TRAIN_TIMEOUT
+    deadline = time.time() + TRAIN_TIMEOUT
     while sum(p.read_text().count('saved recovery_') for p in logs if p.exists()) < count:
-        assert time.time() < deadline, f'fewer than {count} saves in {_TRAIN_TIMEOUT} s'
+        assert time.time() < deadline, f'fewer than {count} saves in {TRAIN_TIMEOUT} s'
         assert all(p.poll() is None for p in procs), f'a run ended before {count} saves'
         time.sleep(0.005)
 
 
 def _train_wait_output(log, text, proc):
     """Wait until the run writing `log` has printed `text`."""
-    deadline = time.time() + _TRAIN_TIMEOUT
+    deadline = time.time() + TRAIN_TIMEOUT
     while text not in log.read_text():
         assert time.time() < deadline and proc.poll() is None, log.read_text()[-3000:]
         time.sleep(0.005)
@@ -102,7 +105,7 @@ def _train_wait_output(log, text, proc):
 
 def _train_at_a_random_moment(logs, procs, most=7):
     """Return at a random moment of the runs writing `logs`: after 1 to `most` saves (7 of
-    _TRAIN_FAULT_ARGS's 9), then up to 0.1 s (inside a step, a save or an evaluation). Returns
+    TRAIN_FAULT_ARGS's 9), then up to 0.1 s (inside a step, a save or an evaluation). Returns
     (saves, delay), for failure messages."""
     moment = saves, delay = random.randint(1, most), random.uniform(0.0, 0.1)
     _train_after_saves(logs, procs, saves)
@@ -110,13 +113,13 @@ def _train_at_a_random_moment(logs, procs, most=7):
     return moment
 
 
-def test_train_torchrun_two_processes_outputs_and_recovery_rotation(_train_reference_run):
-    full, done = _train_reference_run
+def test_train_torchrun_two_processes_outputs_and_recovery_rotation(train_reference_run):
+    full, done = train_reference_run
     assert done.stdout.count('epoch 1/4 done') == 1          # only rank 0 prints
     assert 'world_size: 2' in done.stdout and 'top-1 accuracy' in done.stdout
     records = [json.loads(line) for line in (full / 'log.jsonl').read_text().splitlines()]
     assert [r['epoch'] for r in records] == [1, 2, 3, 4]
-    ckpt = _train_state(full / 'checkpoint.pth')
+    ckpt = train_state(full / 'checkpoint.pth')
     assert ckpt['epoch'] == 3 and len(ckpt['rng']) == 2 and ckpt['steps_per_epoch'] == 12
     for key in ('model', 'pe', 'model_kwargs', 'img_size', 'num_classes', 'dataset', 'data_path',
                 'builtin_val', 'builtin_seed', 'eval_crop_ratio', 'recipe', 'lr', 'batch_size',
@@ -125,7 +128,7 @@ def test_train_torchrun_two_processes_outputs_and_recovery_rotation(_train_refer
     assert ckpt['args']['recipe'] == 'demo' and ckpt['args']['dataset'] == 'glyphs'
     assert json.loads((full / 'config.json').read_text()) == ckpt['args']
     assert (full / 'best.pth').is_file() and (full / 'resolutions.json').is_file()
-    model = train.build_model(ckpt['args'])
+    model = recipes.build_model(ckpt['args'])
     model.load_state_dict(ckpt['model'])
     # Saves every 5 steps (global steps 5, 10, ..., 45) and at every epoch end; the newest two
     # are kept: the last mid-epoch one (step 45 = epoch 4, step 9: 9 x 16 images) and the end.
@@ -135,18 +138,18 @@ def test_train_torchrun_two_processes_outputs_and_recovery_rotation(_train_refer
     assert done.stdout.count('saved recovery_') == 9   # the epoch ends say 'epoch N done'
     assert not list(full.glob('*.tmp'))
     # A mid-epoch checkpoint holds where the epoch was, per rank.
-    mid = _train_state(full / 'recovery_e0003_i000000144.pth')
+    mid = train_state(full / 'recovery_e0003_i000000144.pth')
     assert (mid['epoch'], mid['images'], len(mid['epoch_sums'])) == (2, 144, 2)
-    assert recovery._digest_matches(mid) and recovery._digest_matches(ckpt)
+    assert recovery.digest_matches(mid) and recovery.digest_matches(ckpt)
 
 
 def test_train_sigkill_at_a_random_moment_then_resume_auto_is_bit_identical(
-        _train_reference_run, tmp_path):
-    full, _ = _train_reference_run
+        train_reference_run, tmp_path):
+    full, _ = train_reference_run
     cut = tmp_path / 'cut'
     with _TrainProcesses() as procs:
         log = tmp_path / 'killed.log'
-        proc = procs.start(_train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut)]),
+        proc = procs.start(train_torchrun(TRAIN_FAULT_ARGS + ['--output-dir', str(cut)]),
                            tmp_path, log=log)
         moment = _train_at_a_random_moment([log], [proc])
         workers = _train_children(proc.pid)
@@ -159,11 +162,11 @@ def test_train_sigkill_at_a_random_moment_then_resume_auto_is_bit_identical(
     assert holder['pid'] in workers and recovery.lock_holder(str(cut)) is None
     assert json.loads((cut / recovery.LOCK_NAME).read_text()) == holder
     resumed = subprocess.run(
-        _train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut), '--resume', 'auto']),
-        cwd=tmp_path, env=_train_env(), capture_output=True, text=True, timeout=_TRAIN_TIMEOUT)
+        train_torchrun(TRAIN_FAULT_ARGS + ['--output-dir', str(cut), '--resume', 'auto']),
+        cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=TRAIN_TIMEOUT)
     assert resumed.returncode == 0, (moment, resumed.stderr[-3000:])
     assert f'resumed from {cut}{os.sep}recovery_e' in resumed.stdout, moment
-    _train_assert_same_run(full, cut)
+    assert_same_run(full, cut)
     assert not list(cut.glob('*.tmp'))
     # The next run took the folder again.
     assert json.loads((cut / recovery.LOCK_NAME).read_text())['pid'] != holder['pid']
@@ -175,7 +178,7 @@ def _train_free_port():
         return sock.getsockname()[1]
 
 
-def _train_wait_gone(pids, timeout=_TRAIN_TIMEOUT):
+def _train_wait_gone(pids, timeout=TRAIN_TIMEOUT):
     deadline = time.time() + timeout
     while not all(_train_proc_ended(p) for p in pids):
         assert time.time() < deadline, f'processes {pids} did not exit'
@@ -211,12 +214,12 @@ def _train_stop_message(output):
 
 
 def test_train_sigterm_stops_every_rank_at_one_step_saves_once_and_resumes_bit_identical(
-        _train_reference_run, tmp_path):
-    full, _ = _train_reference_run
+        train_reference_run, tmp_path):
+    full, _ = train_reference_run
     cut = tmp_path / 'cut'
     with _TrainProcesses() as procs:
         log = tmp_path / 'stopped.log'
-        proc = procs.start(_train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut)]),
+        proc = procs.start(train_torchrun(TRAIN_FAULT_ARGS + ['--output-dir', str(cut)]),
                            tmp_path, log=log)
         moment = _train_at_a_random_moment([log], [proc])
         workers = _train_children(proc.pid)
@@ -225,7 +228,7 @@ def test_train_sigterm_stops_every_rank_at_one_step_saves_once_and_resumes_bit_i
         _train_kill_tree(proc.pid, signal.SIGTERM)
         time.sleep(0.05)
         _train_kill_tree(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=_TRAIN_TIMEOUT)
+        proc.wait(timeout=TRAIN_TIMEOUT)
         _train_wait_gone(workers)
         stop_seconds = time.time() - signalled
     output = (tmp_path / 'stopped.log').read_text()
@@ -235,14 +238,14 @@ def test_train_sigterm_stops_every_rank_at_one_step_saves_once_and_resumes_bit_i
     # Bounded: well inside torchrun's 30 s before it sends SIGKILL (measured: about 0.3 s).
     assert stop_seconds < 20, stop_seconds
     assert recovery.recovery_files(str(cut))[0] == saved and not list(cut.glob('*.tmp'))
-    state = _train_state(saved)
-    assert recovery._digest_matches(state) and len(state['rng']) == 2
+    state = train_state(saved)
+    assert recovery.digest_matches(state) and len(state['rng']) == 2
     resumed = subprocess.run(
-        _train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut), '--resume', 'auto']),
-        cwd=tmp_path, env=_train_env(), capture_output=True, text=True, timeout=_TRAIN_TIMEOUT)
+        train_torchrun(TRAIN_FAULT_ARGS + ['--output-dir', str(cut), '--resume', 'auto']),
+        cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=TRAIN_TIMEOUT)
     assert resumed.returncode == 0, (moment, resumed.stderr[-3000:])
     assert f'resumed from {saved} (--resume auto)' in resumed.stdout
-    _train_assert_same_run(full, cut)
+    assert_same_run(full, cut)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +271,7 @@ _TRAIN_EXIT_RECORDING_LAUNCHER = '''import os
 import recovery, train
 status = 'no status: a crash'
 try:
-    recovery.cli(train.main, train.get_args_parser())
+    cli.cli(train.main, train.get_args_parser())
     status = 0
 except SystemExit as e:
     status = e.code
@@ -290,7 +293,7 @@ def _train_loader_run(data, out, record, resume=False, launcher=()):
             '--save-every-steps', '2', '--print-freq', '1', '--output-dir', str(out)]
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
                '2', *launcher, str(script), *args, *(['--resume', 'auto'] if resume else [])]
-    return command, dict(_train_env(), EXIT_RECORD=str(record))
+    return command, dict(train_env(), EXIT_RECORD=str(record))
 
 
 def _train_exit_statuses(record):
@@ -304,7 +307,7 @@ def _train_loader_reference(tmp_path_factory):
     _train_write_jpeg_folder(base / 'data')
     command, env = _train_loader_run(base / 'data', base / 'full', base)
     done = subprocess.run(command, cwd=base, env=env, capture_output=True, text=True,
-                          timeout=_TRAIN_TIMEOUT)
+                          timeout=TRAIN_TIMEOUT)
     assert done.returncode == 0 and _train_exit_statuses(base) == ['0', '0'], done.stderr[-3000:]
     return base / 'data', base / 'full'
 
@@ -351,7 +354,7 @@ def test_train_folder_run_with_loader_workers_stopped_by_a_scheduler_resumes_bit
                     except ProcessLookupError:
                         pass
                 time.sleep(0.05)
-        proc.wait(timeout=_TRAIN_TIMEOUT)
+        proc.wait(timeout=TRAIN_TIMEOUT)
         _train_wait_gone(job)
         stop_seconds = time.time() - signalled
     finally:
@@ -377,13 +380,13 @@ def test_train_folder_run_with_loader_workers_stopped_by_a_scheduler_resumes_bit
     (tmp_path / 'exit_1').unlink()
     command, env = _train_loader_run(data, cut, tmp_path, resume=True)
     resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=_TRAIN_TIMEOUT)
+                             timeout=TRAIN_TIMEOUT)
     assert resumed.returncode == 0, (context, resumed.stderr[-3000:])
     assert _train_exit_statuses(tmp_path) == ['0', '0']
     # A stop in the closing evaluation names checkpoint.pth, a link to the newest recovery one.
     assert 'resumed from ' + (str(cut) if saved.endswith('checkpoint.pth') else saved) \
         in resumed.stdout, (context, resumed.stdout[-3000:])
-    _train_assert_same_run(full, cut)
+    assert_same_run(full, cut)
 
 
 _TRAIN_LOADER_PROBE = '''import sys, time
@@ -417,7 +420,7 @@ def test_train_loader_workers_ignore_signals_from_outside_and_end_with_their_pro
     exit, and ignored that would leave it waiting for them forever."""
     script = tmp_path / 'probe.py'
     script.write_text(_TRAIN_LOADER_PROBE)
-    proc = subprocess.Popen([sys.executable, str(script)], env=_train_env(), text=True,
+    proc = subprocess.Popen([sys.executable, str(script)], env=train_env(), text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         workers = [int(pid) for pid in proc.stdout.readline().split()]
@@ -442,14 +445,14 @@ def test_train_loader_workers_ignore_signals_from_outside_and_end_with_their_pro
 
 
 def test_train_lost_worker_torchrun_restart_resumes_by_itself_bit_identical(
-        _train_reference_run, tmp_path):
-    full, _ = _train_reference_run
+        train_reference_run, tmp_path):
+    full, _ = train_reference_run
     cut = tmp_path / 'cut'
     restarting = ['--max-restarts', '1']
     with _TrainProcesses() as procs:
         # No --resume: the restarted workers continue from their own checkpoints all the same.
         log = tmp_path / 'run.log'
-        proc = procs.start(_train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut)],
+        proc = procs.start(train_torchrun(TRAIN_FAULT_ARGS + ['--output-dir', str(cut)],
                                            launcher=restarting), tmp_path, log=log)
         _train_at_a_random_moment([log], [proc])
         first = recovery.lock_holder(str(cut))
@@ -463,18 +466,18 @@ def test_train_lost_worker_torchrun_restart_resumes_by_itself_bit_identical(
         finally:
             _train_kill_tree(proc.pid, signal.SIGCONT)
         assert again['pid'] in workers and again['pid'] != first['pid'], (first, again, workers)
-        assert proc.wait(timeout=_TRAIN_TIMEOUT) == 0, (tmp_path / 'run.log').read_text()[-3000:]
+        assert proc.wait(timeout=TRAIN_TIMEOUT) == 0, (tmp_path / 'run.log').read_text()[-3000:]
     output = (tmp_path / 'run.log').read_text()
     assert re.search(r'resumed from \S+recovery_e\d+_i\d+\.pth after a torchrun restart',
                      output), output[-3000:]
-    _train_assert_same_run(full, cut)
+    assert_same_run(full, cut)
 
 
 def test_train_torchrun_killed_alone_its_workers_stop_by_themselves_and_resume_bit_identical(
-        _train_reference_run, tmp_path):
-    full, _ = _train_reference_run
+        train_reference_run, tmp_path):
+    full, _ = train_reference_run
     cut = tmp_path / 'cut'
-    command = _train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(cut), '--resume', 'auto'])
+    command = train_torchrun(TRAIN_FAULT_ARGS + ['--output-dir', str(cut), '--resume', 'auto'])
     with _TrainProcesses() as procs:
         log = tmp_path / 'orphaned.log'
         proc = procs.start(command, tmp_path, log=log)
@@ -505,18 +508,18 @@ def test_train_torchrun_killed_alone_its_workers_stop_by_themselves_and_resume_b
     assert len(stops) == 1 and recovery.recovery_files(str(cut))[0] == stops[0], output[-3000:]
     saved = stops[0]
     assert orphaned_seconds < 10   # from SIGCONT: a step, a save and the exit
-    resumed = subprocess.run(command, cwd=tmp_path, env=_train_env(), capture_output=True,
-                             text=True, timeout=_TRAIN_TIMEOUT)
+    resumed = subprocess.run(command, cwd=tmp_path, env=train_env(), capture_output=True,
+                             text=True, timeout=TRAIN_TIMEOUT)
     assert resumed.returncode == 0, (moment, resumed.stderr[-3000:])
     assert f'resumed from {saved} (--resume auto)' in resumed.stdout, moment
-    _train_assert_same_run(full, cut)
+    assert_same_run(full, cut)
 
 
 def test_train_second_job_on_a_running_jobs_folder_is_refused_and_the_first_ends_bit_identical(
-        _train_reference_run, tmp_path):
-    full, _ = _train_reference_run
+        train_reference_run, tmp_path):
+    full, _ = train_reference_run
     out = tmp_path / 'out'
-    command = _train_torchrun(_TRAIN_FAULT_ARGS + ['--output-dir', str(out), '--resume', 'auto'])
+    command = train_torchrun(TRAIN_FAULT_ARGS + ['--output-dir', str(out), '--resume', 'auto'])
     with _TrainProcesses() as procs:
         log = tmp_path / 'first.log'
         first = procs.start(command, tmp_path, log=log)
@@ -527,13 +530,13 @@ def test_train_second_job_on_a_running_jobs_folder_is_refused_and_the_first_ends
         try:
             holder = recovery.lock_holder(str(out))
             before = {p.name: p.read_bytes() for p in out.iterdir()}
-            second = subprocess.run(command, cwd=tmp_path, env=_train_env(),
-                                    capture_output=True, text=True, timeout=_TRAIN_TIMEOUT)
+            second = subprocess.run(command, cwd=tmp_path, env=train_env(),
+                                    capture_output=True, text=True, timeout=TRAIN_TIMEOUT)
             after = {p.name: p.read_bytes() for p in out.iterdir()}
             workers = _train_children(first.pid)
         finally:
             _train_kill_tree(first.pid, signal.SIGCONT)
-        assert first.wait(timeout=_TRAIN_TIMEOUT) == 0, log.read_text()[-3000:]
+        assert first.wait(timeout=TRAIN_TIMEOUT) == 0, log.read_text()[-3000:]
     assert holder['pid'] in workers and holder['host'] == socket.gethostname()
     output = second.stdout + second.stderr
     ours = [line for line in output.splitlines() if line.startswith('error: ')]
@@ -544,7 +547,7 @@ def test_train_second_job_on_a_running_jobs_folder_is_refused_and_the_first_ends
     assert re.fullmatch(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC', holder['started'])
     assert 'exitcode  : 2' in output and 'train.py", line' not in output, output[-3000:]
     assert 'resumed from' not in output and after == before   # nothing read, nothing written
-    _train_assert_same_run(full, out)
+    assert_same_run(full, out)
 
 
 def test_train_output_folder_in_use_is_refused_with_one_line_or_waited_for(
@@ -552,13 +555,13 @@ def test_train_output_folder_in_use_is_refused_with_one_line_or_waited_for(
     out = tmp_path / 'out'
     # Another process holds the folder until its stdin closes.
     holder = subprocess.Popen(
-        [sys.executable, '-c', 'import recovery, sys; recovery._take_output_dir(sys.argv[1]); '
+        [sys.executable, '-c', 'import recovery, sys; recovery.take_output_dir(sys.argv[1]); '
          'print("held", flush=True); sys.stdin.read()', str(out)],
-        env=_train_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        env=train_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == 'held\n'
         before = {p.name: p.read_bytes() for p in out.iterdir()}
-        assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--resume', 'auto']) == 2
+        assert train_cli(TRAIN_SMALL + ['--output-dir', str(out), '--resume', 'auto']) == 2
         err = capsys.readouterr().err
         started = json.loads((out / recovery.LOCK_NAME).read_text())['started']
         assert err == (f'error: output folder {out} is in use by another run (host '
@@ -568,7 +571,7 @@ def test_train_output_folder_in_use_is_refused_with_one_line_or_waited_for(
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
         # --wait-for-output-dir: the run starts once the holder has ended.
         threading.Timer(1.0, holder.stdin.close).start()
-        assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--epochs', '1',
+        assert train_cli(TRAIN_SMALL + ['--output-dir', str(out), '--epochs', '1',
                                           '--wait-for-output-dir', '60']) == 0
         assert f'waiting up to 60 s for output folder {out}, in use by another run (host ' \
             f'{socket.gethostname()}, pid {holder.pid}, started {started})' \
@@ -583,7 +586,7 @@ def test_train_output_folder_in_use_is_refused_with_one_line_or_waited_for(
     def no_locks(*args):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
     monkeypatch.setattr(recovery.fcntl, 'lockf', no_locks)
-    assert recovery._take_output_dir(str(tmp_path / 'nfs')) is None
+    assert recovery.take_output_dir(str(tmp_path / 'nfs')) is None
     assert capsys.readouterr().err == (
         f"warning: cannot lock {tmp_path / 'nfs' / recovery.LOCK_NAME} (No locks available): "
         'this file system offers no locks, so nothing keeps a second run out of the folder '
@@ -596,21 +599,21 @@ def test_train_output_folder_in_use_is_refused_with_one_line_or_waited_for(
 def _train_two_nodes(procs, port, out, cwd, tag, extra=()):
     """Two torchrun agents of one process each, meeting at a c10d rendezvous on localhost: the
     README's several-node command on one machine, with its environment."""
-    env = dict(_train_env(), TORCH_DISABLE_SHARE_RDZV_TCP_STORE='1')
+    env = dict(train_env(), TORCH_DISABLE_SHARE_RDZV_TCP_STORE='1')
     agents = []
     for node in range(2):
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2',
                '--nproc_per_node', '1', '--rdzv-backend', 'c10d',
                '--rdzv-endpoint', f'localhost:{port}', '--rdzv-id', f'test-{port}',
-               '--max-restarts', '1', _TRAIN_SCRIPT] + _TRAIN_FAULT_ARGS + [
+               '--max-restarts', '1', TRAIN_SCRIPT] + TRAIN_FAULT_ARGS + [
                '--output-dir', str(out), '--resume', 'auto', *extra]
         agents.append(procs.start(cmd, cwd, env=env, log=cwd / f'{tag}_node{node}.log'))
     return agents
 
 
 def test_train_two_nodes_c10d_preempt_resume_and_lost_node_are_bit_identical(
-        _train_reference_run, tmp_path):
-    full, _ = _train_reference_run
+        train_reference_run, tmp_path):
+    full, _ = train_reference_run
     # 1. Both nodes preempted after a checkpoint, then the same command again on both.
     out = tmp_path / 'preempted'
     with _TrainProcesses() as procs:
@@ -620,17 +623,17 @@ def test_train_two_nodes_c10d_preempt_resume_and_lost_node_are_bit_identical(
         for agent in agents:
             _train_kill_tree(agent.pid, signal.SIGTERM)
         for agent in agents:
-            agent.wait(timeout=_TRAIN_TIMEOUT)
+            agent.wait(timeout=TRAIN_TIMEOUT)
         _train_wait_gone(workers)
     logs = ''.join((tmp_path / f'first_node{n}.log').read_text() for n in range(2))
     _, saved = _train_stop_message(logs)
     with _TrainProcesses() as procs:
         agents = _train_two_nodes(procs, _train_free_port(), out, tmp_path, 'second')
         for agent in agents:
-            assert agent.wait(timeout=_TRAIN_TIMEOUT) == 0, logs
+            assert agent.wait(timeout=TRAIN_TIMEOUT) == 0, logs
     logs = ''.join((tmp_path / f'second_node{n}.log').read_text() for n in range(2))
     assert f'resumed from {saved} (--resume auto)' in logs, logs[-3000:]
-    _train_assert_same_run(full, out)
+    assert_same_run(full, out)
 
     # 2. A node's worker lost mid-run: both agents restart their workers, which resume.
     out = tmp_path / 'lost'
@@ -639,29 +642,29 @@ def test_train_two_nodes_c10d_preempt_resume_and_lost_node_are_bit_identical(
         _train_at_a_random_moment([tmp_path / f'lost_node{n}.log' for n in range(2)], agents)
         os.kill(_train_children(agents[1].pid)[0], signal.SIGKILL)
         for agent in agents:
-            assert agent.wait(timeout=_TRAIN_TIMEOUT) == 0
+            assert agent.wait(timeout=TRAIN_TIMEOUT) == 0
     logs = ''.join((tmp_path / f'lost_node{n}.log').read_text() for n in range(2))
     assert 'resumed from' in logs, logs[-3000:]
-    _train_assert_same_run(full, out)
+    assert_same_run(full, out)
 
 
 def test_train_resume_mid_epoch_on_another_batch_size_continues_at_the_same_point(
         tmp_path, capsys, monkeypatch):
     out = tmp_path / 'out'
     _train_send_at_step(monkeypatch, {3: signal.SIGTERM})
-    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out)]) == 75   # 24 images seen
+    assert train_cli(TRAIN_SMALL + ['--output-dir', str(out)]) == 75   # 24 images seen
     _train_send_at_step(monkeypatch, {})
     capsys.readouterr()
     # Batch 4 instead of 8: 8 steps per epoch, the same 24 images are 6 of them; the schedule
     # (16 steps now) goes on from step 6 with the learning rate of the new batch.
-    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--batch-size', '4',
+    assert train_cli(TRAIN_SMALL + ['--output-dir', str(out), '--batch-size', '4',
                                       '--resume', 'auto']) == 0
     printed = capsys.readouterr().out
     assert (f"resumed from {out / 'recovery_e0000_i000000024.pth'} (--resume auto): epoch 1/2, "
             'step 6/8') in printed
     assert ('the checkpoint was written by 1 process(es) x batch 8, this run has 1 x 4: the '
             'schedule goes on from step 6 of 16 at lr 6.25e-05') in printed
-    final = _train_state(out / 'checkpoint.pth')
+    final = train_state(out / 'checkpoint.pth')
     assert final['lr_scheduler']['last_epoch'] == 16 and final['steps_per_epoch'] == 8
     assert [json.loads(line)['epoch'] for line in (out / 'log.jsonl').read_text().splitlines()] \
         == [1, 2]
@@ -669,16 +672,16 @@ def test_train_resume_mid_epoch_on_another_batch_size_continues_at_the_same_poin
 
 
 def _train_send_at_step(monkeypatch, schedule):
-    """train._loss sends this process the signal schedule[n] while computing training step n
+    """train.training_loss sends this process the signal schedule[n] while computing training step n
     (counted from 1 in this run): a preemption at a chosen step."""
-    real_loss, calls = train._loss, [0]
+    real_loss, calls = train.training_loss, [0]
 
     def loss(*args):
         calls[0] += 1
         if calls[0] in schedule:
             os.kill(os.getpid(), schedule[calls[0]])
         return real_loss(*args)
-    monkeypatch.setattr(train, '_loss', loss)
+    monkeypatch.setattr(train, 'training_loss', loss)
 
 
 def _train_folder_run_args(data):
@@ -693,11 +696,11 @@ def _train_folder_run_args(data):
 def test_train_mid_epoch_stop_by_signal_resumes_bit_identical_with_augmentation_and_workers(
         tmp_path, capsys, monkeypatch):
     data = tmp_path / 'data'
-    _train_write_folder(data, corrupt=False)
+    write_train_folder(data, corrupt=False)
     args = _train_folder_run_args(data)
     full, cut = tmp_path / 'full', tmp_path / 'cut'
-    assert _train_cli(args + ['--output-dir', str(full), '--num-workers', '0']) == 0
-    assert _train_state(full / 'checkpoint.pth')['args']['recipe'] == 'deit3'
+    assert train_cli(args + ['--output-dir', str(full), '--num-workers', '0']) == 0
+    assert train_state(full / 'checkpoint.pth')['args']['recipe'] == 'deit3'
     capsys.readouterr()
 
     # Stopped by SIGUSR1 in step 2 of epoch 1, with loader workers that also get signals; a
@@ -712,29 +715,29 @@ def test_train_mid_epoch_stop_by_signal_resumes_bit_identical_with_augmentation_
         return real_save(obj, f, *a, **kw)
     monkeypatch.setattr(torch, 'save', save_under_fire)
     _train_send_at_step(monkeypatch, {2: signal.SIGUSR1})
-    status = _train_cli(args + ['--output-dir', str(cut), '--num-workers', '2'])
+    status = train_cli(args + ['--output-dir', str(cut), '--num-workers', '2'])
     err = capsys.readouterr().err
     saved = cut / 'recovery_e0000_i000000008.pth'
-    assert status == recovery.EXIT_STOPPED == 75
+    assert status == cli.EXIT_STOPPED == 75
     assert err == (f'stopped by SIGUSR1 at epoch 1/2, step 2/3: saved {saved}; run the same '
                    'command with --resume auto to continue (exit status 75)\n'), err
     assert saves == [8]   # one save, at the step the signal came in
-    assert recovery._digest_matches(_train_state(saved)) and not list(cut.glob('*.tmp'))
+    assert recovery.digest_matches(train_state(saved)) and not list(cut.glob('*.tmp'))
     monkeypatch.setattr(torch, 'save', real_save)
 
     # Resumed, stopped again in the epoch's last step (so after its evaluation and save), and
     # resumed again with another worker count.
     _train_send_at_step(monkeypatch, {1: signal.SIGTERM})
-    assert _train_cli(args + ['--output-dir', str(cut), '--num-workers', '2',
+    assert train_cli(args + ['--output-dir', str(cut), '--num-workers', '2',
                               '--resume', 'auto']) == 75
     out, err = capsys.readouterr()
     assert f'resumed from {saved} (--resume auto): epoch 1/2, step 2/3' in out
     assert err.startswith('stopped by SIGTERM after epoch 1/2: saved ') and err.count('\n') == 1
     _train_send_at_step(monkeypatch, {})
-    assert _train_cli(args + ['--output-dir', str(cut), '--num-workers', '1',
+    assert train_cli(args + ['--output-dir', str(cut), '--num-workers', '1',
                               '--resume', 'auto']) == 0
     assert 'resumed from' in capsys.readouterr().out
-    _train_assert_same_run(full, cut)
+    assert_same_run(full, cut)
 
 
 def _train_snapshot(folder):
@@ -742,12 +745,12 @@ def _train_snapshot(folder):
 
 
 def test_train_signal_in_the_closing_evaluation_stops_with_75_and_resume_redoes_only_it(
-        _train_small_reference, tmp_path, capsys, monkeypatch):
+        train_small_reference, tmp_path, capsys, monkeypatch):
     out = tmp_path / 'out'
-    shutil.copytree(_train_small_reference, out)
+    shutil.copytree(train_small_reference, out)
     (out / 'resolutions.json').unlink()
     before, log_before = _train_snapshot(out), (out / 'log.jsonl').read_bytes()
-    real, calls = train.evaluate_resolutions, []
+    real, calls = evaluation.evaluate_resolutions, []
 
     def signalled(model, cfg, resolutions, *args, **kwargs):
         calls.append(list(resolutions))
@@ -758,7 +761,7 @@ def test_train_signal_in_the_closing_evaluation_stops_with_75_and_resume_redoes_
     capsys.readouterr()
     # Training is complete: the resume goes straight to the closing evaluation (RoPE-Mixed:
     # extrapolated, then interpolated, at 16 px), which stops after its first resolution.
-    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--resume', 'auto']) == 75
+    assert train_cli(TRAIN_SMALL + ['--output-dir', str(out), '--resume', 'auto']) == 75
     progress, stop = capsys.readouterr().err.splitlines()   # the resolution done, the stop
     assert 'RoPE-Mixed extrapolate @ 16: 8/8 images (100%)' in progress, progress
     assert stop == (f'stopped by SIGTERM in the closing evaluation across resolutions (training is '
@@ -767,16 +770,16 @@ def test_train_signal_in_the_closing_evaluation_stops_with_75_and_resume_redoes_
     assert calls == [[16]] and not (out / 'resolutions.json').exists()
     assert _train_snapshot(out) == before and (out / 'log.jsonl').read_bytes() == log_before
     monkeypatch.setattr(train, 'evaluate_resolutions', real)
-    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--resume', 'auto']) == 0
+    assert train_cli(TRAIN_SMALL + ['--output-dir', str(out), '--resume', 'auto']) == 0
     assert json.loads((out / 'resolutions.json').read_text()) \
-        == json.loads((_train_small_reference / 'resolutions.json').read_text())
+        == json.loads((train_small_reference / 'resolutions.json').read_text())
     assert _train_snapshot(out) == before
 
 
 def test_train_failed_checkpoint_write_stops_with_one_line_and_keeps_previous_files(
-        _train_small_reference, tmp_path, capsys, monkeypatch):
+        train_small_reference, tmp_path, capsys, monkeypatch):
     out = tmp_path / 'out'
-    shutil.copytree(_train_small_reference, out)
+    shutil.copytree(train_small_reference, out)
     before = _train_snapshot(out)
     log_before = (out / 'log.jsonl').read_bytes()
     capsys.readouterr()
@@ -788,10 +791,10 @@ def test_train_failed_checkpoint_write_stops_with_one_line_and_keeps_previous_fi
         f.write(b'PK\x03\x04 half a checkpoint')
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(torch, 'save', disk_full)
-    status = _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--epochs', '3',
+    status = train_cli(TRAIN_SMALL + ['--output-dir', str(out), '--epochs', '3',
                                         '--resume', 'auto'])
     err = capsys.readouterr().err
-    assert status == recovery.EXIT_SAVE_FAILED == 74
+    assert status == cli.EXIT_SAVE_FAILED == 74
     assert err.startswith(f'error: cannot write {out / "recovery_e0002_i000000008.pth"}: No space '
                           'left on device; the files written before are kept') \
         and err.count('\n') == 1, err
@@ -807,7 +810,7 @@ def test_train_failed_checkpoint_write_stops_with_one_line_and_keeps_previous_fi
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
         return real_open(path, mode, *a, **kw)
     monkeypatch.setattr(recovery, 'open', read_only, raising=False)
-    status = _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--epochs', '3',
+    status = train_cli(TRAIN_SMALL + ['--output-dir', str(out), '--epochs', '3',
                                         '--resume', 'auto'])
     err = capsys.readouterr().err
     assert status == 74
@@ -821,8 +824,8 @@ def test_train_failed_checkpoint_write_stops_with_one_line_and_keeps_previous_fi
     fresh = tmp_path / 'limited'
     limit = 64 * 1024   # above config.json, below one checkpoint
     done = subprocess.run(
-        [sys.executable, _TRAIN_SCRIPT] + _TRAIN_SMALL + ['--output-dir', str(fresh)],
-        cwd=tmp_path, env=_train_env(), capture_output=True, text=True, timeout=_TRAIN_TIMEOUT,
+        [sys.executable, TRAIN_SCRIPT] + TRAIN_SMALL + ['--output-dir', str(fresh)],
+        cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=TRAIN_TIMEOUT,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert done.returncode == 74, done.stderr[-2000:]
     assert done.stderr == (f'error: cannot write {fresh / "recovery_e0000_i000000008.pth"}: File '
@@ -832,7 +835,7 @@ def test_train_failed_checkpoint_write_stops_with_one_line_and_keeps_previous_fi
 
 
 def test_train_save_error_warn_trains_on_and_removes_nothing_until_a_save_succeeds(
-        _train_small_reference, tmp_path, capsys, monkeypatch):
+        train_small_reference, tmp_path, capsys, monkeypatch):
     out = tmp_path / 'out'
     real_save, calls, seen = torch.save, [0], {}
 
@@ -843,7 +846,7 @@ def test_train_save_error_warn_trains_on_and_removes_nothing_until_a_save_succee
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(obj, f, *a, **kw)
     monkeypatch.setattr(torch, 'save', flaky_disk)
-    status = _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--on-save-error', 'warn'])
+    status = train_cli(TRAIN_SMALL + ['--output-dir', str(out), '--on-save-error', 'warn'])
     err = capsys.readouterr().err
     assert status == 0, err
     warnings = [line for line in err.splitlines() if line.startswith('warning: ')]
@@ -854,17 +857,17 @@ def test_train_save_error_warn_trains_on_and_removes_nothing_until_a_save_succee
     assert seen[3] == seen[4] == seen[5] == kept   # nothing removed while saves failed
     # The first save that worked removed the oldest; the newest two remain.
     assert seen[6] == ['recovery_e0000_i000000016.pth', 'recovery_e0001_i000000008.pth']
-    _train_assert_same_run(_train_small_reference, out)   # the record of epoch 1 came later
+    assert_same_run(train_small_reference, out)   # the record of epoch 1 came later
 
 
 def test_train_resume_auto_falls_back_past_damaged_checkpoints_naming_both(
-        _train_small_reference, tmp_path, capsys):
+        train_small_reference, tmp_path, capsys):
     newest, previous = 'recovery_e0002_i000000000.pth', 'recovery_e0001_i000000024.pth'
-    assert [os.path.basename(p) for p in recovery.recovery_files(str(_train_small_reference))] \
+    assert [os.path.basename(p) for p in recovery.recovery_files(str(train_small_reference))] \
         == [newest, previous]
     for damage in ('truncated', 'random bytes inside', 'random bytes'):
         out = tmp_path / damage.replace(' ', '_')
-        shutil.copytree(_train_small_reference, out)
+        shutil.copytree(train_small_reference, out)
         data = (out / newest).read_bytes()
         if damage == 'truncated':
             data = data[:len(data) // 2]
@@ -875,7 +878,7 @@ def test_train_resume_auto_falls_back_past_damaged_checkpoints_naming_both(
             data = os.urandom(len(data))
         (out / newest).write_bytes(data)
         capsys.readouterr()
-        assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--resume', 'auto']) == 0
+        assert train_cli(TRAIN_SMALL + ['--output-dir', str(out), '--resume', 'auto']) == 0
         printed = capsys.readouterr()
         warning = [line for line in printed.err.splitlines() if line.startswith('warning:')]
         assert len(warning) == 1 and warning[0].startswith(
@@ -885,17 +888,17 @@ def test_train_resume_auto_falls_back_past_damaged_checkpoints_naming_both(
         assert f'resumed from {out / previous} (--resume auto): epoch 2/2, step 3/4' \
             in printed.out
         assert (out / f'{newest}.damaged').read_bytes() == data
-        _train_assert_same_run(_train_small_reference, out)
+        assert_same_run(train_small_reference, out)
 
     # Nothing sound left: one line, exit 2, nothing written.
     out = tmp_path / 'all_damaged'
-    shutil.copytree(_train_small_reference, out)
+    shutil.copytree(train_small_reference, out)
     for path in list(out.glob('recovery_*.pth')) + [out / 'checkpoint.pth']:
         path.write_bytes(path.read_bytes()[:100])
     # (The lock file aside: --resume auto reads the folder once it holds it, and the lock file
     # names the holder.)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != recovery.LOCK_NAME}
-    status = _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--resume', 'auto'])
+    status = train_cli(TRAIN_SMALL + ['--output-dir', str(out), '--resume', 'auto'])
     err = capsys.readouterr().err
     assert status == 2 and err.startswith('error: --resume auto: no sound checkpoint in ') \
         and err.count('\n') == 1 and newest in err and 'checkpoint.pth' in err, err
@@ -904,26 +907,26 @@ def test_train_resume_auto_falls_back_past_damaged_checkpoints_naming_both(
 
 
 def test_train_resume_auto_continues_only_its_own_run_and_a_torchrun_restart_implies_it(
-        _train_small_reference, tmp_path, capsys, monkeypatch):
+        train_small_reference, tmp_path, capsys, monkeypatch):
     # A torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) of a run without --resume continues
     # from what that torchrun's run saved.
     out = tmp_path / 'out'
     monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'first-torchrun')
     monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '0')
     _train_send_at_step(monkeypatch, {6: signal.SIGTERM})
-    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out)]) == 75
+    assert train_cli(TRAIN_SMALL + ['--output-dir', str(out)]) == 75
     monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')
     _train_send_at_step(monkeypatch, {})
     capsys.readouterr()
-    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out)]) == 0
+    assert train_cli(TRAIN_SMALL + ['--output-dir', str(out)]) == 0
     assert (f"resumed from {out / 'recovery_e0001_i000000016.pth'} after a torchrun restart "
             '(auto implied): epoch 2/2, step 2/4') in capsys.readouterr().out
-    _train_assert_same_run(_train_small_reference, out)
+    assert_same_run(train_small_reference, out)
 
     # Another torchrun, restarted, without --resume: a fresh start, as its command says.
     monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'second-torchrun')
     _train_send_at_step(monkeypatch, {1: signal.SIGTERM})
-    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--seed', '1']) == 75
+    assert train_cli(TRAIN_SMALL + ['--output-dir', str(out), '--seed', '1']) == 75
     printed = capsys.readouterr().out
     assert 'resumed from' not in printed
     assert (f'note: 2 checkpoint(s) of an earlier run in {out} are not continued, and this '
@@ -938,14 +941,14 @@ def test_train_resume_auto_continues_only_its_own_run_and_a_torchrun_restart_imp
     # A fresh start that failed before its first save leaves the folder's checkpoints to the
     # run before it: --resume auto starts afresh instead of continuing that other run.
     other = tmp_path / 'other'
-    shutil.copytree(_train_small_reference, other)
-    finite_loss = train._loss
-    monkeypatch.setattr(train, '_loss', lambda *a: finite_loss(*a) * float('nan'))
-    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(other), '--seed', '1']) == 1
-    monkeypatch.setattr(train, '_loss', finite_loss)
+    shutil.copytree(train_small_reference, other)
+    finite_loss = train.training_loss
+    monkeypatch.setattr(train, 'training_loss', lambda *a: finite_loss(*a) * float('nan'))
+    assert train_cli(TRAIN_SMALL + ['--output-dir', str(other), '--seed', '1']) == 1
+    monkeypatch.setattr(train, 'training_loss', finite_loss)
     _train_send_at_step(monkeypatch, {1: signal.SIGTERM})
     capsys.readouterr()
-    assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(other), '--seed', '1',
+    assert train_cli(TRAIN_SMALL + ['--output-dir', str(other), '--seed', '1',
                                       '--resume', 'auto']) == 75
     printed = capsys.readouterr().out
     assert 'note: 3 checkpoint(s) of an earlier run' in printed and 'starting from scratch' in printed
@@ -958,24 +961,24 @@ def test_train_agree_every_k_steps_stops_on_a_signal_within_k_and_never_saves_a_
     # --agree-every 3 (a GPU's default is the print interval): the ranks read the stop flags and
     # the divergence check after steps 3, 6, ... only, so a signal during step 1 stops the run
     # after step 3, where the recovery checkpoint is written.
-    args = _TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '64', '--builtin-val', '8',
+    args = TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '64', '--builtin-val', '8',
                           '--epochs', '1', '--save-every-steps', '0', '--agree-every', '3']
     out = tmp_path / 'out'
     _train_send_at_step(monkeypatch, {1: signal.SIGTERM})
-    assert _train_cli(args + ['--output-dir', str(out)]) == 75
+    assert train_cli(args + ['--output-dir', str(out)]) == 75
     assert [os.path.basename(p) for p in recovery.recovery_files(str(out))] == [
         'recovery_e0000_i000000024.pth']
     # A non-finite loss from step 2 on stops the run at the agreement after step 3, names step 2,
     # and nothing is saved: the weights stepped with it never reach a checkpoint.
     nan_out = tmp_path / 'nan'
-    finite_loss, calls = train._loss, [0]
+    finite_loss, calls = train.training_loss, [0]
 
     def loss(*a):
         calls[0] += 1
         return finite_loss(*a) * (float('nan') if calls[0] >= 2 else 1.0)
-    monkeypatch.setattr(train, '_loss', loss)
+    monkeypatch.setattr(train, 'training_loss', loss)
     capsys.readouterr()
-    assert _train_cli(args + ['--output-dir', str(nan_out)]) == 1
+    assert train_cli(args + ['--output-dir', str(nan_out)]) == 1
     assert capsys.readouterr().err.startswith('error: loss is nan at epoch 1, step 2/8;')
     assert calls[0] == 3
     assert recovery.recovery_files(str(nan_out)) == []

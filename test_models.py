@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import rope_vit
 import swin_rope
 
-from testkit import _VIT_TINY, _swin_redraw, _swin_small_model, _vit_tiny
+from testkit import VIT_TINY, swin_redraw, swin_small_model, tiny_vit
 
 
 # ---------------------------------------------------------------------------------------
@@ -19,7 +19,7 @@ from testkit import _VIT_TINY, _swin_redraw, _swin_small_model, _vit_tiny
 
 @pytest.mark.parametrize('pe', ['ape', 'rope_axial', 'rope_mixed_ape'])
 def test_vit_avg_pool_has_no_class_token_and_classifies_the_mean_of_patches(pe):
-    model = _vit_tiny(pe, global_pool='avg', patch_size=8, img_size=32)
+    model = tiny_vit(pe, global_pool='avg', patch_size=8, img_size=32)
     assert 'cls_token' not in model.state_dict() and model.num_prefix_tokens == 0
     x = torch.randn(2, 3, 32, 48)  # 4 x 6 patches
     with torch.no_grad():
@@ -38,7 +38,7 @@ def test_vit_avg_pool_has_no_class_token_and_classifies_the_mean_of_patches(pe):
     torch.testing.assert_close(readable, want, atol=1e-5, rtol=1e-5)
     assert [a.shape for a in attns] == [(2, 2, 24, 24)] * model.depth  # patches only
     assert maps[0][0].shape == (2, model.embed_dim, 4, 6) and maps[0][1].shape == (2, 0, model.embed_dim)
-    assert 'cls_token' in _vit_tiny(pe, patch_size=8).state_dict()  # the default keeps the paper's class token
+    assert 'cls_token' in tiny_vit(pe, patch_size=8).state_dict()  # the default keeps the paper's class token
 
 
 @pytest.mark.parametrize('pe', ['rope_axial', 'rope_mixed'])
@@ -48,7 +48,7 @@ def test_vit_rope_without_class_token_depends_on_relative_positions_only(pe):
     paper's model and leaves those of the avg-pool model (no class token, no APE) unchanged."""
     x = torch.randn(2, 3, 32, 32)
     for global_pool, changes in (('token', True), ('avg', False)):
-        model = _vit_tiny(pe, global_pool=global_pool, patch_size=8, img_size=32)
+        model = tiny_vit(pe, global_pool=global_pool, patch_size=8, img_size=32)
         with torch.no_grad():
             base = model(x)
             model.rope_coord_augment = (0.7, -0.45, 1.0, 1.0)  # + 1.4 and - 0.9 patches on the 4 x 4 grid
@@ -62,7 +62,7 @@ def test_vit_rope_without_class_token_depends_on_relative_positions_only(pe):
 
 
 def test_vit_avg_pool_trains_fused_equal_readable_and_checks_its_options():
-    model = _vit_tiny('rope_mixed', global_pool='avg', patch_size=8, img_size=32).train()
+    model = tiny_vit('rope_mixed', global_pool='avg', patch_size=8, img_size=32).train()
     x = torch.randn(2, 3, 32, 48)
     model(x).square().sum().backward()
     fused = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -158,8 +158,8 @@ def test_vit_fused_rotation_in_bf16_is_as_close_to_exact_as_a_rotation_in_fp32()
     exact = run(torch.float64, rot64)
     in_bf16 = run(torch.bfloat16, rot64.to(torch.complex64))
     assert in_bf16[0].dtype == torch.float64   # (cast above) the run itself was bf16 throughout
-    split = rope_vit._split_heads(qkv, heads, B)
-    once = torch.view_as_real(rope_vit._complex_pairs(split[:2].float()) * rot64.to(torch.complex64))
+    split = rope_vit.split_heads(qkv, heads, B)
+    once = torch.view_as_real(rope_vit.complex_pairs(split[:2].float()) * rot64.to(torch.complex64))
     once = once.flatten(-2).bfloat16().double()  # the fp32 rotation, rounded once
     error = lambda a, b: ((a - b).norm() / b.norm()).item()
     for i in range(2):
@@ -201,7 +201,7 @@ def test_vit_fused_path_equals_readable_path_and_saves_no_extra_activations():
 def test_vit_fused_tables_equal_readable_tables(pe):
     """The fast path's per-axis complex tables equal Eq. 10's cos/sin of Eq. 12 / 14 angles
     (fp32 round-off; angles up to ~40 rad on a 9x23 grid), class token the identity."""
-    model = _vit_tiny(pe)
+    model = tiny_vit(pe)
     readable = model.block_rotations(9, 23, torch.device('cpu'))
     fused = rope_vit.fused_rotations(model, 9, 23, torch.device('cpu'))
     for (cos, sin), rot in zip(readable, fused):
@@ -253,7 +253,7 @@ def test_vit_fused_rope_cache_follows_frequencies():
 
 @pytest.mark.parametrize('size', [(64, 64), (48, 80)])
 def test_vit_forward_intermediates_maps(size):
-    model = _vit_tiny('rope_mixed', depth=3)
+    model = tiny_vit('rope_mixed', depth=3)
     x = torch.randn(2, 3, *size)
     grid = (size[0] // 16, size[1] // 16)
     with torch.no_grad():
@@ -309,9 +309,9 @@ def test_vit_window_attention_equals_masked_full_attention(grid, window):
 @pytest.mark.parametrize('pe', ['rope_mixed', 'rope_axial_ape'])
 def test_vit_windowed_backbone(pe):
     x = torch.randn(2, 3, 80, 112)  # grid 5 x 7: 3x3 windows need padding
-    windowed = _vit_tiny(pe, depth=3, window_size=3, global_blocks=(-2,))
+    windowed = tiny_vit(pe, depth=3, window_size=3, global_blocks=(-2,))
     assert windowed.block_windows == [3, None, 3]
-    plain = rope_vit.create_model('vit_tiny', pe=pe, **{**_VIT_TINY, 'depth': 3}).eval()
+    plain = rope_vit.create_model('vit_tiny', pe=pe, **{**VIT_TINY, 'depth': 3}).eval()
     assert plain.state_dict().keys() == windowed.state_dict().keys()  # published weights load unchanged
     plain.load_state_dict(windowed.state_dict())
     with torch.no_grad():
@@ -321,7 +321,7 @@ def test_vit_windowed_backbone(pe):
         assert (out - plain(x)).abs().max() > 0.1  # the windows matter with these weights
         outside = ~rope_vit.window_attention_mask((5, 7), 3)  # (T, T)
         assert attn[0][:, :, outside].abs().max() == 0 and attn[1][:, :, outside].abs().max() > 0  # block 1 is global
-        covering = rope_vit.create_model('vit_tiny', pe=pe, **{**_VIT_TINY, 'depth': 3}, window_size=7,
+        covering = rope_vit.create_model('vit_tiny', pe=pe, **{**VIT_TINY, 'depth': 3}, window_size=7,
                                          global_blocks=(1,)).eval()
         covering.load_state_dict(windowed.state_dict())
         torch.testing.assert_close(covering(x), plain(x), atol=0, rtol=0)
@@ -345,7 +345,7 @@ def test_vit_window_config_errors():
                             (dict(window_size=3, global_blocks=(-3,)), 'not a block index'),
                             (dict(global_blocks=(0,)), 'global_blocks needs window_size')):
         with pytest.raises(ValueError, match=message):
-            rope_vit.create_model('vit_tiny', pe='rope_mixed', **_VIT_TINY, **kwargs)
+            rope_vit.create_model('vit_tiny', pe='rope_mixed', **VIT_TINY, **kwargs)
 
 
 def test_vit_create_model_names_and_errors():
@@ -372,7 +372,7 @@ def test_vit_create_model_names_and_errors():
 
 
 def test_vit_invalid_size_error_names_patch_size_and_nearest_sizes():
-    model = _vit_tiny('rope_mixed')
+    model = tiny_vit('rope_mixed')
     with pytest.raises(ValueError) as err:
         model(torch.randn(1, 3, 100, 224))
     assert 'patch size 16' in str(err.value) and '96x224' in str(err.value) and '112x224' in str(err.value)
@@ -385,7 +385,7 @@ def test_vit_invalid_size_error_names_patch_size_and_nearest_sizes():
 
 @pytest.mark.parametrize('pe', rope_vit.PE_VARIANTS)
 def test_vit_any_grid_and_attention_probabilities(pe):
-    model = _vit_tiny(pe, patch_size=8, img_size=32)
+    model = tiny_vit(pe, patch_size=8, img_size=32)
     x = torch.randn(2, 3, 24, 40)  # 3x5 grid, never built for
     with torch.no_grad():
         logits = model(x)
@@ -397,7 +397,7 @@ def test_vit_any_grid_and_attention_probabilities(pe):
 
 
 def test_vit_fp32_backward_reaches_freqs():
-    model = _vit_tiny('rope_mixed_ape').train()
+    model = tiny_vit('rope_mixed_ape').train()
     model.blocks[0].drop_path.p = 0.1
     loss = F.cross_entropy(model(torch.randn(2, 3, 48, 64)), torch.tensor([1, 2]))
     loss.backward()
@@ -420,7 +420,7 @@ def test_vit_fp32_backward_reaches_freqs():
 
 
 def test_vit_bf16_autocast_close_to_fp32_at_512():
-    model = _vit_tiny('rope_mixed', num_classes=100)
+    model = tiny_vit('rope_mixed', num_classes=100)
     x = torch.randn(1, 3, 512, 512)  # 32x32 grid: angles up to ~30 rad
     with torch.autocast('cpu', dtype=torch.bfloat16):
         tables = model.block_rotations(32, 32, x.device)
@@ -457,7 +457,7 @@ def test_swin_window_and_shift_per_stage():
     for (h, w), plan in table.items():
         assert m.stage_windows(h, w) == plan, (h, w)
     # The blocks use that plan (small model: stage grids 12/6/3 at 48; clipped last stage).
-    small = _swin_small_model('rope_mixed_rpb')
+    small = swin_small_model('rope_mixed_rpb')
     assert small.stage_windows(48, 96) == [(3, 1), (3, 1), (3, 0)]
     with torch.no_grad():
         logits, attn = small.forward_with_attention(torch.randn(2, 3, 48, 96))
@@ -470,7 +470,7 @@ def test_swin_window_and_shift_per_stage():
 
 def test_swin_fused_rotation_equals_readable():
     """Eager forward (one complex multiply, cached factors) equals the readable real formula."""
-    attn = _swin_redraw(_swin_small_model('rope_mixed')).layers[0].blocks[0].attn
+    attn = swin_redraw(swin_small_model('rope_mixed')).layers[0].blocks[0].attn
     qk = torch.randn(2, 3, attn.num_heads, 36, attn.head_dim)  # (q|k, B_, nH, N, d), window 6
     with torch.no_grad():
         torch.testing.assert_close(swin_rope.rotate_fused(qk, attn, 6),
@@ -478,7 +478,7 @@ def test_swin_fused_rotation_equals_readable():
 
 
 def test_swin_forward_with_attention_matches_forward():
-    model = _swin_redraw(_swin_small_model('rope_mixed_rpb'))
+    model = swin_redraw(swin_small_model('rope_mixed_rpb'))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         logits, attn = model.forward_with_attention(x)
@@ -490,7 +490,7 @@ def test_swin_fused_is_one_switch_and_weights_are_returned_not_stored():
     """model.fused = False runs the readable path (what forward_with_attention runs, bit for bit);
     the probabilities travel as return values and the policy values as arguments: no module keeps
     them between forwards."""
-    model = _swin_redraw(_swin_small_model('rope_mixed_rpb'))
+    model = swin_redraw(swin_small_model('rope_mixed_rpb'))
     assert swin_rope.SwinTransformer.fused is True and model.fused is True  # the full file's default
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
@@ -513,7 +513,7 @@ def test_swin_fused_is_one_switch_and_weights_are_returned_not_stored():
 
 
 def test_swin_fp32_backward_reaches_rope_freqs_and_tables():
-    model = _swin_small_model('rope_mixed_rpb').train()
+    model = swin_small_model('rope_mixed_rpb').train()
     model(torch.randn(2, 3, 64, 64)).logsumexp(-1).sum().backward()
     for name, p in model.named_parameters():
         if name.endswith('rope_freqs') or name.endswith('relative_position_bias_table'):
@@ -527,7 +527,7 @@ def test_swin_fp32_backward_reaches_rope_freqs_and_tables():
 
 
 def test_swin_eval_cache_follows_weights_and_autocast_runs():
-    model = _swin_small_model('rope_mixed_rpb')
+    model = swin_small_model('rope_mixed_rpb')
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         first = model(x)
@@ -536,7 +536,7 @@ def test_swin_eval_cache_follows_weights_and_autocast_runs():
             if name.endswith(('rope_freqs', 'relative_position_bias_table')):
                 p.mul_(3.0)  # in place, as load_state_dict or an optimizer step would
         changed = model(x)
-        fresh = _swin_small_model('rope_mixed_rpb')
+        fresh = swin_small_model('rope_mixed_rpb')
         fresh.load_state_dict(model.state_dict())
         torch.testing.assert_close(changed, fresh(x), atol=0, rtol=0)
         assert not torch.equal(changed, first)
@@ -557,7 +557,7 @@ def test_swin_invalid_sizes_and_names():
             m.check_img_size(h, w)
     with pytest.raises(ValueError, match=r'\[160, 192, 224, 256\]'):
         m.check_img_size(200, 224)
-    small = _swin_small_model('rope_mixed')
+    small = swin_small_model('rope_mixed')
     with pytest.raises(ValueError, match='multiples of 16'):
         small(torch.randn(1, 3, 40, 40))
     with pytest.raises(ValueError, match='rope_mixed_rpb'):
@@ -569,7 +569,7 @@ def test_swin_invalid_sizes_and_names():
 
 @pytest.mark.parametrize('size', [(64, 64), (64, 128), (96, 96)])
 def test_swin_forward_intermediates_maps(size):
-    model = _swin_redraw(_swin_small_model('rope_mixed'))  # 3 stages, patch 4, built at 64 with window 4
+    model = swin_redraw(swin_small_model('rope_mixed'))  # 3 stages, patch 4, built at 64 with window 4
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
         final, maps = model.forward_intermediates(x)

@@ -17,7 +17,7 @@ import torch
 
 import rope_vit
 import swin_rope
-from testkit import _swin_redraw
+from testkit import swin_redraw
 
 _BANNER = re.compile(r'^# *End of the paper')
 # The paper sections may not grow: their length in lines before this test was written.
@@ -130,7 +130,7 @@ def test_vit_paper_section_stands_alone(paper_cuts, pe):
                 torch.testing.assert_close(fused_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
-# Swin: the model file's settings for a small model (testkit._swin_small_model): built for 64 x 64,
+# Swin: the model file's settings for a small model (testkit.swin_small_model): built for 64 x 64,
 # window 4; 96 x 96 runs window 6, 64 x 128 window 4 on a non-square grid.
 _SWIN_TINY = dict(img_size=64, patch_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(2, 4, 8),
                   window_size=4, num_classes=7, drop_path_rate=0.0)
@@ -151,7 +151,7 @@ def test_swin_paper_section_stands_alone(paper_cuts, pe):
     full_sd, paper_sd = full.state_dict(), paper.state_dict()
     assert list(full_sd) == list(paper_sd)
     assert all(torch.equal(full_sd[k], paper_sd[k]) for k in full_sd)  # the same random draws
-    _swin_redraw(full)  # weights that make position mistakes show
+    swin_redraw(full)  # weights that make position mistakes show
     paper.load_state_dict(full.state_dict(), strict=True)
 
     for size in ((64, 64), (96, 96), (64, 128)):  # the training size, a larger window, non-square

@@ -13,7 +13,7 @@ import rope_vit
 import swin_rope
 import eval_multires
 
-from testkit import _VIT_TINY, _eval_train_res, _swin_redraw, _swin_small_model, _vit_tiny
+from testkit import VIT_TINY, eval_train_res, swin_redraw, swin_small_model, tiny_vit
 
 
 # ---------------------------------------------------------------------------------------
@@ -22,12 +22,12 @@ from testkit import _VIT_TINY, _eval_train_res, _swin_redraw, _swin_small_model,
 
 def _vit_policy_model(pe, **kw):
     """Tiny ViT built for 64 x 64 at patch 16: training grid 4 x 4, head dim 32."""
-    return _vit_tiny(pe, img_size=64, patch_size=16, **kw)
+    return tiny_vit(pe, img_size=64, patch_size=16, **kw)
 
 
 def _swin_policy_model(pe, **kw):
-    """_swin_small_model with its redrawn weights: every block built for window 4."""
-    return _swin_redraw(_swin_small_model(pe, **kw))
+    """swin_small_model with its redrawn weights: every block built for window 4."""
+    return swin_redraw(swin_small_model(pe, **kw))
 
 
 @pytest.mark.parametrize('pe', ['rope_axial', 'rope_mixed', 'rope_mixed_ape'])
@@ -115,7 +115,7 @@ def test_axial_ntk_equals_a_model_built_with_the_scaled_base():
     # ViT: head dim 32, d = 16 rotary dims per axis; grid 8 x 8 against 4 x 4: s = 2
     model = _vit_policy_model('rope_axial')
     model.rope_positions = 'ntk'
-    scaled = rope_vit.create_model('vit_tiny', pe='rope_axial', img_size=64, patch_size=16, **_VIT_TINY,
+    scaled = rope_vit.create_model('vit_tiny', pe='rope_axial', img_size=64, patch_size=16, **VIT_TINY,
                                    rope_theta=100.0 * 2 ** (16 / 14)).eval()
     scaled.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 128, 128)
@@ -125,7 +125,7 @@ def test_axial_ntk_equals_a_model_built_with_the_scaled_base():
     # Swin: head dim 8, d = 4 per axis; window 8 against 4: s = 2, theta' = 50 * 2^(4/2)
     swin = _swin_policy_model('rope_axial')
     swin.rope_positions = 'ntk'
-    swin_scaled = _swin_small_model('rope_axial', rope_theta=50.0 * 2 ** 2)
+    swin_scaled = swin_small_model('rope_axial', rope_theta=50.0 * 2 ** 2)
     swin_scaled.load_state_dict({k: v for k, v in swin.state_dict().items() if 'rope_freqs' not in k}, strict=False)
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
@@ -249,8 +249,8 @@ def test_coordinate_augmentation_moves_rope_positions_only_and_fused_equals_read
 
 
 @pytest.mark.slow
-def test_eval_rope_positions_rows_per_policy_and_frequency_analysis(_eval_tiny_run, tmp_path, capsys):
-    _, checkpoint = _eval_tiny_run
+def test_eval_rope_positions_rows_per_policy_and_frequency_analysis(eval_tiny_run, tmp_path, capsys):
+    _, checkpoint = eval_tiny_run
     # An APE twin of the same run: appears once whatever the policies
     state = torch.load(checkpoint, weights_only=True)
     args = dict(state['args'], pe='ape', model_kwargs=dict(state['args']['model_kwargs'], pe='ape'))
@@ -259,10 +259,10 @@ def test_eval_rope_positions_rows_per_policy_and_frequency_analysis(_eval_tiny_r
     out = tmp_path / 'out'
     results, _ = eval_multires.main(eval_multires.get_args_parser().parse_args([
         '--checkpoint', str(checkpoint), str(tmp_path / 'ape.pth'), '--labels', 'mixed', 'ape',
-        '--resolutions', '16', str(_eval_train_res), '--rope-positions', 'extrapolate', 'interpolate', 'ntk', 'yarn',
+        '--resolutions', '16', str(eval_train_res), '--rope-positions', 'extrapolate', 'interpolate', 'ntk', 'yarn',
         '--analyze-frequencies', '--output-dir', str(out), '--num-workers', '0', '--quiet']))
     assert list(results) == ['mixed extrapolate', 'mixed interpolate', 'mixed ntk', 'mixed yarn', 'ape']
-    at_train = {label: [r['top1'] for r in rows if r['resolution'] == _eval_train_res][0]
+    at_train = {label: [r['top1'] for r in rows if r['resolution'] == eval_train_res][0]
                 for label, rows in results.items()}
     assert len({at_train[f'mixed {p}'] for p in rope_vit.ROPE_POSITIONS}) == 1  # identity at the training grid
     with open(out / 'multires.json') as f:

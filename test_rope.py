@@ -15,7 +15,7 @@ import torchvision
 import rope_vit
 import swin_rope
 
-from testkit import _VIT_TINY, _swin_redraw, _swin_small_model, _vit_stress_init_, _vit_tiny
+from testkit import VIT_TINY, swin_redraw, swin_small_model, vit_stress_init_, tiny_vit
 
 
 # ==============================================================================================
@@ -33,7 +33,7 @@ _VIT_TIMM_NAMES = {
 # cost ~6x the time on 2 cores. The 12-block layout is checked by key and parameter counts.
 _VIT_TIMM_DEPTH = 2
 # 112x448 has the token count of 224x224 (196) on another grid
-_VIT_SIZES = [(224, 224), (160, 160), (320, 320), (112, 448)]
+VIT_SIZES = [(224, 224), (160, 160), (320, 320), (112, 448)]
 
 
 def _vit_on_meta_then_load(state_dict, **kw):
@@ -92,8 +92,8 @@ def test_vit_eq8_eq15_logits_depend_only_on_relative_position(kind):
 
 
 def test_vit_eq15_mixed_with_axis_aligned_freqs_equals_axial():
-    axial = _vit_tiny('rope_axial')
-    mixed = rope_vit.create_model('vit_tiny', pe='rope_mixed', **_VIT_TINY).eval()
+    axial = tiny_vit('rope_axial')
+    mixed = rope_vit.create_model('vit_tiny', pe='rope_mixed', **VIT_TINY).eval()
     mixed.load_state_dict(axial.state_dict(), strict=False)
     D, heads = 32, 2
     mag = rope_vit.rope_magnitudes(D, 100.0)
@@ -108,7 +108,7 @@ def test_vit_eq15_mixed_with_axis_aligned_freqs_equals_axial():
 def test_vit_positions_come_from_the_grid_not_the_token_count():
     t_x, t_y = rope_vit.patch_grid_positions(7, 28)  # 112x448 at patch 16: 196 tokens, like 14x14
     assert [(int(a), int(b)) for a, b in zip(t_x, t_y)] == [(n % 28, n // 28) for n in range(196)]
-    model = _vit_tiny('rope_axial', patch_size=16)
+    model = tiny_vit('rope_axial', patch_size=16)
     cos, sin = model.block_rotations(7, 28, torch.device('cpu'))[0]  # (T, D/2) each
     mag = [100.0 ** (-t / 8) for t in range(8)]
     for n in (1, 30, 196):  # token n (row 0 is the class token)
@@ -119,8 +119,8 @@ def test_vit_positions_come_from_the_grid_not_the_token_count():
     torch.testing.assert_close(cos[0], torch.ones(16))  # class token: identity
     torch.testing.assert_close(sin[0], torch.zeros(16))
     # and the APE is resized to the 7x28 grid, not reused as 14x14
-    ape = _vit_tiny('ape', img_size=224)
-    ref = rope_vit.create_model('vit_tiny', pe='ape', img_size=(112, 448), **_VIT_TINY).eval()
+    ape = tiny_vit('ape', img_size=224)
+    ref = rope_vit.create_model('vit_tiny', pe='ape', img_size=(112, 448), **VIT_TINY).eval()
     sd = dict(ape.state_dict())
     grid = sd['pos_embed'].reshape(1, 14, 14, 64).permute(0, 3, 1, 2)
     sd['pos_embed'] = F.interpolate(grid, size=(7, 28), mode='bicubic', align_corners=False) \
@@ -143,10 +143,10 @@ def test_vit_matches_timm(pe):
     # model is moved to each size (set_input_size) and gets a freshly drawn APE for that grid
     peer = timm.create_model(_VIT_TIMM_NAMES[pe], dynamic_img_size=not ape, depth=_VIT_TIMM_DEPTH,
                              num_classes=100)
-    _vit_stress_init_(peer, seed=1).eval()
+    vit_stress_init_(peer, seed=1).eval()
     ours = None
     worst = {}
-    for i, size in enumerate(_VIT_SIZES):
+    for i, size in enumerate(VIT_SIZES):
         if ape:
             peer.set_input_size(img_size=size)
             with torch.no_grad():
@@ -192,7 +192,7 @@ def test_swin_eq15_logits_depend_on_relative_offsets_only():
     torch.testing.assert_close(logits.double(), expected, atol=1e-5, rtol=1e-5)
 
     # Inside a window of one repeated token, the logit is a function of (dx, dy) only.
-    attn = _swin_small_model('rope_mixed').layers[0].blocks[0].attn
+    attn = swin_small_model('rope_mixed').layers[0].blocks[0].attn
     x = torch.randn(1, 1, 16).expand(1, w * w, 16)
     qkv = attn.qkv(x).reshape(1, w * w, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     qr, kr = swin_rope.apply_rope(qkv[:2], *attn.rope_tables(w)).unbind(0)
@@ -211,7 +211,7 @@ def test_swin_axial_init_is_mixed_formula_at_angle_zero():
     assert (freqs[1, :, :8] == 0).all()
     # the official fp32 cos(pi/2) = -4.37e-8, kept so the buffer equals the published one
     torch.testing.assert_close(freqs[0, :, 8:], -4.371139e-08 * mag.expand(2, 8), atol=1e-12, rtol=1e-4)
-    m = _swin_small_model('rope_axial')
+    m = swin_small_model('rope_axial')
     assert 'layers.0.blocks.0.attn.rope_freqs' in m.state_dict()
     assert not any('rope_freqs' in n for n, _ in m.named_parameters())
 
@@ -242,9 +242,9 @@ def _swin_tv_state_dict(model, tv):
 
 def test_swin_rpb_baseline_matches_torchvision_swin_t():
     torch.manual_seed(0)
-    with torch.device('meta'):  # skip the init: _swin_redraw sets every parameter
+    with torch.device('meta'):  # skip the init: swin_redraw sets every parameter
         ours = swin_rope.create_model('swin_tiny_patch4_window7_224').eval()
-    ours = _swin_redraw(ours.to_empty(device='cpu'))
+    ours = swin_redraw(ours.to_empty(device='cpu'))
     tv = torchvision.models.swin_t(weights=None).eval()
     tv.load_state_dict(_swin_tv_state_dict(ours, tv))
     x = torch.randn(1, 3, 224, 224)
@@ -295,7 +295,7 @@ def test_swin_windowed_sdpa_equals_explicit_softmax():
     assert mask.shape == (16, 16, 16) and set(mask.unique().tolist()) == {0.0, -100.0}
     x = torch.randn(2 * 16, window * window, 16)
     for pe in ('rpb', 'rope_mixed_rpb', 'rope_axial'):
-        model = _swin_redraw(_swin_small_model(pe))
+        model = swin_redraw(swin_small_model(pe))
         attn = model.layers[0].blocks[1].attn
         with torch.no_grad():
             sdpa, none = attn(x, window, mask, fused=True)
@@ -323,9 +323,9 @@ def test_swin_rpb_resize_matches_independent_interpolate():
     cropped = swin_rope.resize_rpb_table(table, 5, 'zero_pad').t().reshape(3, 9, 9)
     assert torch.equal(cropped, table.t().reshape(3, 13, 13)[:, 2:11, 2:11])
     with pytest.raises(ValueError, match='zero_pad'):
-        _swin_small_model('rpb', rpb_resize='nearest')
+        swin_small_model('rpb', rpb_resize='nearest')
     # the model's bias at window 12 = the resized table at the offsets of Eq. 5
-    model = _swin_small_model('rpb', img_size=224, window_size=7, embed_dim=8, depths=(2,), num_heads=(2,),
+    model = swin_small_model('rpb', img_size=224, window_size=7, embed_dim=8, depths=(2,), num_heads=(2,),
                               patch_size=4, rpb_resize='zero_pad')
     assert model.layers[0].blocks[0].attn.rpb_resize == 'zero_pad'
     attn = model.layers[0].blocks[0].attn

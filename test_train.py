@@ -18,26 +18,29 @@ from PIL import Image
 
 import benchmark_step
 import builtin_data
+import cli
 import data
 import eval_multires
+import evaluation
+import recipes
 import recovery
 import train
 
-from testkit import (_TRAIN_SCRIPT, _TRAIN_SMALL, _TRAIN_TIMEOUT, _TRAIN_TINY, _eval_train_res,
-    _train_assert_same_run, _train_cli, _train_env, _train_recorded_step_sizes,
-    _train_recording_step_sizes, _train_state, _train_write_folder)
+from testkit import (TRAIN_SCRIPT, TRAIN_SMALL, TRAIN_TIMEOUT, TRAIN_TINY, eval_train_res,
+    assert_same_run, train_cli, train_env, recorded_step_sizes,
+    recording_step_sizes, train_state, write_train_folder)
 
 
 def test_train_image_folder_deit3_recipe_skips_corrupt_images(tmp_path, capsys):
     folder = tmp_path / 'data'
-    _train_write_folder(folder, corrupt=True)
+    write_train_folder(folder, corrupt=True)
     # Fine-tune from weights of another class count (8) and resolution (32 px: APE grid 4x4).
-    source = train.build_model({'model': 'vit_tiny', 'model_kwargs': dict(
+    source = recipes.build_model({'model': 'vit_tiny', 'model_kwargs': dict(
         pe='rope_mixed_ape', num_classes=8, img_size=32, patch_size=8, embed_dim=32, depth=1,
         num_heads=2)})
     torch.save({'model': source.state_dict()}, tmp_path / 'source.pth')
     out = tmp_path / 'out'
-    status = _train_cli(['--model', 'vit_tiny', '--pe', 'rope_mixed_ape', '--data-path', str(folder),
+    status = train_cli(['--model', 'vit_tiny', '--pe', 'rope_mixed_ape', '--data-path', str(folder),
                          '--finetune', str(tmp_path / 'source.pth'),
                          '--output-dir', str(out), '--epochs', '1', '--batch-size', '4',
                          '--num-workers', '0', '--img-size', '16', '--patch-size', '8',
@@ -45,7 +48,7 @@ def test_train_image_folder_deit3_recipe_skips_corrupt_images(tmp_path, capsys):
                          '--eval-resolutions', '16', '24'])
     captured = capsys.readouterr()
     assert status == 0, captured.err
-    args = _train_state(out / 'checkpoint.pth')['args']
+    args = train_state(out / 'checkpoint.pth')['args']
     # The DeiT-III recipe for a ViT on folders.
     assert (args['recipe'], args['opt'], args['loss'], args['aug'], args['repeated_aug']) == \
         ('deit3', 'lamb', 'bce', 'three', 3)
@@ -57,21 +60,21 @@ def test_train_image_folder_deit3_recipe_skips_corrupt_images(tmp_path, capsys):
     assert 'skipping undecodable image' in captured.err
     assert 'skipped' in captured.out
     val = data.build_eval_dataset(args, 16)
-    stats = train.evaluate(train.build_model(args), data.build_eval_loader(val, 4),
+    stats = evaluation.evaluate(recipes.build_model(args), data.build_eval_loader(val, 4),
                            torch.device('cpu'))
     assert (stats['n'], stats['skipped']) == (6, 1)
 
 
 def test_train_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch):
     out = tmp_path / 'out'
-    base = _TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '16', '--builtin-val', '8',
+    base = TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '16', '--builtin-val', '8',
                           '--output-dir', str(out)]
-    assert _train_cli(base + ['--epochs', '1']) == 0
+    assert train_cli(base + ['--epochs', '1']) == 0
     before = (out / 'checkpoint.pth').read_bytes()
     capsys.readouterr()
-    finite_loss = train._loss
-    monkeypatch.setattr(train, '_loss', lambda *a: finite_loss(*a) * float('nan'))
-    status = _train_cli(base + ['--epochs', '2', '--resume', 'auto'])
+    finite_loss = train.training_loss
+    monkeypatch.setattr(train, 'training_loss', lambda *a: finite_loss(*a) * float('nan'))
+    status = train_cli(base + ['--epochs', '2', '--resume', 'auto'])
     err = capsys.readouterr().err
     assert status == 1
     assert err.startswith('error: loss is nan at epoch 2') and err.count('\n') == 1, err
@@ -95,27 +98,27 @@ def test_train_glyph_window_min_area(tmp_path, capsys):
             {k: v for k, v in half.items() if k != 'window'}
     # train.py: stored in the configuration and used by the training set.
     run = tmp_path / 'w'
-    assert _train_cli(_TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '8', '--builtin-val',
+    assert train_cli(TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '8', '--builtin-val',
                                      '8', '--epochs', '1', '--glyph-window-min-area', '1',
                                      '--output-dir', str(run)]) == 0
-    cfg = _train_state(run / 'checkpoint.pth')['args']
+    cfg = train_state(run / 'checkpoint.pth')['args']
     assert cfg['glyph_window_min_area'] == 1.0
     assert data.build_train_dataset(cfg).scene_options == {'window_min_area': 1.0}
     capsys.readouterr()
     # It means nothing for the direction task or folders, and must lie in (0, 1].
     for bad in (['--data', 'shapes', '--glyph-window-min-area', '0.5'],
                 ['--glyph-window-min-area', '0'], ['--glyph-window-min-area', '1.5']):
-        assert _train_cli(_TRAIN_TINY + bad + ['--output-dir', str(tmp_path / 'bad')]) == 2
+        assert train_cli(TRAIN_TINY + bad + ['--output-dir', str(tmp_path / 'bad')]) == 2
         assert 'glyph-window-min-area' in capsys.readouterr().err.replace('_', '-')
     assert not (tmp_path / 'bad').exists()
 
 
 def test_train_global_pool_avg_is_stored_and_evaluates_without_flags(tmp_path, capsys):
     run = tmp_path / 'avg'
-    assert _train_cli(_TRAIN_TINY + ['--pe', 'rope_mixed', '--batch-size', '8', '--builtin-train', '8',
+    assert train_cli(TRAIN_TINY + ['--pe', 'rope_mixed', '--batch-size', '8', '--builtin-train', '8',
                                      '--builtin-val', '8', '--epochs', '1', '--global-pool', 'avg',
                                      '--output-dir', str(run)]) == 0
-    state = _train_state(run / 'checkpoint.pth')
+    state = train_state(run / 'checkpoint.pth')
     assert state['args']['model_kwargs']['global_pool'] == 'avg' and 'cls_token' not in state['model']
     results, _ = eval_multires.main(eval_multires.get_args_parser().parse_args([
         '--checkpoint', str(run / 'checkpoint.pth'), '--resolutions', '16', '--quiet',
@@ -125,7 +128,7 @@ def test_train_global_pool_avg_is_stored_and_evaluates_without_flags(tmp_path, c
     last = json.loads((run / 'log.jsonl').read_text().splitlines()[-1])
     assert rows[0]['top1'] == last['val_top1']  # the same model rebuilt from the checkpoint
     capsys.readouterr()
-    assert _train_cli(['--model', 'swin_tiny', '--global-pool', 'avg', '--output-dir', str(tmp_path / 'bad')]) == 2
+    assert train_cli(['--model', 'swin_tiny', '--global-pool', 'avg', '--output-dir', str(tmp_path / 'bad')]) == 2
     assert 'apply to ViT models only' in capsys.readouterr().err
     assert not (tmp_path / 'bad').exists()
 
@@ -158,12 +161,12 @@ def test_train_several_resolutions_render_each_step_at_its_drawn_size(tmp_path, 
     assert len(sizes) == 2 and set(sizes) <= {12, 16, 20}
     # train.py: stored, used, and checked against the patch size and the data.
     run = tmp_path / 'multi'
-    assert _train_cli(_TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '16', '--builtin-val', '8',
+    assert train_cli(TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '16', '--builtin-val', '8',
                                      '--epochs', '1', '--train-resolutions', '12', '16', '20',
                                      '--output-dir', str(run)]) == 0
-    assert _train_state(run / 'checkpoint.pth')['args']['train_resolutions'] == [12, 16, 20]
+    assert train_state(run / 'checkpoint.pth')['args']['train_resolutions'] == [12, 16, 20]
     capsys.readouterr()
-    assert _train_cli(_TRAIN_TINY + ['--train-resolutions', '16', '14',
+    assert train_cli(TRAIN_TINY + ['--train-resolutions', '16', '14',
                                      '--output-dir', str(tmp_path / 'bad')]) == 2
     assert '--train-resolutions 14' in capsys.readouterr().err
     assert not (tmp_path / 'bad').exists()   # folder data: test_train_folder_several_resolutions_*
@@ -193,15 +196,62 @@ def test_train_persistent_workers_see_every_epoch_of_the_builtin_data():
     assert torch.equal(batches[2, 1][0][0], fresh.at_resolution(0, 16)[0])
 
 
+class _Stripes(torch.utils.data.Dataset):
+    """A dataset written to data.py's contract: horizontal or vertical stripes, one class each,
+    their period and phase drawn per sample; one sample in eight is "skip this" (label -1)."""
+    CLASSES = ('horizontal', 'vertical')
+
+    def __init__(self, split, size, resolution, seed):
+        self.split, self.size, self.resolution, self.seed = split, size, resolution, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        return self.at_resolution(index, self.resolution)
+
+    def at_resolution(self, index, resolution):
+        epoch = self.epoch if self.split == 'train' else 0
+        rng = np.random.default_rng([self.seed, self.split == 'val', epoch, index])
+        label = index % 2
+        coords = torch.arange(resolution, dtype=torch.float32) / resolution
+        wave = torch.sin(2 * math.pi * (rng.uniform(2, 4) * coords + rng.uniform()))
+        image = (wave[:, None] if label == 0 else wave[None, :]).expand(3, resolution, resolution)
+        return image.clone(), (-1 if index % 8 == 7 else label)
+
+
+def test_train_a_dataset_added_in_one_place_trains_and_evaluates(tmp_path, monkeypatch, capsys):
+    # data.py's contract: a class registered in builtin_data.BUILTIN_DATASETS is --data NAME for
+    # train.py (one epoch here) and evaluates with eval_multires.py, with nothing else changed.
+    monkeypatch.setitem(builtin_data.BUILTIN_DATASETS, 'stripes', _Stripes)
+    out = tmp_path / 'stripes'
+    assert train_cli(TRAIN_TINY + ['--data', 'stripes', '--builtin-train', '32', '--builtin-val', '8',
+                                    '--batch-size', '8', '--epochs', '1', '--output-dir', str(out)]) == 0
+    state = train_state(out / 'checkpoint.pth')
+    assert (state['args']['dataset'], state['args']['num_classes']) == ('stripes', 2)
+    record = json.loads((out / 'log.jsonl').read_text())
+    assert record['epoch'] == 1 and record['skipped'] == 4 + 1   # 32 / 8 training, 8 / 8 val
+    results, _ = eval_multires.main(eval_multires.get_args_parser().parse_args([
+        '--checkpoint', str(out / 'checkpoint.pth'), '--resolutions', '16', '24', '--quiet',
+        '--output-dir', str(tmp_path / 'eval')]))
+    (rows,) = results.values()
+    assert [row['resolution'] for row in rows] == [16, 24] and rows[0]['n'] == 7
+    assert rows[0]['top1'] == record['val_top1']
+
+
 def test_train_data_flag_and_builtin_checkpoints_evaluate_without_flags(tmp_path, capsys):
-    base = _TRAIN_TINY + ['--batch-size', '8', '--builtin-val', '12', '--epochs', '1']
+    base = TRAIN_TINY + ['--batch-size', '8', '--builtin-val', '12', '--epochs', '1']
     # glyphs is the default; shapes, the counter-example, is chosen by name (its old flag
     # names still work).
-    assert _train_cli(base + ['--builtin-train', '16', '--output-dir', str(tmp_path / 'g')]) == 0
-    assert _train_cli(base + ['--data', 'shapes', '--shapes-train', '16',
+    assert train_cli(base + ['--builtin-train', '16', '--output-dir', str(tmp_path / 'g')]) == 0
+    assert train_cli(base + ['--data', 'shapes', '--shapes-train', '16',
                               '--output-dir', str(tmp_path / 's')]) == 0
-    glyphs = _train_state(tmp_path / 'g' / 'checkpoint.pth')
-    shapes = _train_state(tmp_path / 's' / 'checkpoint.pth')
+    glyphs = train_state(tmp_path / 'g' / 'checkpoint.pth')
+    shapes = train_state(tmp_path / 's' / 'checkpoint.pth')
     assert (glyphs['args']['dataset'], glyphs['args']['num_classes']) == ('glyphs', 10)
     assert (shapes['args']['dataset'], shapes['args']['num_classes']) == ('shapes', 8)
     assert shapes['args']['builtin_train'] == 16 and glyphs['args']['builtin_val'] == 12
@@ -225,7 +275,7 @@ def test_train_data_flag_and_builtin_checkpoints_evaluate_without_flags(tmp_path
 def test_train_lamb_step_matches_hand_computation():
     w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))          # ||w|| = 5
     b = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
-    opt = train.Lamb([{'params': [w], 'weight_decay': 0.1}, {'params': [b], 'weight_decay': 0.0}],
+    opt = recipes.Lamb([{'params': [w], 'weight_decay': 0.1}, {'params': [b], 'weight_decay': 0.0}],
                      lr=0.1, eps=0.0)
     w.grad = torch.tensor([1.0, 2.0])
     b.grad = torch.tensor([-0.5, 0.25])
@@ -251,16 +301,16 @@ def test_train_lamb_step_matches_hand_computation():
 @pytest.mark.parametrize('chunk', [None, 500])   # 500: many multi-tensor calls per group
 def test_train_multi_tensor_lamb_equals_the_loop_and_resumes_bit_identical(chunk, monkeypatch):
     if chunk:
-        monkeypatch.setattr(train.Lamb, 'CHUNK_ELEMENTS', chunk)
+        monkeypatch.setattr(recipes.Lamb, 'CHUNK_ELEMENTS', chunk)
 
     def model():
         torch.manual_seed(0)
-        return train.build_model({'model': 'vit_tiny', 'model_kwargs': dict(
+        return recipes.build_model({'model': 'vit_tiny', 'model_kwargs': dict(
             pe='rope_mixed', num_classes=5, img_size=16, patch_size=8, embed_dim=32, depth=2,
             num_heads=2)})
 
     def run(opt_class, net, steps, opt=None, first=0):
-        opt = opt or opt_class(train.param_groups(net, 0.05), lr=2e-3, eps=1e-6)
+        opt = opt or opt_class(recipes.param_groups(net, 0.05), lr=2e-3, eps=1e-6)
         for i in range(first, steps):
             g = torch.Generator().manual_seed(100 + i)
             for j, p in enumerate(net.parameters()):
@@ -272,18 +322,18 @@ def test_train_multi_tensor_lamb_equals_the_loop_and_resumes_bit_identical(chunk
         return opt
 
     fused, loop = model(), model()
-    run(train.Lamb, fused, 6)
-    run(benchmark_step.LoopLamb, loop, 6)   # the loop train.Lamb was before
+    run(recipes.Lamb, fused, 6)
+    run(benchmark_step.LoopLamb, loop, 6)   # the loop recipes.Lamb was before
     for (name, a), b in zip(fused.named_parameters(), loop.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     # Resume: a fresh optimizer loaded from a state_dict after 3 steps goes on bit-identically.
     whole, half = model(), model()
-    run(train.Lamb, whole, 6)
-    opt = run(train.Lamb, half, 3)
+    run(recipes.Lamb, whole, 6)
+    opt = run(recipes.Lamb, half, 3)
     saved = opt.state_dict()
-    again = train.Lamb(train.param_groups(half, 0.05), lr=2e-3, eps=1e-6)
+    again = recipes.Lamb(recipes.param_groups(half, 0.05), lr=2e-3, eps=1e-6)
     again.load_state_dict(saved)
-    run(train.Lamb, half, 6, opt=again, first=3)
+    run(recipes.Lamb, half, 6, opt=again, first=3)
     for a, b in zip(whole.parameters(), half.parameters()):
         assert torch.equal(a, b)
 
@@ -302,10 +352,10 @@ def test_train_repeated_aug_sampler_spreads_copies_over_ranks():
 
 
 def test_train_weight_decay_groups():
-    model = train.build_model({'model': 'vit_tiny', 'model_kwargs': dict(
+    model = recipes.build_model({'model': 'vit_tiny', 'model_kwargs': dict(
         pe='rope_mixed_ape', num_classes=3, img_size=16, patch_size=4, embed_dim=32, depth=1,
         num_heads=2)})
-    decay, no_decay = train.param_groups(model, 0.05)
+    decay, no_decay = recipes.param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     skipped = {names[id(p)] for p in no_decay['params']}
     assert {'cls_token', 'pos_embed', 'freqs'} <= skipped
@@ -343,7 +393,7 @@ def test_train_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, argv,
     torch.save({'model': {'other.weight': torch.zeros(2)}}, tmp_path / 'other.pth')
     out = tmp_path / 'out'
     argv = [a.replace('{tmp}', str(tmp_path)) for a in argv]
-    status = _train_cli(_TRAIN_TINY + ['--output-dir', str(out)] + argv)
+    status = train_cli(TRAIN_TINY + ['--output-dir', str(out)] + argv)
     err = capsys.readouterr().err
     assert status == 2
     assert err.startswith('error: ') and err.count('\n') == 1 and message in err, err
@@ -351,8 +401,8 @@ def test_train_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, argv,
 
 
 def test_train_bad_input_from_the_shell_has_no_traceback(tmp_path):
-    done = subprocess.run([sys.executable, _TRAIN_SCRIPT, '--pe', 'bogus', '--output-dir',
-                           str(tmp_path / 'out')], cwd=tmp_path, env=_train_env(),
+    done = subprocess.run([sys.executable, TRAIN_SCRIPT, '--pe', 'bogus', '--output-dir',
+                           str(tmp_path / 'out')], cwd=tmp_path, env=train_env(),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.startswith('error: ') and done.stderr.count('\n') == 1
@@ -389,7 +439,7 @@ def test_train_cuda_random_states_restore_onto_this_ranks_device_on_any_layout(m
         assert said.endswith(f'and on cuda:{index} the CUDA state of entry 1 of 1')
     # 8 entries, none for this rank's cuda:8: one line, nothing restored on a GPU.
     calls.clear()
-    with pytest.raises(recovery.UserError) as error:
+    with pytest.raises(cli.UserError) as error:
         recovery.set_rng_state(eight, torch.device('cuda', 8), record)
     assert str(error.value) == ("the checkpoint holds the CUDA random states of 8 devices, none "
                                 "for this rank's cuda:8: resume on the device layout it was saved "
@@ -419,7 +469,7 @@ def test_train_local_rank_without_a_gpu_of_its_own_is_one_line_and_exit_2(
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
     out = tmp_path / 'out'
-    assert _train_cli(_TRAIN_TINY + ['--output-dir', str(out), '--amp', 'none']) == 2
+    assert train_cli(TRAIN_TINY + ['--output-dir', str(out), '--amp', 'none']) == 2
     assert capsys.readouterr().err == (
         'error: LOCAL_RANK 1, but this process sees 1 GPU(s) (CUDA_VISIBLE_DEVICES=0): start at '
         'most 1 process(es) per node, or give each process a GPU of its own\n')
@@ -456,7 +506,7 @@ def _train_values_outside(limit, kind):
 def test_train_and_eval_every_numeric_flag_is_range_checked_before_anything_is_written(
         tmp_path, capsys):
     scripts = [(train.get_args_parser(), train.TRAIN_LIMITS, train.main,
-                _TRAIN_TINY, [('--lr', '-1'), ('--drop-path', '1.5'), ('--patch-size', '0')]),
+                TRAIN_TINY, [('--lr', '-1'), ('--drop-path', '1.5'), ('--patch-size', '0')]),
                (eval_multires.get_args_parser(), eval_multires.EVAL_LIMITS, eval_multires.main,
                 ['--checkpoint', str(tmp_path / 'x.pth')], [('--resolutions', '-224')])]
     for parser, limits, main, base, extra in scripts:
@@ -469,7 +519,7 @@ def test_train_and_eval_every_numeric_flag_is_range_checked_before_anything_is_w
             limit, shown = limits[dest], kinds[dest](value)   # the message shows it parsed
             out = tmp_path / 'out'
             try:
-                recovery.cli(main, parser, base + ['--output-dir', str(out), flag, value])
+                cli.cli(main, parser, base + ['--output-dir', str(out), flag, value])
                 status = 0
             except SystemExit as e:
                 status = e.code
@@ -478,8 +528,8 @@ def test_train_and_eval_every_numeric_flag_is_range_checked_before_anything_is_w
             assert err == f'error: {flag} must be {limit}, got {shown}\n', (flag, value, err)
             assert not out.exists(), (flag, value)
     # The ends that are inside pass.
-    assert train.Limit(0, 1).admits(0) and train.Limit(0, 1).admits(1.0)
-    assert train.SEED.admits(2 ** 32 - 1) and not train.POSITIVE.admits(0)
+    assert cli.Limit(0, 1).admits(0) and cli.Limit(0, 1).admits(1.0)
+    assert cli.SEED.admits(2 ** 32 - 1) and not cli.POSITIVE.admits(0)
 
 
 def test_train_eval_transform_equals_the_official_pil_pipeline():
@@ -492,7 +542,7 @@ def test_train_eval_transform_equals_the_official_pil_pipeline():
             classic.Resize(int(resolution / crop_ratio), interpolation=classic.InterpolationMode.BICUBIC),
             classic.CenterCrop(resolution), classic.ToTensor(),
             classic.Normalize(builtin_data.IMAGENET_MEAN, builtin_data.IMAGENET_STD)])(image)
-        ours = data._eval_transform(resolution, crop_ratio)(image)
+        ours = data.eval_transform(resolution, crop_ratio)(image)
         torch.testing.assert_close(ours, official, atol=1e-6, rtol=0)
 
 
@@ -525,7 +575,7 @@ def _per_sample_pipeline(recipe, size):
     device): the reference the worker's and the device's halves together must reproduce."""
     from torchvision.transforms import v2
     import benchmark_loader
-    cfg = dict(train.RECIPES[recipe], img_size=size)
+    cfg = dict(recipes.RECIPES[recipe], img_size=size)
     if recipe == 'swin':   # RandAugment on uint8, then float, normalised, randomly erased
         return benchmark_loader.before_30_train_transform(cfg, size)
     jitter = cfg['color_jitter']
@@ -557,10 +607,10 @@ def test_train_folder_augmentation_split_between_worker_and_device_is_the_per_sa
     # threads spin against each other on these tiny images, 10x slower
     torch.set_num_threads(1)
     try:
-        cfg = dict(train.RECIPES[recipe], img_size=32)
+        cfg = dict(recipes.RECIPES[recipe], img_size=32)
         image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))
         seeds = range(300)
-        worker = data._train_transform(cfg)
+        worker = data.train_transform(cfg)
         assert isinstance(worker, augment.WorkerAugment)
         crops = []
         _spy_draws(worker.crop.transforms, crops)
@@ -633,8 +683,8 @@ def test_train_batch_augment_steps_and_rows():
         torch.testing.assert_close(ours, v2.functional.gaussian_blur(image, [9, 9], [sigma, sigma]),
                                    atol=1e-6, rtol=0)
     for recipe in ('deit3', 'swin'):
-        cfg = dict(train.RECIPES[recipe], img_size=16)
-        worker = data._train_transform(cfg)
+        cfg = dict(recipes.RECIPES[recipe], img_size=16)
+        worker = data.train_transform(cfg)
         image = Image.fromarray(np.full((20, 24, 3), 100, dtype=np.uint8))
         batch = torch.utils.data.default_collate([worker(image), worker.placeholder(16)])
         out = augment.to_model_input(batch, torch.device('cpu'), data.build_batch_augment(cfg))
@@ -661,8 +711,8 @@ def test_train_coordinate_augmentation_off_by_default_and_seeded():
     assert train.rope_coord_augment(cfg, 0, 0, 0) != draws[0]
 
 
-def test_train_closing_table_shows_rope_extrapolated_and_interpolated(_eval_tiny_run, tmp_path):
-    base, checkpoint = _eval_tiny_run
+def test_train_closing_table_shows_rope_extrapolated_and_interpolated(eval_tiny_run, tmp_path):
+    base, checkpoint = eval_tiny_run
     with open(base / 'run' / 'resolutions.json') as f:
         summary = json.load(f)
     by_policy = summary['results_by_rope_positions']
@@ -671,13 +721,13 @@ def test_train_closing_table_shows_rope_extrapolated_and_interpolated(_eval_tiny
     # The same numbers as eval_multires.py on a freshly loaded copy, policy by policy.
     results, _ = eval_multires.main(eval_multires.get_args_parser().parse_args([
         '--checkpoint', str(checkpoint), '--labels', 'run', '--resolutions', '16',
-        str(_eval_train_res), '--rope-positions', 'extrapolate', 'interpolate',
+        str(eval_train_res), '--rope-positions', 'extrapolate', 'interpolate',
         '--output-dir', str(tmp_path / 'out'), '--num-workers', '0', '--quiet']))
     for policy, rows in by_policy.items():
         ours = {r['resolution']: r['top1'] for r in results[f'run {policy}']}
         assert {r['resolution']: r['top1'] for r in rows} == ours, policy
     # At the training grid both policies are the same model.
-    at_train = [[r['top1'] for r in rows if r['resolution'] == _eval_train_res] for rows in by_policy.values()]
+    at_train = [[r['top1'] for r in rows if r['resolution'] == eval_train_res] for rows in by_policy.values()]
     assert at_train[0] == at_train[1]
 
 
@@ -706,7 +756,7 @@ def _train_write_sized_folder(root, corrupt=False):
 
 
 # The tiny ViT on folders (DeiT-III recipe: 3-Augment, mixup / cutmix, repeated augmentation x3).
-_TRAIN_FOLDER_MULTIRES = _TRAIN_TINY + ['--model', 'vit_tiny', '--pe', 'rope_mixed_ape',
+_TRAIN_FOLDER_MULTIRES = TRAIN_TINY + ['--model', 'vit_tiny', '--pe', 'rope_mixed_ape',
                                         '--train-resolutions', '12', '16', '20', '--batch-size', '4']
 
 
@@ -749,13 +799,13 @@ def test_train_folder_several_resolutions_crop_each_step_at_its_size_any_workers
             label = labels[i % batch]
             path, target = train_set.samples[index]
             if path.endswith('broken.png'):
-                placeholder = getattr(data._train_transform(cfg, size), 'placeholder', None)
+                placeholder = getattr(data.train_transform(cfg, size), 'placeholder', None)
                 assert label == -1 and _same(image, placeholder(size) if placeholder
                                              else torch.zeros(3, size, size))
                 continue
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(seed)
-                expected = data._train_transform(cfg, size)(train_set.loader(path))
+                expected = data.train_transform(cfg, size)(train_set.loader(path))
             assert _same(image, expected) and label == target
             if size == cfg['img_size']:
                 assert _same(image, data.SeededSamples(plain)[(index, seed, epoch)][0])
@@ -783,13 +833,13 @@ def test_train_folder_several_resolutions_vit_and_swin_stored_evaluated_bad_size
             ('swin', swin + ['--train-resolutions', '32', '64', '96'], 64, [32, 64, 96])):  # windows 1-3
         out, record = tmp_path / name, tmp_path / f'{name}_sizes'
         record.mkdir()
-        monkeypatch.setattr(train, 'train_one_epoch', _train_recording_step_sizes(real_epoch, record))
-        assert _train_cli(argv + ['--data-path', str(root), '--epochs', '1', '--num-workers', '0',
+        monkeypatch.setattr(train, 'train_one_epoch', recording_step_sizes(real_epoch, record))
+        assert train_cli(argv + ['--data-path', str(root), '--epochs', '1', '--num-workers', '0',
                                   '--output-dir', str(out)]) == 0, name
-        state = _train_state(out / 'checkpoint.pth')
+        state = train_state(out / 'checkpoint.pth')
         cfg = state['args']
         assert cfg['train_resolutions'] == several
-        sizes = _train_recorded_step_sizes(record)
+        sizes = recorded_step_sizes(record)
         assert list(sizes) == [(0, step) for step in range(state['steps_per_epoch'])]
         assert all(hw == 2 * (train.train_step_resolution(cfg, *key),) for key, hw in sizes.items())
         assert len(set(sizes.values())) >= 2, name
@@ -808,7 +858,7 @@ def test_train_folder_several_resolutions_vit_and_swin_stored_evaluated_bad_size
             (swin + ['--train-resolutions', '64', '80'],
              '--train-resolutions 80: input size 80x80 is not allowed',
              'Nearest valid square sizes: [32, 64, 96, 128]')):
-        assert _train_cli(argv + ['--data-path', str(root), '--output-dir', str(tmp_path / 'bad')]) == 2
+        assert train_cli(argv + ['--data-path', str(root), '--output-dir', str(tmp_path / 'bad')]) == 2
         err = capsys.readouterr().err
         assert err.startswith('error: ' + start) and neighbours in err and err.count('\n') == 1, err
     assert not (tmp_path / 'bad').exists()
@@ -816,10 +866,10 @@ def test_train_folder_several_resolutions_vit_and_swin_stored_evaluated_bad_size
 
 _TRAIN_STEP_SIZES_LAUNCHER = '''import os, sys
 import recovery, train
-from testkit import _train_recording_step_sizes
+from testkit import recording_step_sizes
 stall = tuple(map(int, os.environ['STALL_AT'].split(','))) if os.environ.get('STALL_AT') else None
-train.train_one_epoch = _train_recording_step_sizes(train.train_one_epoch, os.environ['RECORD'], stall)
-recovery.cli(train.main, train.get_args_parser())
+train.train_one_epoch = recording_step_sizes(train.train_one_epoch, os.environ['RECORD'], stall)
+cli.cli(train.main, train.get_args_parser())
 '''
 
 
@@ -838,7 +888,7 @@ def test_train_folder_several_resolutions_two_processes_sigkill_resume_bit_ident
     def torchrun(name, workers, stall=None, extra=()):
         record = tmp_path / f'{name}_sizes'
         record.mkdir(exist_ok=True)
-        env = dict(_train_env(), RECORD=str(record), STALL_AT=','.join(map(str, stall or ())))
+        env = dict(train_env(), RECORD=str(record), STALL_AT=','.join(map(str, stall or ())))
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
                '2', str(launcher), *args, '--output-dir', str(tmp_path / name),
                '--num-workers', str(workers), *extra]
@@ -846,22 +896,22 @@ def test_train_folder_several_resolutions_two_processes_sigkill_resume_bit_ident
                                 stderr=subprocess.STDOUT), record
 
     full, full_sizes = torchrun('full', 0)
-    output = full.communicate(timeout=_TRAIN_TIMEOUT)[0]
+    output = full.communicate(timeout=TRAIN_TIMEOUT)[0]
     assert full.returncode == 0, output[-3000:]
-    cfg = _train_state(tmp_path / 'full' / 'checkpoint.pth')['args']
+    cfg = train_state(tmp_path / 'full' / 'checkpoint.pth')['args']
     assert cfg['train_resolutions'] == [12, 16, 20] and cfg['world_size'] == 2
     steps = [(epoch, step) for epoch in range(2) for step in range(3)]
     drawn = {key: 2 * (train.train_step_resolution(cfg, *key),) for key in steps}
     assert len(set(drawn.values())) >= 2
     for rank in range(2):
-        assert _train_recorded_step_sizes(full_sizes, rank) == drawn, rank
+        assert recorded_step_sizes(full_sizes, rank) == drawn, rank
 
     # Both ranks wait at step 3 of epoch 2, where the job is SIGKILLed: the torchrun agent, then
     # each worker with its loader workers (torchrun starts a worker in a session of its own).
     cut, cut_sizes = torchrun('cut', 2, stall=(1, 2))
     markers = [cut_sizes / f'stalled_{rank}' for rank in range(2)]
     try:
-        deadline = time.time() + _TRAIN_TIMEOUT
+        deadline = time.time() + TRAIN_TIMEOUT
         while not all(m.exists() for m in markers):
             assert cut.poll() is None and time.time() < deadline, 'the run did not reach the step'
             time.sleep(0.05)
@@ -873,37 +923,37 @@ def test_train_folder_several_resolutions_two_processes_sigkill_resume_bit_ident
                 os.killpg(group, signal.SIGKILL) if group == pid else os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        cut.communicate(timeout=_TRAIN_TIMEOUT)   # the workers held its output open
+        cut.communicate(timeout=TRAIN_TIMEOUT)   # the workers held its output open
     saved = sorted(p.name for p in (tmp_path / 'cut').glob('recovery_*.pth'))
     assert saved == ['recovery_e0001_i000000000.pth', 'recovery_e0001_i000000008.pth'], saved
 
     resumed, _ = torchrun('cut', 1, extra=['--resume', 'auto'])   # records where `cut` did
-    output = resumed.communicate(timeout=_TRAIN_TIMEOUT)[0]
+    output = resumed.communicate(timeout=TRAIN_TIMEOUT)[0]
     assert resumed.returncode == 0, output[-3000:]
     assert 'recovery_e0001_i000000008.pth (--resume auto): epoch 2/2, step 1/3' in output
     for rank in range(2):   # steps 1-2 of epoch 2 done twice, before the kill and after, alike
-        assert _train_recorded_step_sizes(cut_sizes, rank) == drawn, rank
-    _train_assert_same_run(tmp_path / 'full', tmp_path / 'cut')
+        assert recorded_step_sizes(cut_sizes, rank) == drawn, rank
+    assert_same_run(tmp_path / 'full', tmp_path / 'cut')
 
 
 @pytest.mark.slow
 def test_train_deterministic_changes_no_number_on_cpu_and_is_undone_after_the_run(
-        _train_small_reference, tmp_path):
+        train_small_reference, tmp_path):
     out = tmp_path / 'out'
     assert not torch.are_deterministic_algorithms_enabled()
     seen = []
-    real = train._main
+    real = train.run_training
 
     def observed(args):
         seen.append((torch.are_deterministic_algorithms_enabled(),
                      os.environ.get('CUBLAS_WORKSPACE_CONFIG')))
         return real(args)
-    train._main = observed
+    train.run_training = observed
     try:
-        assert _train_cli(_TRAIN_SMALL + ['--output-dir', str(out), '--deterministic']) == 0
+        assert train_cli(TRAIN_SMALL + ['--output-dir', str(out), '--deterministic']) == 0
     finally:
-        train._main = real
+        train.run_training = real
     assert seen == [(True, os.environ['CUBLAS_WORKSPACE_CONFIG'])]   # set before the run
     assert not torch.are_deterministic_algorithms_enabled()   # the process goes on as before
-    assert _train_state(out / 'checkpoint.pth')['args']['deterministic'] is True
-    _train_assert_same_run(_train_small_reference, out)
+    assert train_state(out / 'checkpoint.pth')['args']['deterministic'] is True
+    assert_same_run(train_small_reference, out)

@@ -16,16 +16,16 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import recovery
+import cli
 import rope_vit
 import swin_rope
 import train
 
 
-_VIT_TINY = dict(embed_dim=64, depth=2, num_heads=2, num_classes=10)  # head dim 32
+VIT_TINY = dict(embed_dim=64, depth=2, num_heads=2, num_classes=10)  # head dim 32
 
 
-def _vit_stress_init_(model: nn.Module, seed: int = 0) -> nn.Module:
+def vit_stress_init_(model: nn.Module, seed: int = 0) -> nn.Module:
     """Re-draw every parameter so that position mistakes show in the logits.
 
     With the official init (LayerScale 1e-4, weights std 0.02, zero biases) the logits hardly
@@ -64,16 +64,16 @@ def _vit_stress_init_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def _vit_tiny(pe, seed=0, **kw):
+def tiny_vit(pe, seed=0, **kw):
     torch.manual_seed(seed)
-    return _vit_stress_init_(rope_vit.create_model('vit_tiny', pe=pe, **{**_VIT_TINY, **kw}), seed).eval()
+    return vit_stress_init_(rope_vit.create_model('vit_tiny', pe=pe, **{**VIT_TINY, **kw}), seed).eval()
 
 
 # ---------------------------------------------------------------------------------------
 # Published weights: pretrained=True from torch.hub's cache, safetensors
 # ---------------------------------------------------------------------------------------
 
-def _offline_hub(monkeypatch, tmp_path):
+def offline_hub(monkeypatch, tmp_path):
     """An empty torch.hub cache under tmp_path and no network: any download attempt fails."""
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
 
@@ -82,7 +82,7 @@ def _offline_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, 'download_url_to_file', no_network)
 
 
-def _published_with_drawn_weights(module, name, seed=0):
+def published_with_drawn_weights(module, name, seed=0):
     """The published architecture `name` with every parameter and buffer drawn N(0, 0.05)
     (built on meta first, so the slow initialisation is skipped)."""
     with torch.device('meta'):
@@ -95,14 +95,14 @@ def _published_with_drawn_weights(module, name, seed=0):
     return model
 
 
-def _place_in_hub_cache(module, name, state_dict):
+def place_in_hub_cache(module, name, state_dict):
     path = module.pretrained_cache_path(name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({'model': state_dict}, path)
     return path
 
 
-def _swin_small_model(pe, seed=0, **kwargs):
+def swin_small_model(pe, seed=0, **kwargs):
     """3 stages, head dim 8, built for 64 x 64 with window 4 (stage grids 16, 8, 4)."""
     torch.manual_seed(seed)
     cfg = dict(img_size=64, patch_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(2, 4, 8),
@@ -112,8 +112,8 @@ def _swin_small_model(pe, seed=0, **kwargs):
 
 
 @torch.no_grad()
-def _swin_redraw(model, seed=1):
-    """Re-draw weights as _vit_stress_init_ does (RPB tables N(0, 1)), so position mistakes show.
+def swin_redraw(model, seed=1):
+    """Re-draw weights as vit_stress_init_ does (RPB tables N(0, 1)), so position mistakes show.
     RoPE frequencies and buffers keep their values."""
     g = torch.Generator().manual_seed(seed)
     for name, m in model.named_modules():
@@ -137,45 +137,45 @@ def _swin_redraw(model, seed=1):
 # train.py: configurations and command-line helpers of its tests
 # ==============================================================================================
 
-_TRAIN_ROOT = os.path.dirname(os.path.abspath(__file__))
-_TRAIN_SCRIPT = os.path.join(_TRAIN_ROOT, 'train.py')
+TRAIN_ROOT = os.path.dirname(os.path.abspath(__file__))
+TRAIN_SCRIPT = os.path.join(TRAIN_ROOT, 'train.py')
 # A ViT small enough for a CPU test: 16 px images, 4 px patches, 2 blocks of width 32.
-_TRAIN_TINY = ['--img-size', '16', '--patch-size', '4', '--embed-dim', '32', '--depth', '2',
+TRAIN_TINY = ['--img-size', '16', '--patch-size', '4', '--embed-dim', '32', '--depth', '2',
                '--num-heads', '2', '--eval-resolutions', '16', '--print-freq', '4']
 
 
-def _train_env():
+def train_env():
     """The environment of a subprocess of the tests: no GPU (train.py would take CUDA, NCCL and
     bf16, and on a one-GPU machine put two ranks on one device), one thread per process, the
     repository importable, no torchrun variables of an enclosing job."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=_TRAIN_ROOT, CUDA_VISIBLE_DEVICES='')
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=TRAIN_ROOT, CUDA_VISIBLE_DEVICES='')
     for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
         env.pop(key, None)
     return env
 
 
-def _train_torchrun(args, nproc=2, launcher=()):
+def train_torchrun(args, nproc=2, launcher=()):
     return [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-            '--nproc_per_node', str(nproc), *launcher, _TRAIN_SCRIPT] + args
+            '--nproc_per_node', str(nproc), *launcher, TRAIN_SCRIPT] + args
 
 
-def _train_cli(argv):
+def train_cli(argv):
     """Run train.py's command line in this process; returns the exit status (0 when none)."""
     try:
-        recovery.cli(train.main, train.get_args_parser(), argv)
+        cli.cli(train.main, train.get_args_parser(), argv)
     except SystemExit as e:
         return e.code
     return 0
 
 
-def _train_state(path):
+def train_state(path):
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
-def _train_assert_same_run(reference, other):
+def assert_same_run(reference, other):
     """Two finished runs: bit-identical weights and optimizer state, the same log records
     (but for their wall times)."""
-    a, b = _train_state(reference / 'checkpoint.pth'), _train_state(other / 'checkpoint.pth')
+    a, b = train_state(reference / 'checkpoint.pth'), train_state(other / 'checkpoint.pth')
     assert a['epoch'] == b['epoch']
     assert a['model'].keys() == b['model'].keys()
     for key, value in a['model'].items():
@@ -193,13 +193,13 @@ def _train_assert_same_run(reference, other):
 
 # Every fault test runs this configuration and compares with one uninterrupted run of it:
 # 4 epochs of 12 steps at 2 processes, a recovery checkpoint every 5 steps.
-_TRAIN_FAULT_ARGS = _TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '192',
+TRAIN_FAULT_ARGS = TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '192',
                                    '--builtin-val', '20', '--epochs', '4', '--lr', '2e-3',
                                    '--save-every-steps', '5']
-_TRAIN_TIMEOUT = 240   # seconds for one tiny run, far above its ~10 s: a hang fails, never stalls
+TRAIN_TIMEOUT = 240   # seconds for one tiny run, far above its ~10 s: a hang fails, never stalls
 
 
-def _train_write_folder(root, corrupt):
+def write_train_folder(root, corrupt):
     """DIR/{train,val}/{left,right}/*.png: a bright square on the left or the right half."""
     rng = np.random.default_rng(0)
     for split, count in (('train', 6), ('val', 3)):
@@ -217,11 +217,11 @@ def _train_write_folder(root, corrupt):
 
 
 # One process, 2 epochs of 4 steps, a recovery checkpoint at every step.
-_TRAIN_SMALL = _TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '32', '--builtin-val', '8',
+TRAIN_SMALL = TRAIN_TINY + ['--batch-size', '8', '--builtin-train', '32', '--builtin-val', '8',
                               '--epochs', '2', '--save-every-steps', '1']
 
 
-def _train_recording_step_sizes(train_one_epoch, folder, stall_at=None):
+def recording_step_sizes(train_one_epoch, folder, stall_at=None):
     """train_one_epoch wrapped to record every training batch it steps on: one line
     'epoch step height width' per step in folder/sizes_<rank>.txt (for train.train_one_epoch,
     in this process by monkeypatch or in a torchrun worker by a launcher script).
@@ -249,7 +249,7 @@ def _train_recording_step_sizes(train_one_epoch, folder, stall_at=None):
                         with open(marker + '.tmp', 'w') as f:
                             f.write(f'{os.getpid()} {os.getpgid(0)} {os.getppid()}')
                         os.replace(marker + '.tmp', marker)
-                        time.sleep(_TRAIN_TIMEOUT)
+                        time.sleep(TRAIN_TIMEOUT)
                     # a Planned batch of folder crops and plans, or a tensor
                     shape = (images[0] if isinstance(images, tuple) else images).shape
                     with open(os.path.join(folder, f'sizes_{rank}.txt'), 'a') as f:
@@ -260,8 +260,8 @@ def _train_recording_step_sizes(train_one_epoch, folder, stall_at=None):
     return recording
 
 
-def _train_recorded_step_sizes(folder, rank=0):
-    """{(epoch, step): (height, width)} of what _train_recording_step_sizes wrote for `rank`
+def recorded_step_sizes(folder, rank=0):
+    """{(epoch, step): (height, width)} of what recording_step_sizes wrote for `rank`
     (a step done twice, before a crash and after the resume, must have the same size)."""
     sizes = {}
     for line in open(os.path.join(folder, f'sizes_{rank}.txt')).read().splitlines():
@@ -274,4 +274,4 @@ def _train_recorded_step_sizes(folder, rank=0):
 # eval_multires.py: the training resolution of conftest's tiny run
 # ----------------------------------------------------------------------------------------------
 
-_eval_train_res = 32
+eval_train_res = 32
