@@ -268,7 +268,7 @@ def _train_write_jpeg_folder(root):
 
 # Each rank's exit status, written where EXIT_RECORD says: torchrun reports only its own.
 _TRAIN_EXIT_RECORDING_LAUNCHER = '''import os
-import recovery, train
+import cli, train
 status = 'no status: a crash'
 try:
     cli.cli(train.main, train.get_args_parser())

@@ -865,7 +865,7 @@ def test_train_folder_several_resolutions_vit_and_swin_stored_evaluated_bad_size
 
 
 _TRAIN_STEP_SIZES_LAUNCHER = '''import os, sys
-import recovery, train
+import cli, train
 from testkit import recording_step_sizes
 stall = tuple(map(int, os.environ['STALL_AT'].split(','))) if os.environ.get('STALL_AT') else None
 train.train_one_epoch = recording_step_sizes(train.train_one_epoch, os.environ['RECORD'], stall)
