@@ -16,7 +16,10 @@ So a sample gets the augmentation the per-sample pipeline would give it, up to f
 (test_train.py compares them pixel for pixel) and the erased noise's values.
 
 Only the rows' membership in each operation is read on the host, from the plans as the loader
-hands them over (CPU tensors): applying a batch never waits for the device.
+hands them over (CPU tensors), and the per-row tables are copied without blocking: 3-Augment's
+half never makes the host wait for the device. RandAugment's operations are torchvision's
+kernels, whose shear, translate, rotate and sharpness copy a small table with a blocking copy
+(one wait per group of rows that drew one of them).
 """
 import math
 from typing import NamedTuple
