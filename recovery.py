@@ -414,9 +414,13 @@ class StopSignals:
                     self._previous[sig] = signal.signal(sig, self._record)
         return self
 
-    def __exit__(self, *exc_info):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    def __exit__(self, exc_type, exc, traceback):
+        # After a stop the process is on its way out with exit status 75: a scheduler's second
+        # SIGTERM (or torchrun's forward of it) must not kill it on the way, so the handlers
+        # stay, recording. Otherwise the handlers from before come back.
+        if not (exc_type is not None and issubclass(exc_type, Stopped)):
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
         self._previous = {}
         return False
 
